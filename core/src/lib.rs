@@ -1,0 +1,36 @@
+//! Veil's core: a `no_std`, allocation-free, fixed-point GPT-2 whose linear layers can be computed
+//! by a server that only ever sees one-time-padded numbers.
+//!
+//! Modules follow the data path of one token through the client:
+//! - [`fixed`]: the Q16.16 fixed-point domain of the residual stream and rounding helpers.
+//! - [`quant`]: int8 activation rows with per-row scales, per-output-channel weight scales
+//!   (integer multiplier and shift), and 16-bit block floating point for embeddings and the KV cache.
+//! - [`kernels`]: int8 × Z_2^32 wrapping matrix products (what the server runs, and what the client
+//!   runs for the plaintext reference and for mask precomputation).
+//! - [`mask`]: additive shares in Z_2^32 and the ChaCha20 mask streams addressed by
+//!   (slot, layer, kind).
+//! - [`nonlinear`]: integer LayerNorm, GELU (tanh form) and softmax, each with a stated error bound.
+//! - [`model`]: the model configuration, the on-disk weight format, the sans-IO forward pass (a state
+//!   machine that asks for linear layers and consumes their exact integer results), the KV cache and
+//!   sampling.
+//!
+//! The core never opens a socket, reads a clock, allocates or draws its own randomness: hosts pass
+//! bytes, buffers and random numbers in.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
+
+#[cfg(test)]
+extern crate std;
+
+pub mod fixed;
+pub mod kernels;
+pub mod mask;
+pub mod model;
+pub mod nonlinear;
+pub mod quant;
+
+mod tables {
+    include!(concat!(env!("OUT_DIR"), "/tables.rs"));
+}

@@ -1,0 +1,202 @@
+//! Model shapes and the names of the offloaded linear layers.
+
+use serde::{Deserialize, Serialize};
+
+/// The shape of a GPT-2-family model (the fields of Hugging Face's `config.json` that matter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Transformer blocks.
+    pub n_layer: u32,
+    /// Residual width `d`.
+    pub n_embd: u32,
+    /// Attention heads; `n_embd` is a multiple of it.
+    pub n_head: u32,
+    /// Maximum sequence length (rows of the position embedding).
+    pub n_positions: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// MLP hidden width (`4 · n_embd` for GPT-2).
+    pub n_inner: u32,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A dimension is zero.
+    ZeroDimension,
+    /// `n_embd` is not a multiple of `n_head`.
+    HeadsDoNotDivideWidth,
+    /// A layer input is wider than int8 products can sum exactly in 32 bits.
+    TooWide,
+    /// A dimension is beyond what this implementation supports (sizes would overflow).
+    TooLarge,
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ConfigError::ZeroDimension => "a model dimension is zero",
+            ConfigError::HeadsDoNotDivideWidth => "n_embd is not a multiple of n_head",
+            ConfigError::TooWide => "a layer is too wide for exact 32-bit int8 sums",
+            ConfigError::TooLarge => "a model dimension is too large",
+        })
+    }
+}
+
+impl ModelConfig {
+    /// Checks the shape is one the integer pipeline handles exactly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let dims = [
+            self.n_layer,
+            self.n_embd,
+            self.n_head,
+            self.n_positions,
+            self.vocab_size,
+            self.n_inner,
+        ];
+        if dims.contains(&0) {
+            return Err(ConfigError::ZeroDimension);
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(ConfigError::HeadsDoNotDivideWidth);
+        }
+        if self.n_embd as usize > crate::kernels::MAX_IN_DIM
+            || self.n_inner as usize > crate::kernels::MAX_IN_DIM
+        {
+            return Err(ConfigError::TooWide);
+        }
+        if self.n_layer > 1024
+            || self.n_positions > 1 << 20
+            || self.vocab_size > 1 << 24
+            || self.n_head > self.n_embd
+        {
+            return Err(ConfigError::TooLarge);
+        }
+        Ok(())
+    }
+
+    /// `n_embd` as `usize`.
+    pub fn d(&self) -> usize {
+        self.n_embd as usize
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        (self.n_embd / self.n_head) as usize
+    }
+
+    /// Every offloaded linear layer, in the order of one forward pass.
+    pub fn linears(&self) -> impl Iterator<Item = LinearId> + '_ {
+        (0..self.n_layer as u16)
+            .flat_map(|layer| {
+                LinearKind::BLOCK
+                    .into_iter()
+                    .map(move |kind| LinearId { layer, kind })
+            })
+            .chain(core::iter::once(LinearId {
+                layer: 0,
+                kind: LinearKind::LmHead,
+            }))
+    }
+
+    /// Number of distinct linear layers (`4 · n_layer + 1`).
+    pub fn linear_count(&self) -> usize {
+        4 * self.n_layer as usize + 1
+    }
+
+    /// `(in, out)` of a linear layer.
+    pub fn linear_dims(&self, kind: LinearKind) -> (usize, usize) {
+        let d = self.n_embd as usize;
+        let inner = self.n_inner as usize;
+        match kind {
+            LinearKind::Qkv => (d, 3 * d),
+            LinearKind::AttnOut => (d, d),
+            LinearKind::MlpUp => (d, inner),
+            LinearKind::MlpDown => (inner, d),
+            LinearKind::LmHead => (d, self.vocab_size as usize),
+        }
+    }
+
+    /// Sum of the output widths of one block's linear layers (the `u` words one slot needs).
+    pub fn block_out_words(&self) -> usize {
+        LinearKind::BLOCK
+            .iter()
+            .map(|&k| self.linear_dims(k).1)
+            .sum()
+    }
+
+    /// Sum of the input widths of one block's linear layers (the words uploaded per row per block).
+    pub fn block_in_words(&self) -> usize {
+        LinearKind::BLOCK
+            .iter()
+            .map(|&k| self.linear_dims(k).0)
+            .sum()
+    }
+}
+
+/// Which linear layer of a block (or the LM head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LinearKind {
+    /// `attn.c_attn`: fused Q|K|V projection, `d → 3d`.
+    Qkv,
+    /// `attn.c_proj`: attention output projection, `d → d`.
+    AttnOut,
+    /// `mlp.c_fc`: `d → inner`.
+    MlpUp,
+    /// `mlp.c_proj`: `inner → d`.
+    MlpDown,
+    /// The LM head, tied to the token embedding: `d → vocab`.
+    LmHead,
+}
+
+impl LinearKind {
+    /// The four linear layers of a block, in execution order.
+    pub const BLOCK: [LinearKind; 4] = [
+        LinearKind::Qkv,
+        LinearKind::AttnOut,
+        LinearKind::MlpUp,
+        LinearKind::MlpDown,
+    ];
+}
+
+/// One linear layer of the model: a block's layer, or the LM head (whose `layer` is 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LinearId {
+    /// Block index (0 for the LM head).
+    pub layer: u16,
+    /// Which layer of the block.
+    pub kind: LinearKind,
+}
+
+impl LinearId {
+    /// The LM head.
+    pub const LM_HEAD: LinearId = LinearId {
+        layer: 0,
+        kind: LinearKind::LmHead,
+    };
+
+    /// A dense index in `0..cfg.linear_count()`: block layers `4·layer + kind`, the LM head last.
+    pub fn flat_index(&self, cfg: &ModelConfig) -> u32 {
+        match self.kind {
+            LinearKind::Qkv => 4 * self.layer as u32,
+            LinearKind::AttnOut => 4 * self.layer as u32 + 1,
+            LinearKind::MlpUp => 4 * self.layer as u32 + 2,
+            LinearKind::MlpDown => 4 * self.layer as u32 + 3,
+            LinearKind::LmHead => 4 * cfg.n_layer,
+        }
+    }
+
+    /// Whether this id names a layer that exists in `cfg`.
+    pub fn is_valid(&self, cfg: &ModelConfig) -> bool {
+        match self.kind {
+            LinearKind::LmHead => self.layer == 0,
+            _ => (self.layer as u32) < cfg.n_layer,
+        }
+    }
+
+    /// `(in, out)` of this layer.
+    pub fn dims(&self, cfg: &ModelConfig) -> (usize, usize) {
+        cfg.linear_dims(self.kind)
+    }
+}

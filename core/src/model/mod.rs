@@ -1,0 +1,19 @@
+//! The GPT-2 model: configuration, on-disk weight format, KV cache, the sans-IO forward pass and
+//! sampling.
+
+mod config;
+pub mod format;
+mod forward;
+mod kv;
+mod sample;
+#[cfg(test)]
+pub(crate) mod testutil;
+
+pub use config::{ConfigError, LinearId, LinearKind, ModelConfig};
+pub use format::{ClientWeights, FormatError, LinearWeights};
+pub use forward::{
+    Forward, ForwardError, LinearRequest, LogitRows, StepState, Workspace, WorkspaceSizes,
+    MAX_HEAD_DIM,
+};
+pub use kv::{KvCache, KvSizes};
+pub use sample::{argmax, sample, SamplingParams};

@@ -1,0 +1,124 @@
+//! A random model in Veil's format, for tests of the forward pass (no float reference involved).
+
+use super::config::ModelConfig;
+use super::format::*;
+use crate::quant::{BlockI16, ChannelScale};
+use std::vec;
+use std::vec::Vec;
+
+pub(crate) struct RandomModel {
+    pub cfg: ModelConfig,
+    pub client: Vec<u8>,
+    pub linear: Vec<u8>,
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f64 {
+        self.next() as f64 / (1u64 << 30) as f64 - 1.0
+    }
+}
+
+impl RandomModel {
+    pub fn new(seed: u64) -> Self {
+        let cfg = ModelConfig {
+            n_layer: 2,
+            n_embd: 16,
+            n_head: 2,
+            n_positions: 12,
+            vocab_size: 70,
+            n_inner: 64,
+        };
+        let mut rng = Lcg(seed);
+        let ll = LinearLayout::new(&cfg);
+        let mut linear = vec![0u8; ll.total_len];
+        let mut h = [0u8; HEADER_LEN];
+        encode_linear_header(&cfg, &mut h);
+        linear[..HEADER_LEN].copy_from_slice(&h);
+        for id in cfg.linears() {
+            for b in &mut linear[ll.matrix(id)] {
+                *b = ((rng.next() % 255) as i32 - 127) as i8 as u8;
+            }
+        }
+        let cl = ClientLayout::new(&cfg);
+        let mut client = vec![0u8; cl.total_len];
+        let header = ClientHeader {
+            config: cfg,
+            ln_eps_q32: 42950,
+            eos_token_id: 0,
+            linear_fingerprint: [0; 32],
+        };
+        encode_client_header(&header, &mut h);
+        client[..HEADER_LEN].copy_from_slice(&h);
+        let d = cfg.d();
+        let put_i32 = |buf: &mut [u8], vals: &mut dyn FnMut() -> i32| {
+            for c in buf.chunks_exact_mut(4) {
+                c.copy_from_slice(&vals().to_le_bytes());
+            }
+        };
+        for (table, shifts, rows) in [
+            (
+                cl.wte.clone(),
+                cl.wte_shift.clone(),
+                cfg.vocab_size as usize,
+            ),
+            (
+                cl.wpe.clone(),
+                cl.wpe_shift.clone(),
+                cfg.n_positions as usize,
+            ),
+        ] {
+            for r in 0..rows {
+                let row: Vec<i32> = (0..d).map(|_| crate::fixed::from_f64(rng.unit())).collect();
+                let mut q = vec![0i16; d];
+                let s = BlockI16::encode(&row, &mut q);
+                client[shifts.start + r] = s;
+                for (i, v) in q.iter().enumerate() {
+                    let at = table.start + 2 * (r * d + i);
+                    client[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        let scale = ChannelScale::from_weight_scale(0.3 / 127.0 / 4.0);
+        let fill_linear = |client: &mut [u8], p: &LinearParamsLayout, rng: &mut Lcg| {
+            if let Some(b) = &p.bias {
+                put_i32(&mut client[b.clone()], &mut || {
+                    crate::fixed::from_f64(rng.unit() * 0.1)
+                });
+            }
+            put_i32(&mut client[p.mult.clone()], &mut || scale.mult);
+            client[p.shift.clone()].fill(scale.shift);
+        };
+        let fill_ln = |client: &mut [u8], ln: &[core::ops::Range<usize>; 2], rng: &mut Lcg| {
+            for c in client[ln[0].clone()].chunks_exact_mut(4) {
+                c.copy_from_slice(&crate::fixed::from_f64(1.0 + 0.2 * rng.unit()).to_le_bytes());
+            }
+            for c in client[ln[1].clone()].chunks_exact_mut(4) {
+                c.copy_from_slice(&crate::fixed::from_f64(0.1 * rng.unit()).to_le_bytes());
+            }
+        };
+        for l in 0..cfg.n_layer as usize {
+            let b = cl.block(l);
+            fill_ln(&mut client, &b.ln1, &mut rng);
+            fill_ln(&mut client, &b.ln2, &mut rng);
+            for p in &b.linears {
+                fill_linear(&mut client, p, &mut rng);
+            }
+        }
+        fill_ln(&mut client, &cl.ln_f, &mut rng);
+        fill_linear(&mut client, &cl.lm_head, &mut rng);
+        RandomModel {
+            cfg,
+            client,
+            linear,
+        }
+    }
+}
