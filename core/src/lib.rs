@@ -30,6 +30,8 @@ pub mod mask;
 pub mod model;
 pub mod nonlinear;
 pub mod quant;
+pub mod session;
+pub mod wire;
 
 mod tables {
     include!(concat!(env!("OUT_DIR"), "/tables.rs"));

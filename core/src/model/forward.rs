@@ -274,6 +274,11 @@ impl<'w, 'a> Forward<'w, 'a> {
         self.kv.capacity()
     }
 
+    /// Rows of the step in progress.
+    pub fn step_rows(&self) -> usize {
+        self.rows
+    }
+
     /// Rows per step this workspace holds.
     pub fn max_rows(&self) -> usize {
         self.ws.sizes.max_rows

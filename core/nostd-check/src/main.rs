@@ -1,0 +1,114 @@
+//! A `no_std`, `no_main`, allocator-free binary that links `veil-core`; it is built, never run.
+//!
+//! If `veil-core` or any of its dependencies starts using `std`, rustc stops with a duplicate
+//! `panic_impl` lang item (std brings its own panic handler); if one starts using `alloc`, rustc
+//! stops with "no global memory allocator found". The binary is linked with
+//! `-nostartfiles -nostdlib -static` (see build.rs), so no C runtime or C library is there to lean
+//! on either: the only platform symbols are the stubs below, which `core` itself requires.
+#![no_std]
+#![no_main]
+// Keep LLVM from turning the loops of the `mem*` stubs into calls to themselves.
+#![no_builtins]
+
+use core::hint::black_box;
+use core::panic::PanicInfo;
+
+#[panic_handler]
+fn panic(_: &PanicInfo<'_>) -> ! {
+    halt()
+}
+
+fn halt() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// The entry point. It calls into veil-core so that real code is linked, not only metadata.
+#[no_mangle]
+pub extern "C" fn _start() -> ! {
+    let row = black_box([3 << 16, -(1 << 16), 7, 0]);
+    let mut q = [0i8; 4];
+    let scale = veil_core::quant::quantize_row(&row, &mut q);
+    black_box((scale, q));
+    halt()
+}
+
+/// Referenced by the unwind tables of the prebuilt `core` (compiled with `panic=unwind`); never
+/// called, since everything here is built with `panic=abort`.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}
+
+// The symbols `core` expects the platform to provide (see the `core` crate documentation). On
+// `*-linux-gnu` they normally come from libc, which is deliberately absent here.
+
+/// # Safety
+/// `dest` and `src` must be valid for `n` bytes and must not overlap.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller upholds memcpy's contract, which implies memmove's.
+    unsafe { memmove(dest, src, n) }
+}
+
+/// # Safety
+/// `dest` and `src` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dest as usize) < (src as usize) {
+        for i in 0..n {
+            // SAFETY: i < n, within both buffers; copying forwards is safe when dest < src.
+            unsafe { *dest.add(i) = *src.add(i) };
+        }
+    } else {
+        for i in (0..n).rev() {
+            // SAFETY: i < n, within both buffers; copying backwards is safe when dest >= src.
+            unsafe { *dest.add(i) = *src.add(i) };
+        }
+    }
+    dest
+}
+
+/// # Safety
+/// `dest` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
+    for i in 0..n {
+        // SAFETY: i < n, within the buffer.
+        unsafe { *dest.add(i) = c as u8 };
+    }
+    dest
+}
+
+/// # Safety
+/// `a` and `b` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: i < n, within both buffers.
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+/// # Safety
+/// `a` and `b` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// # Safety
+/// `s` must point to a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
+    let mut n = 0;
+    // SAFETY: the string is NUL-terminated, so every byte up to the NUL is readable.
+    while unsafe { *s.add(n) } != 0 {
+        n += 1;
+    }
+    n
+}

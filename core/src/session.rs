@@ -1,0 +1,590 @@
+//! The private forward pass: [`Forward`] with every linear layer offloaded under a one-time pad.
+//!
+//! For each pending linear layer the session masks the int8 rows with fresh ChaCha20 words
+//! (`m = x_q + r`), hands them to the host to send ([`PrivateForward::outgoing`]), takes the
+//! server's wrapping products `y = m · W` back ([`PrivateForward::reply_mut`]), and recovers the
+//! exact products `acc = y − r · W` with the unmasking terms from an [`UnmaskSource`]. The forward
+//! pass then continues exactly as in the plaintext reference: same integers, same tokens.
+//!
+//! Slots: each row of a step takes a fresh slot from the source ([`UnmaskSource::reserve`]) before
+//! any of its masked words exist; the mask of (slot, layer) is used for exactly one message.
+
+use crate::kernels::matmul_u32_i8;
+use crate::mask::{fill_mask, mask_row, unmask_row, MaskAddress, MaskDomain, MaskKey};
+use crate::model::{
+    Forward, ForwardError, LinearId, LinearKind, LinearWeights, ModelConfig, StepState,
+};
+
+/// Where the unmasking terms `u = r · W` come from.
+pub trait UnmaskSource {
+    /// The source's failure (file IO for a pool).
+    type Error: core::fmt::Debug;
+
+    /// Reserves `rows` never-used slots and returns the first (slots are consecutive). A source
+    /// that persists slots (a pool) must have recorded them as used before returning.
+    fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error>;
+
+    /// Writes `u = r · W_linear` for `rows` consecutive slots from `first_slot` into `out`
+    /// (`rows · out_dim`). `r` holds those rows' masks (`rows · in_dim`), for sources that compute.
+    fn unmask_terms(
+        &mut self,
+        linear: LinearId,
+        first_slot: u64,
+        rows: usize,
+        r: &[u32],
+        out: &mut [u32],
+    ) -> Result<(), Self::Error>;
+}
+
+/// The `online` source: computes `r · W` on the client when needed (as costly as running the layer
+/// locally). Slots start at 0 and are kept in memory, so it must be used with a fresh key per session.
+#[derive(Debug)]
+pub struct OnlineUnmask<'w> {
+    weights: LinearWeights<'w>,
+    next_slot: u64,
+}
+
+impl<'w> OnlineUnmask<'w> {
+    /// A source over the client's copy of the int8 weights.
+    pub fn new(weights: LinearWeights<'w>) -> Self {
+        OnlineUnmask {
+            weights,
+            next_slot: 0,
+        }
+    }
+}
+
+impl UnmaskSource for OnlineUnmask<'_> {
+    type Error = core::convert::Infallible;
+
+    fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error> {
+        let first = self.next_slot;
+        self.next_slot += rows;
+        Ok(first)
+    }
+
+    fn unmask_terms(
+        &mut self,
+        linear: LinearId,
+        _first_slot: u64,
+        rows: usize,
+        r: &[u32],
+        out: &mut [u32],
+    ) -> Result<(), Self::Error> {
+        let (i, o) = linear.dims(self.weights.config());
+        matmul_u32_i8(
+            &r[..rows * i],
+            self.weights.matrix(linear),
+            i,
+            o,
+            &mut out[..rows * o],
+        );
+        Ok(())
+    }
+}
+
+/// The mask words of one slot for one layer.
+pub fn input_mask(key: &MaskKey, cfg: &ModelConfig, slot: u64, linear: LinearId, out: &mut [u32]) {
+    fill_mask(
+        key,
+        MaskAddress {
+            slot,
+            linear: linear.flat_index(cfg),
+            domain: MaskDomain::Input,
+        },
+        out,
+    );
+}
+
+/// Words of one slot's record in a mask pool: `u` for every linear layer, in
+/// [`ModelConfig::linears`] order.
+pub fn pool_record_words(cfg: &ModelConfig) -> usize {
+    cfg.linears().map(|id| id.dims(cfg).1).sum()
+}
+
+/// Offset (in words) of `linear`'s terms inside a slot's pool record.
+pub fn pool_record_offset(cfg: &ModelConfig, linear: LinearId) -> usize {
+    cfg.linears()
+        .take_while(|&id| id != linear)
+        .map(|id| id.dims(cfg).1)
+        .sum()
+}
+
+/// Computes one slot's pool record (`pool_record_words` words). `r` is scratch of at least the
+/// widest layer input.
+pub fn compute_pool_record(
+    key: &MaskKey,
+    weights: &LinearWeights<'_>,
+    slot: u64,
+    r: &mut [u32],
+    out: &mut [u32],
+) {
+    let cfg = *weights.config();
+    let mut at = 0;
+    for id in cfg.linears() {
+        let (i, o) = id.dims(&cfg);
+        input_mask(key, &cfg, slot, id, &mut r[..i]);
+        matmul_u32_i8(&r[..i], weights.matrix(id), i, o, &mut out[at..at + o]);
+        at += o;
+    }
+}
+
+/// Why a private step failed.
+#[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError<E> {
+    /// The forward pass refused.
+    Forward(ForwardError),
+    /// The unmask source failed.
+    Source(E),
+    /// A caller buffer is too small.
+    BufferTooSmall,
+}
+
+impl<E> From<ForwardError> for SessionError<E> {
+    fn from(e: ForwardError) -> Self {
+        SessionError::Forward(e)
+    }
+}
+
+impl<E: core::fmt::Debug> core::fmt::Display for SessionError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            SessionError::Forward(e) => write!(f, "{e}"),
+            SessionError::Source(e) => write!(f, "mask source: {e:?}"),
+            SessionError::BufferTooSmall => f.write_str("a caller buffer is too small"),
+        }
+    }
+}
+
+/// Lengths of the buffers of a [`PrivateForward`], in `u32` words each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionSizes {
+    /// Masked input rows (also the masks themselves): `rows · max(d, inner)`.
+    pub input_words: usize,
+    /// Server products (also the unmasking terms): `max(rows · max(3d, inner), vocab)`.
+    pub output_words: usize,
+}
+
+impl SessionSizes {
+    /// Sizes for steps of up to `max_rows` rows with logits for the last row.
+    pub fn new(cfg: &ModelConfig, max_rows: usize) -> Self {
+        let d = cfg.d();
+        let inner = cfg.n_inner as usize;
+        SessionSizes {
+            input_words: max_rows * d.max(inner),
+            output_words: (max_rows * (3 * d).max(inner)).max(cfg.vocab_size as usize),
+        }
+    }
+}
+
+/// The masked rows of the pending layer, ready to send.
+#[derive(Clone, Copy, Debug)]
+pub struct Outgoing<'b> {
+    /// The layer.
+    pub linear: LinearId,
+    /// Rows.
+    pub rows: usize,
+    /// Input width.
+    pub in_dim: usize,
+    /// Output width (words per row the reply must carry).
+    pub out_dim: usize,
+    /// `rows · in_dim` masked words: uniform in Z_2^32.
+    pub masked: &'b [u32],
+}
+
+/// A forward pass whose linear layers are computed by someone who sees only masked rows.
+#[derive(Debug)]
+pub struct PrivateForward<'w, 'a> {
+    fwd: Forward<'w, 'a>,
+    key: MaskKey,
+    masked: &'a mut [u32],
+    r: &'a mut [u32],
+    y: &'a mut [u32],
+    u: &'a mut [u32],
+    first_slot: u64,
+    prepared: bool,
+}
+
+impl<'w, 'a> PrivateForward<'w, 'a> {
+    /// Wraps a forward pass (workspace with `LogitRows::Last`) with a mask key and buffers sized by
+    /// [`SessionSizes`]: two of `input_words` (`masked`, `r`), two of `output_words` (`y`, `u`).
+    pub fn new<E>(
+        fwd: Forward<'w, 'a>,
+        key: MaskKey,
+        masked: &'a mut [u32],
+        r: &'a mut [u32],
+        y: &'a mut [u32],
+        u: &'a mut [u32],
+    ) -> Result<Self, SessionError<E>> {
+        let s = SessionSizes::new(fwd.config(), fwd.max_rows());
+        if masked.len() < s.input_words
+            || r.len() < s.input_words
+            || y.len() < s.output_words
+            || u.len() < s.output_words
+        {
+            return Err(SessionError::BufferTooSmall);
+        }
+        Ok(PrivateForward {
+            fwd,
+            key,
+            masked,
+            r,
+            y,
+            u,
+            first_slot: 0,
+            prepared: false,
+        })
+    }
+
+    /// The wrapped forward pass (position, logits, config).
+    pub fn forward(&self) -> &Forward<'w, 'a> {
+        &self.fwd
+    }
+
+    /// Starts a step feeding `tokens`; reserves one fresh slot per token first.
+    pub fn begin<S: UnmaskSource>(
+        &mut self,
+        tokens: &[u32],
+        source: &mut S,
+    ) -> Result<(), SessionError<S::Error>> {
+        self.fwd.begin(tokens)?;
+        match source.reserve(tokens.len() as u64) {
+            Ok(first) => self.first_slot = first,
+            Err(e) => {
+                self.fwd.abort_step();
+                return Err(SessionError::Source(e));
+            }
+        }
+        self.prepared = false;
+        Ok(())
+    }
+
+    /// Abandons the step in progress (the slots it reserved stay used).
+    pub fn abort_step(&mut self) {
+        self.fwd.abort_step();
+        self.prepared = false;
+    }
+
+    /// First slot of the rows of the pending request (the LM head runs on the last rows only).
+    fn request_slot(&self, linear: LinearId, rows: usize) -> u64 {
+        if linear.kind == LinearKind::LmHead {
+            let step_rows = self.fwd.step_rows();
+            self.first_slot + (step_rows - rows) as u64
+        } else {
+            self.first_slot
+        }
+    }
+
+    /// The masked rows of the pending layer (masks drawn on the first call for that layer).
+    pub fn outgoing(&mut self) -> Option<Outgoing<'_>> {
+        let req = self.fwd.request()?;
+        let (linear, rows, in_dim, out_dim) = (req.id, req.rows, req.in_dim, req.out_dim);
+        if !self.prepared {
+            let cfg = *self.fwd.config();
+            let slot0 = self.request_slot(linear, rows);
+            for row in 0..rows {
+                let span = row * in_dim..(row + 1) * in_dim;
+                input_mask(
+                    &self.key,
+                    &cfg,
+                    slot0 + row as u64,
+                    linear,
+                    &mut self.r[span.clone()],
+                );
+                mask_row(
+                    &req.input[span.clone()],
+                    &self.r[span.clone()],
+                    &mut self.masked[span],
+                );
+            }
+            self.prepared = true;
+        }
+        Some(Outgoing {
+            linear,
+            rows,
+            in_dim,
+            out_dim,
+            masked: &self.masked[..rows * in_dim],
+        })
+    }
+
+    /// Where the server's products for the pending layer go (`rows · out_dim` words).
+    pub fn reply_mut(&mut self) -> Option<&mut [u32]> {
+        let req = self.fwd.request()?;
+        let n = req.rows * req.out_dim;
+        Some(&mut self.y[..n])
+    }
+
+    /// Unmasks the reply and runs the client's work up to the next layer.
+    pub fn complete<S: UnmaskSource>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<StepState, SessionError<S::Error>> {
+        let req = self
+            .fwd
+            .request()
+            .ok_or(SessionError::Forward(ForwardError::NoPendingRequest))?;
+        let (linear, rows, in_dim, out_dim) = (req.id, req.rows, req.in_dim, req.out_dim);
+        if !self.prepared {
+            return Err(SessionError::Forward(ForwardError::NoPendingRequest));
+        }
+        let slot0 = self.request_slot(linear, rows);
+        let n = rows * out_dim;
+        source
+            .unmask_terms(
+                linear,
+                slot0,
+                rows,
+                &self.r[..rows * in_dim],
+                &mut self.u[..n],
+            )
+            .map_err(SessionError::Source)?;
+        unmask_row(&self.y[..n], &self.u[..n], self.fwd.reply_mut()?);
+        self.prepared = false;
+        Ok(self.fwd.complete()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::RandomModel;
+    use crate::model::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// A pool held in memory: precomputed records, slots handed out once.
+    struct MemPool {
+        records: Vec<u32>,
+        words: usize,
+        next: u64,
+        cfg: ModelConfig,
+        reserved: Vec<u64>,
+    }
+
+    impl UnmaskSource for MemPool {
+        type Error = &'static str;
+        fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error> {
+            let first = self.next;
+            if (first + rows) as usize * self.words > self.records.len() {
+                return Err("pool exhausted");
+            }
+            self.next += rows;
+            self.reserved.extend(first..first + rows);
+            Ok(first)
+        }
+        fn unmask_terms(
+            &mut self,
+            linear: LinearId,
+            first_slot: u64,
+            rows: usize,
+            _r: &[u32],
+            out: &mut [u32],
+        ) -> Result<(), Self::Error> {
+            let o = linear.dims(&self.cfg).1;
+            let off = pool_record_offset(&self.cfg, linear);
+            for row in 0..rows {
+                let rec = (first_slot as usize + row) * self.words;
+                out[row * o..(row + 1) * o]
+                    .copy_from_slice(&self.records[rec + off..rec + off + o]);
+            }
+            Ok(())
+        }
+    }
+
+    struct Bufs {
+        i32s: Vec<i32>,
+        i8s: Vec<i8>,
+        k: Vec<i16>,
+        v: Vec<i16>,
+        ks: Vec<u8>,
+        vs: Vec<u8>,
+        w: [Vec<u32>; 4],
+    }
+
+    fn bufs(cfg: &ModelConfig, rows: usize) -> Bufs {
+        let cap = cfg.n_positions as usize;
+        let ws = WorkspaceSizes::new(cfg, rows, LogitRows::Last, cap);
+        let kv = KvSizes::new(cfg, cap);
+        let s = SessionSizes::new(cfg, rows);
+        Bufs {
+            i32s: vec![0; ws.i32_len],
+            i8s: vec![0; ws.i8_len],
+            k: vec![0; kv.values],
+            v: vec![0; kv.values],
+            ks: vec![0; kv.shifts],
+            vs: vec![0; kv.shifts],
+            w: [
+                vec![0; s.input_words],
+                vec![0; s.input_words],
+                vec![0; s.output_words],
+                vec![0; s.output_words],
+            ],
+        }
+    }
+
+    fn forward<'w, 'a>(
+        m: &'w RandomModel,
+        b: &'a mut Bufs,
+        rows: usize,
+    ) -> (Forward<'w, 'a>, [&'a mut Vec<u32>; 4]) {
+        let cw = ClientWeights::parse(&m.client).unwrap();
+        let cfg = *cw.config();
+        let cap = cfg.n_positions as usize;
+        let ws = Workspace::new(
+            &cfg,
+            WorkspaceSizes::new(&cfg, rows, LogitRows::Last, cap),
+            &mut b.i32s,
+            &mut b.i8s,
+        )
+        .unwrap();
+        let kv = KvCache::new(&cfg, cap, &mut b.k, &mut b.v, &mut b.ks, &mut b.vs).unwrap();
+        let [a, bb, c, d] = &mut b.w;
+        (Forward::new(cw, ws, kv).unwrap(), [a, bb, c, d])
+    }
+
+    /// Greedy generation through a "server" that only sees masked rows equals local generation,
+    /// with both mask sources; every word the server saw differs from the plaintext int8 row.
+    fn generate_private<S: UnmaskSource>(
+        m: &RandomModel,
+        source: &mut S,
+        key: u8,
+        prompt: &[u32],
+        n: usize,
+        seen: &mut Vec<u32>,
+    ) -> Vec<u32> {
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let mut b = bufs(&m.cfg, prompt.len());
+        let (fwd, [masked, r, y, u]) = forward(m, &mut b, prompt.len());
+        let mut pf =
+            PrivateForward::new::<S::Error>(fwd, MaskKey::from_bytes([key; 32]), masked, r, y, u)
+                .unwrap();
+        let mut out = vec![];
+        let mut next: Vec<u32> = prompt.to_vec();
+        for _ in 0..n {
+            pf.begin(&next, source).unwrap();
+            loop {
+                let o = pf.outgoing().unwrap();
+                let (linear, rows, i, od) = (o.linear, o.rows, o.in_dim, o.out_dim);
+                let sent = o.masked.to_vec();
+                seen.extend_from_slice(&sent);
+                let mut prod = vec![0u32; rows * od];
+                matmul_u32_i8(&sent, lin.matrix(linear), i, od, &mut prod);
+                pf.reply_mut().unwrap().copy_from_slice(&prod);
+                if pf.complete(source).unwrap() == StepState::Done {
+                    break;
+                }
+            }
+            let t = argmax(pf.forward().logits().unwrap());
+            out.push(t);
+            next = vec![t];
+        }
+        out
+    }
+
+    fn generate_local(m: &RandomModel, prompt: &[u32], n: usize) -> Vec<u32> {
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let mut b = bufs(&m.cfg, prompt.len());
+        let (mut fwd, _) = forward(m, &mut b, prompt.len());
+        let mut out = vec![];
+        let mut next: Vec<u32> = prompt.to_vec();
+        for _ in 0..n {
+            fwd.step_locally(&lin, &next).unwrap();
+            let t = argmax(fwd.logits().unwrap());
+            out.push(t);
+            next = vec![t];
+        }
+        out
+    }
+
+    #[test]
+    fn test_private_generation_is_bit_identical_to_local() {
+        let m = RandomModel::new(11);
+        let prompt = [5u32, 9, 14];
+        let want = generate_local(&m, &prompt, 6);
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let mut seen = vec![];
+        assert_eq!(
+            generate_private(
+                &m,
+                &mut OnlineUnmask::new(lin.clone()),
+                3,
+                &prompt,
+                6,
+                &mut seen
+            ),
+            want
+        );
+        // Pool: precompute records for 8 slots with the same key, then generate from it.
+        let words = pool_record_words(&m.cfg);
+        let mut records = vec![0u32; 8 * words];
+        let mut r = vec![0u32; 64];
+        let key = MaskKey::from_bytes([4; 32]);
+        for s in 0..8 {
+            compute_pool_record(
+                &key,
+                &lin,
+                s,
+                &mut r,
+                &mut records[s as usize * words..(s as usize + 1) * words],
+            );
+        }
+        let mut pool = MemPool {
+            records,
+            words,
+            next: 0,
+            cfg: m.cfg,
+            reserved: vec![],
+        };
+        assert_eq!(
+            generate_private(&m, &mut pool, 4, &prompt, 6, &mut seen),
+            want
+        );
+        // Slots were handed out once each: 3 for the prompt, then 1 per decoded token.
+        assert_eq!(pool.reserved, (0..8).collect::<Vec<_>>());
+        // A ninth token finds the pool exhausted: an error, never a reused slot.
+        let mut b = bufs(&m.cfg, 1);
+        let (fwd, [a, bb, c, d]) = forward(&m, &mut b, 1);
+        let mut pf = PrivateForward::new::<&str>(fwd, key, a, bb, c, d).unwrap();
+        assert_eq!(
+            pf.begin(&[1], &mut pool),
+            Err(SessionError::Source("pool exhausted"))
+        );
+    }
+
+    /// With a fresh slot for every row, the differences of two masked rows sent for the same layer
+    /// look uniform; reusing a mask would make them the difference of two int8 rows (|·| ≤ 254).
+    #[test]
+    fn test_no_two_masked_rows_share_a_mask() {
+        let m = RandomModel::new(12);
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let mut seen = vec![];
+        generate_private(
+            &m,
+            &mut OnlineUnmask::new(lin),
+            5,
+            &[1, 2, 3, 4],
+            5,
+            &mut seen,
+        );
+        let d = m.cfg.d();
+        let rows: Vec<&[u32]> = seen.chunks(d).collect();
+        for (i, a) in rows.iter().enumerate() {
+            for b in &rows[i + 1..] {
+                if a.len() != b.len() {
+                    continue;
+                }
+                let small = a
+                    .iter()
+                    .zip(b.iter())
+                    .filter(|(x, y)| (x.wrapping_sub(**y) as i32).unsigned_abs() <= 254)
+                    .count();
+                assert!(
+                    small < a.len() / 2,
+                    "two masked rows differ by an int8 row: a mask was reused"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The wire protocol: postcard messages in length-prefixed frames.
+//!
+//! A frame is a `u32` little-endian body length (at most [`MAX_FRAME_BODY`]) followed by one
+//! postcard-encoded [`Message`]. Large buffers (masked rows up, masked products down) travel as
+//! consecutive [`Message::Data`] frames of at most [`MAX_CHUNK_BYTES`] payload each, so neither
+//! side ever needs a frame larger than that; the receiver knows how many words to expect from the
+//! [`Message::Compute`] or [`Message::Result`] that precedes them.
+//!
+//! Conversation:
+//! ```text
+//! client                                   server
+//! Hello {protocol, fingerprint}      →
+//!                                    ←     Welcome {protocol, fingerprint, max_rows} | Error
+//! Compute {request, linear, rows}    →
+//! Data × ⌈rows·in·4 / chunk⌉         →
+//!                                    ←     Result {request, rows}
+//!                                    ←     Data × ⌈rows·out·4 / chunk⌉
+//! ... one Compute per linear layer ...
+//! Bye                                →
+//! ```
+//! Every word the server sees in `Data` is a one-time-padded value: uniform in Z_2^32.
+
+mod frame;
+mod message;
+
+pub use frame::{
+    decode_body, encode_frame, read_frame, write_frame, FrameError, FrameHeader, LEN_PREFIX,
+};
+pub use message::{
+    ErrorCode, Message, WordBytes, MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
+};
