@@ -44,6 +44,8 @@ impl core::fmt::Display for ConfigError {
     }
 }
 
+impl core::error::Error for ConfigError {}
+
 impl ModelConfig {
     /// Checks the shape is one the integer pipeline handles exactly.
     pub fn validate(&self) -> Result<(), ConfigError> {

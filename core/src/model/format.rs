@@ -102,6 +102,8 @@ impl core::fmt::Display for FormatError {
     }
 }
 
+impl core::error::Error for FormatError {}
+
 fn align_up(x: usize) -> usize {
     x.div_ceil(SECTION_ALIGN) * SECTION_ALIGN
 }

@@ -58,6 +58,8 @@ impl core::fmt::Display for ForwardError {
     }
 }
 
+impl core::error::Error for ForwardError {}
+
 /// Which rows get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitRows {

@@ -1,0 +1,308 @@
+//! The generation loop, shared by the private path (a server computes every linear layer on masked
+//! rows) and the local reference (the same integer pipeline with local kernels).
+
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use veil_core::mask::MaskKey;
+use veil_core::model::{
+    sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearWeights, LogitRows,
+    SamplingParams, StepState, Workspace, WorkspaceSizes,
+};
+use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource};
+
+use crate::transport::{Connection, TransportError, WireStats};
+
+/// Most prompt rows per prefill step (bounded by the server's limit too).
+pub const DEFAULT_PREFILL_ROWS: usize = 64;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Greedy or sampling.
+    pub sampling: SamplingParams,
+    /// Seed of the sampling RNG (ChaCha20; one `u32` per generated token).
+    pub seed: u64,
+    /// Stop at this token (end of text).
+    pub eos: Option<u32>,
+    /// Rows per prefill step.
+    pub prefill_rows: usize,
+}
+
+/// Figures of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenStats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+    /// Wall time of the prompt (prefill, up to the first token's logits).
+    pub prefill_ms: f64,
+    /// Wall time per generated token after the first.
+    pub decode_ms_per_token: f64,
+    /// Client CPU time (user + system) per generated token after the first.
+    pub client_cpu_ms_per_token: f64,
+    /// Traffic.
+    pub wire: WireStats,
+    /// Round trips per decoded token (after the prompt).
+    pub round_trips_per_token: f64,
+    /// Bytes up per decoded token.
+    pub bytes_up_per_token: f64,
+    /// Bytes down per decoded token.
+    pub bytes_down_per_token: f64,
+}
+
+/// Why generation stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError<E: std::fmt::Debug> {
+    /// The forward pass refused (context full, bad token...).
+    #[error("{0}")]
+    Forward(ForwardError),
+    /// The mask source failed.
+    #[error("mask source: {0:?}")]
+    Source(E),
+    /// The server connection failed after `generated` tokens.
+    #[error("{source} (after {generated} generated tokens)")]
+    Transport {
+        /// What happened.
+        source: TransportError,
+        /// Tokens generated before it.
+        generated: usize,
+    },
+}
+
+impl<E: std::fmt::Debug> From<SessionError<E>> for GenError<E> {
+    fn from(e: SessionError<E>) -> Self {
+        match e {
+            SessionError::Forward(f) => GenError::Forward(f),
+            SessionError::Source(s) => GenError::Source(s),
+            _ => GenError::Forward(ForwardError::BufferTooSmall),
+        }
+    }
+}
+
+/// CPU time of this process (user + system), in milliseconds.
+pub fn cpu_ms() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a full `rusage` into the pointer on success (return 0); we read it
+    // only then.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
+    if !ok {
+        return 0.0;
+    }
+    // SAFETY: initialised by the successful call above.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Buffers of one generation, owned by the host and lent to the core.
+#[derive(Debug)]
+pub struct Buffers {
+    i32s: Vec<i32>,
+    i8s: Vec<i8>,
+    k: Vec<i16>,
+    v: Vec<i16>,
+    ks: Vec<u8>,
+    vs: Vec<u8>,
+    words: [Vec<u32>; 4],
+    scratch: Vec<u32>,
+    sizes: WorkspaceSizes,
+    capacity: usize,
+}
+
+impl Buffers {
+    /// Buffers for prefill steps of `rows` rows and a context of `capacity` positions.
+    pub fn new(cfg: &veil_core::model::ModelConfig, rows: usize, capacity: usize) -> Self {
+        let sizes = WorkspaceSizes::new(cfg, rows, LogitRows::Last, capacity);
+        let kv = KvSizes::new(cfg, capacity);
+        let s = SessionSizes::new(cfg, rows);
+        Buffers {
+            i32s: vec![0; sizes.i32_len],
+            i8s: vec![0; sizes.i8_len],
+            k: vec![0; kv.values],
+            v: vec![0; kv.values],
+            ks: vec![0; kv.shifts],
+            vs: vec![0; kv.shifts],
+            words: [
+                vec![0; s.input_words],
+                vec![0; s.input_words],
+                vec![0; s.output_words],
+                vec![0; s.output_words],
+            ],
+            scratch: vec![0; cfg.vocab_size as usize],
+            sizes,
+            capacity,
+        }
+    }
+
+    fn forward<'w, 'a>(
+        &'a mut self,
+        cw: ClientWeights<'w>,
+    ) -> Result<Lent<'w, 'a>, ForwardError> {
+        let cfg = *cw.config();
+        let ws = Workspace::new(&cfg, self.sizes, &mut self.i32s, &mut self.i8s)?;
+        let kv = KvCache::new(
+            &cfg,
+            self.capacity,
+            &mut self.k,
+            &mut self.v,
+            &mut self.ks,
+            &mut self.vs,
+        )?;
+        let [a, b, c, d] = &mut self.words;
+        Ok((Forward::new(cw, ws, kv)?, [a, b, c, d], &mut self.scratch))
+    }
+}
+
+/// A forward pass over these buffers, the four session word buffers and the sampling scratch.
+type Lent<'w, 'a> = (Forward<'w, 'a>, [&'a mut [u32]; 4], &'a mut [u32]);
+
+/// Runs one step (a prefill chunk or one decoded token).
+type StepFn<'s, E> = dyn FnMut(&[u32]) -> Result<(), GenError<E>> + 's;
+
+/// Drives token selection and timing around a "run one step" closure.
+fn drive<E: std::fmt::Debug>(
+    prompt: &[u32],
+    opts: &GenOptions,
+    capacity: usize,
+    step: &mut StepFn<'_, E>,
+    pick: &mut dyn FnMut(u32) -> u32,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<(Vec<u32>, GenStats), GenError<E>> {
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(opts.seed);
+    let t0 = Instant::now();
+    for chunk in prompt.chunks(opts.prefill_rows.max(1)) {
+        step(chunk)?;
+    }
+    stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut out = Vec::new();
+    let (t1, c1) = (Instant::now(), cpu_ms());
+    let mut decode_steps = 0usize;
+    loop {
+        let t = pick(rng.next_u32());
+        out.push(t);
+        on_token(t);
+        if out.len() >= opts.max_new_tokens
+            || Some(t) == opts.eos
+            || prompt.len() + out.len() >= capacity
+        {
+            break;
+        }
+        step(&[t])?;
+        decode_steps += 1;
+    }
+    stats.generated_tokens = out.len();
+    if decode_steps > 0 {
+        stats.decode_ms_per_token = t1.elapsed().as_secs_f64() * 1e3 / decode_steps as f64;
+        stats.client_cpu_ms_per_token = (cpu_ms() - c1) / decode_steps as f64;
+    }
+    Ok((out, stats))
+}
+
+/// Generates locally with the plaintext integer pipeline (`--reference`): the same numbers the
+/// private path must reproduce.
+pub fn generate_reference(
+    client: ClientWeights<'_>,
+    linear: &LinearWeights<'_>,
+    prompt: &[u32],
+    opts: &GenOptions,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<(Vec<u32>, GenStats), GenError<std::convert::Infallible>> {
+    let cfg = *client.config();
+    let capacity = cfg.n_positions as usize;
+    let mut bufs = Buffers::new(&cfg, opts.prefill_rows.min(prompt.len()).max(1), capacity);
+    let (fwd, _, scratch) = bufs.forward(client).map_err(GenError::Forward)?;
+    let fwd = std::cell::RefCell::new(fwd);
+    let mut step = |tokens: &[u32]| {
+        fwd.borrow_mut()
+            .step_locally(linear, tokens)
+            .map_err(GenError::Forward)
+    };
+    let sampling = opts.sampling;
+    let mut pick = |u: u32| sample(fwd.borrow().logits().unwrap_or(&[0]), &sampling, u, scratch);
+    drive(prompt, opts, capacity, &mut step, &mut pick, on_token)
+}
+
+/// Generates privately: every linear layer goes to the server over `conn`, masked with `key`,
+/// unmasked with terms from `source`. Per decoded token: one round trip per linear layer.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_private<S: UnmaskSource, T: Read + Write>(
+    client: ClientWeights<'_>,
+    conn: &mut Connection<T>,
+    source: &mut S,
+    key: MaskKey,
+    prompt: &[u32],
+    opts: &GenOptions,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
+    let cfg = *client.config();
+    let capacity = cfg.n_positions as usize;
+    let rows = opts
+        .prefill_rows
+        .min(conn.max_rows())
+        .min(prompt.len())
+        .max(1);
+    let mut bufs = Buffers::new(&cfg, rows, capacity);
+    let (fwd, [m, r, y, u], scratch) = bufs.forward(client).map_err(GenError::Forward)?;
+    let pf = std::cell::RefCell::new(PrivateForward::new::<S::Error>(fwd, key, m, r, y, u)?);
+    let generated = std::cell::Cell::new(0usize);
+    let wire_at_decode = std::cell::Cell::new(None::<WireStats>);
+    let mut step = |tokens: &[u32]| -> Result<(), GenError<S::Error>> {
+        if tokens.len() == 1 && wire_at_decode.get().is_none() && generated.get() > 0 {
+            wire_at_decode.set(Some(conn.stats));
+        }
+        let mut pf = pf.borrow_mut();
+        pf.begin(tokens, source)?;
+        loop {
+            let out = pf
+                .outgoing()
+                .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
+            let (linear, n, od) = (out.linear, out.rows, out.out_dim);
+            // The masked words are copied out because the reply buffer is borrowed next.
+            let masked: Vec<u32> = out.masked.to_vec();
+            let reply = pf
+                .reply_mut()
+                .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
+            debug_assert_eq!(reply.len(), n * od);
+            conn.compute(linear, n, &masked, reply).map_err(|source| {
+                pf.abort_step();
+                GenError::Transport {
+                    source,
+                    generated: generated.get(),
+                }
+            })?;
+            if pf.complete(source)? == StepState::Done {
+                return Ok(());
+            }
+        }
+    };
+    let sampling = opts.sampling;
+    let mut pick = |u: u32| {
+        generated.set(generated.get() + 1);
+        sample(
+            pf.borrow().forward().logits().unwrap_or(&[0]),
+            &sampling,
+            u,
+            scratch,
+        )
+    };
+    let (tokens, mut stats) = drive(prompt, opts, capacity, &mut step, &mut pick, on_token)?;
+    stats.wire = conn.stats;
+    let decode_steps = stats.generated_tokens.saturating_sub(1);
+    if let (Some(w0), true) = (wire_at_decode.get(), decode_steps > 0) {
+        let n = decode_steps as f64;
+        stats.round_trips_per_token = (conn.stats.round_trips - w0.round_trips) as f64 / n;
+        stats.bytes_up_per_token = (conn.stats.bytes_up - w0.bytes_up) as f64 / n;
+        stats.bytes_down_per_token = (conn.stats.bytes_down - w0.bytes_down) as f64 / n;
+    }
+    Ok((tokens, stats))
+}

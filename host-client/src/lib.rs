@@ -1,0 +1,14 @@
+//! Veil's client: holds the prompt, the embeddings, the KV cache and the mask secrets, and has a
+//! blind server compute every linear layer on one-time-padded rows.
+//!
+//! The forward pass itself is `veil_core`'s sans-IO state machine; this crate only owns files
+//! (weights, mask pools), the TCP connection, the tokenizer and the command line.
+//! - [`files`]: memory-mapped weight files and the tokenizer.
+//! - [`pool`]: the mask pool file (precomputed unmasking terms, slots marked used durably).
+//! - [`transport`]: one request/reply exchange per linear layer over a byte stream.
+//! - [`generate`]: the generation loop shared by the private and the local reference paths.
+
+pub mod files;
+pub mod generate;
+pub mod pool;
+pub mod transport;

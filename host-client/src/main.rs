@@ -1,0 +1,313 @@
+//! `veil-client`: private GPT-2 generation on a small device with a blind server.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use veil_client::files::ModelFiles;
+use veil_client::generate::{
+    generate_private, generate_reference, GenOptions, GenStats, DEFAULT_PREFILL_ROWS,
+};
+use veil_client::pool::PoolSource;
+use veil_client::transport::Connection;
+use veil_core::mask::MaskKey;
+use veil_core::model::SamplingParams;
+use veil_core::session::OnlineUnmask;
+
+/// Private text generation: the prompt never leaves this device unmasked.
+///
+/// Every linear layer of the model runs on a `veil-server` over rows padded with fresh one-time
+/// masks; LayerNorm, GELU, attention over the KV cache and sampling run here.
+#[derive(Debug, Parser)]
+#[command(name = "veil-client", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fill or extend a mask pool: precompute the unmasking terms r·W for future tokens, so the
+    /// online phase only reads them (run it while the device is idle).
+    Precompute(PrecomputeArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum MaskSourceKind {
+    /// Compute r·W when needed (needs linear.veil here; as costly as running the layer locally).
+    Online,
+    /// Read precomputed r·W from a pool file (see `veil-client precompute`).
+    Pool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Model directory written by `veil-tools quantize` (client.veil, linear.veil, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Server address, host:port.
+    #[arg(long, value_name = "ADDR", required_unless_present = "reference")]
+    server: Option<String>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Tokens to generate at most (stops earlier at end of text).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) means greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Sample from the smallest set of tokens whose probability reaches p (1.0 = all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Seed of the sampling random numbers (same seed, same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the unmasking terms come from.
+    #[arg(long, value_enum, default_value_t = MaskSourceKind::Online)]
+    mask_source: MaskSourceKind,
+    /// Mask pool file (with --mask-source pool).
+    #[arg(long, value_name = "FILE")]
+    pool: Option<PathBuf>,
+    /// Run the same integer pipeline locally, with no server (the reference the private path
+    /// reproduces bit for bit).
+    #[arg(long)]
+    reference: bool,
+    /// Print one JSON object (tokens, text, stats) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Prompt rows per prefill request.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_ROWS)]
+    prefill_rows: usize,
+}
+
+#[derive(Debug, Args)]
+struct PrecomputeArgs {
+    /// Model directory (needs linear.veil).
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+    /// Pool file to create or extend.
+    #[arg(long, value_name = "FILE")]
+    pool: PathBuf,
+    /// Token slots to add (each generated or prompt token uses one).
+    #[arg(long)]
+    tokens: u64,
+}
+
+fn q16(x: f64) -> u32 {
+    (x * 65536.0).round().clamp(0.0, u32::MAX as f64) as u32
+}
+
+fn stats_json(s: &GenStats) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": s.prompt_tokens,
+        "generated_tokens": s.generated_tokens,
+        "prefill_ms": s.prefill_ms,
+        "decode_ms_per_token": s.decode_ms_per_token,
+        "client_cpu_ms_per_token": s.client_cpu_ms_per_token,
+        "bytes_up": s.wire.bytes_up,
+        "bytes_down": s.wire.bytes_down,
+        "round_trips": s.wire.round_trips,
+        "round_trips_per_token": s.round_trips_per_token,
+        "bytes_up_per_token": s.bytes_up_per_token,
+        "bytes_down_per_token": s.bytes_down_per_token,
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Some(dir) = args.weights.as_deref() else {
+        bail!("--weights DIR is required")
+    };
+    let Some(prompt) = args.prompt.as_deref() else {
+        bail!("--prompt TEXT is required")
+    };
+    let need_linear = args.reference || args.mask_source == MaskSourceKind::Online;
+    let files = ModelFiles::open(dir, need_linear)?;
+    let client = files.client()?;
+    let cfg = *client.config();
+    let tok = files.tokenizer()?;
+    let ids = tok
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+        .get_ids()
+        .to_vec();
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    if ids.len() >= cfg.n_positions as usize {
+        bail!(
+            "the prompt has {} tokens; this model's context is {}",
+            ids.len(),
+            cfg.n_positions
+        );
+    }
+    let sampling = if args.temperature <= 0.0 {
+        SamplingParams::GREEDY
+    } else {
+        SamplingParams {
+            temperature_q16: q16(args.temperature).max(1),
+            top_k: args.top_k,
+            top_p_q16: if args.top_p >= 1.0 {
+                0
+            } else {
+                q16(args.top_p)
+            },
+        }
+    };
+    let opts = GenOptions {
+        max_new_tokens: args.max_new_tokens.max(1),
+        sampling,
+        seed: args.seed,
+        eos: Some(client.header().eos_token_id),
+        prefill_rows: args.prefill_rows.max(1),
+    };
+    // Streams text as tokens arrive: decode everything so far and print what is new, holding back
+    // an incomplete UTF-8 sequence (shown as U+FFFD by the decoder).
+    let mut generated: Vec<u32> = Vec::new();
+    let mut shown = 0usize;
+    let json = args.json;
+    let mut on_token = |t: u32| {
+        generated.push(t);
+        if json {
+            return;
+        }
+        if let Ok(text) = tok.decode(&generated, false) {
+            if !text.ends_with('\u{FFFD}') && text.len() > shown {
+                print!("{}", &text[shown..]);
+                let _ = std::io::stdout().flush();
+                shown = text.len();
+            }
+        }
+    };
+    if !json {
+        print!("{prompt}");
+        let _ = std::io::stdout().flush();
+    }
+    let (tokens, stats) = if args.reference {
+        let linear = files
+            .linear()?
+            .context("linear.veil is needed for --reference")?;
+        generate_reference(client, &linear, &ids, &opts, &mut on_token)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        let addr = args
+            .server
+            .as_deref()
+            .context("--server ADDR is required (or --reference)")?;
+        let stream = TcpStream::connect(addr)
+            .with_context(|| format!("connecting to the server at {addr}"))?;
+        stream.set_nodelay(true).ok();
+        let reader = stream.try_clone().context("cloning the socket")?;
+        let mut conn = Connection::handshake(reader, stream, files.fingerprint()?)
+            .with_context(|| format!("handshake with {addr}"))?;
+        let result = match args.mask_source {
+            MaskSourceKind::Online => {
+                let linear = files
+                    .linear()?
+                    .context("linear.veil is needed for --mask-source online")?;
+                let mut key = [0u8; 32];
+                rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
+                    .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
+                let mut source = OnlineUnmask::new(linear);
+                generate_private(
+                    client,
+                    &mut conn,
+                    &mut source,
+                    MaskKey::from_bytes(key),
+                    &ids,
+                    &opts,
+                    &mut on_token,
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))
+            }
+            MaskSourceKind::Pool => {
+                let path = args
+                    .pool
+                    .as_deref()
+                    .context("--pool FILE is needed with --mask-source pool")?;
+                let mut pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
+                let key = pool.key();
+                generate_private(
+                    client,
+                    &mut conn,
+                    &mut pool,
+                    key,
+                    &ids,
+                    &opts,
+                    &mut on_token,
+                )
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+            }
+        };
+        let out =
+            result.with_context(|| format!("private generation with the server at {addr}"))?;
+        conn.bye();
+        out
+    };
+    let text = tok
+        .decode(&tokens, false)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    if json {
+        let v = serde_json::json!({ "tokens": tokens, "text": text, "stats": stats_json(&stats) });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "{}",
+            serde_json::to_string_pretty(&stats_json(&stats)).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
+    let files = ModelFiles::open(&args.weights, true)?;
+    let linear = files
+        .linear()?
+        .context("linear.veil is needed to precompute")?;
+    let bar = indicatif::ProgressBar::new(args.tokens);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "precomputing {bar:40} {pos}/{len} slots ({eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let pool = PoolSource::precompute(
+        &args.pool,
+        &linear,
+        &files.fingerprint()?,
+        args.tokens,
+        &mut |done, _| bar.set_position(done),
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{}: {} unused slots (next slot {})",
+        args.pool.display(),
+        pool.remaining(),
+        pool.next_slot()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Precompute(a)) => precompute(a),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nveil-client: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

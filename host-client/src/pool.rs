@@ -1,0 +1,273 @@
+//! The mask pool: a file of precomputed unmasking terms `u = r · W` for future slots.
+//!
+//! Layout (little-endian): a 4096-byte header, then one record per slot of
+//! `pool_record_words(cfg)` `u32` words (every linear layer's `u`, in forward order).
+//!
+//! | bytes     | field |
+//! |-----------|-------|
+//! | 0..8      | magic `VEILPOOL` |
+//! | 8..12     | version (1) |
+//! | 12..16    | words per record |
+//! | 16..48    | weights fingerprint (SHA-256 of `linear.veil`) |
+//! | 48..80    | mask key (secret: the file is created 0600) |
+//! | 80..88    | slots filled (records present) |
+//! | 88..96    | next unused slot |
+//!
+//! Only `u` is stored; `r` is regenerated from the key. The online phase reads the records it needs
+//! with positioned reads, so the pool is never held in memory. [`PoolSource::reserve`] writes the
+//! new "next unused slot" and `fsync`s before returning, i.e. before any masked row of those slots
+//! can leave the device: a crash at any point wastes slots but never reuses one.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use veil_core::mask::MaskKey;
+use veil_core::model::{LinearId, LinearWeights, ModelConfig};
+use veil_core::session::{
+    compute_pool_record, pool_record_offset, pool_record_words, UnmaskSource,
+};
+
+const MAGIC: &[u8; 8] = b"VEILPOOL";
+const VERSION: u32 = 1;
+const HEADER: u64 = 4096;
+const FILLED_AT: u64 = 80;
+const NEXT_AT: u64 = 88;
+
+/// Why the pool cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// File IO failed.
+    #[error("mask pool {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Not a pool file, or another version.
+    #[error("{0} is not a Veil mask pool (bad magic or version)")]
+    NotAPool(PathBuf),
+    /// The pool was made for other weights.
+    #[error("mask pool {0} was precomputed for different weights; precompute a new one")]
+    WrongWeights(PathBuf),
+    /// Not enough unused slots left.
+    #[error("mask pool {path} is exhausted: {left} slots left, {wanted} needed; run `veil-client precompute` to extend it")]
+    Exhausted {
+        /// The file.
+        path: PathBuf,
+        /// Slots left.
+        left: u64,
+        /// Slots asked for.
+        wanted: u64,
+    },
+    /// The header's counters are inconsistent (a corrupted or tampered file).
+    #[error("mask pool {0} is corrupt (counters beyond the records present)")]
+    Corrupt(PathBuf),
+}
+
+/// An open pool file.
+#[derive(Debug)]
+pub struct PoolSource {
+    file: File,
+    path: PathBuf,
+    cfg: ModelConfig,
+    key: MaskKey,
+    record_words: usize,
+    filled: u64,
+    next: u64,
+    /// Slots handed out by this process, for tests and stats.
+    pub reserved_log: Vec<(u64, u64)>,
+}
+
+fn read_u64(f: &File, at: u64, path: &Path) -> Result<u64, PoolError> {
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at)
+        .map_err(|source| PoolError::Io {
+            path: path.into(),
+            source,
+        })?;
+    Ok(u64::from_le_bytes(b))
+}
+
+impl PoolSource {
+    /// Opens an existing pool for weights with `fingerprint`.
+    pub fn open(path: &Path, cfg: &ModelConfig, fingerprint: &[u8; 32]) -> Result<Self, PoolError> {
+        let io = |source| PoolError::Io {
+            path: path.into(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io)?;
+        let mut h = [0u8; 96];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| PoolError::NotAPool(path.into()))?;
+        let record_words = pool_record_words(cfg);
+        if &h[0..8] != MAGIC
+            || u32::from_le_bytes([h[8], h[9], h[10], h[11]]) != VERSION
+            || u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize != record_words
+        {
+            return Err(PoolError::NotAPool(path.into()));
+        }
+        if &h[16..48] != fingerprint {
+            return Err(PoolError::WrongWeights(path.into()));
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&h[48..80]);
+        let filled = read_u64(&file, FILLED_AT, path)?;
+        let next = read_u64(&file, NEXT_AT, path)?;
+        let len = file.metadata().map_err(io)?.len();
+        if next > filled || HEADER + filled * record_words as u64 * 4 > len {
+            return Err(PoolError::Corrupt(path.into()));
+        }
+        Ok(PoolSource {
+            file,
+            path: path.into(),
+            cfg: *cfg,
+            key: MaskKey::from_bytes(key),
+            record_words,
+            filled,
+            next,
+            reserved_log: vec![],
+        })
+    }
+
+    /// Creates a pool with a fresh random key, or opens the existing one, and precomputes `tokens`
+    /// more slots. `progress` gets (slots done, slots to do).
+    pub fn precompute(
+        path: &Path,
+        weights: &LinearWeights<'_>,
+        fingerprint: &[u8; 32],
+        tokens: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self, PoolError> {
+        let cfg = *weights.config();
+        let io = |source| PoolError::Io {
+            path: path.into(),
+            source,
+        };
+        if !path.exists() {
+            let mut key = [0u8; 32];
+            rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let mut h = vec![0u8; HEADER as usize];
+            h[0..8].copy_from_slice(MAGIC);
+            h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            h[12..16].copy_from_slice(&(pool_record_words(&cfg) as u32).to_le_bytes());
+            h[16..48].copy_from_slice(fingerprint);
+            h[48..80].copy_from_slice(&key);
+            let tmp = path.with_extension("tmp");
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all_at(&h, 0).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, path).map_err(io)?;
+        }
+        let mut pool = Self::open(path, &cfg, fingerprint)?;
+        let mut r = vec![0u32; cfg.d().max(cfg.n_inner as usize)];
+        let mut rec = vec![0u32; pool.record_words];
+        let mut bytes = vec![0u8; pool.record_words * 4];
+        for i in 0..tokens {
+            let slot = pool.filled + i;
+            compute_pool_record(&pool.key, weights, slot, &mut r, &mut rec);
+            for (b, w) in bytes.chunks_exact_mut(4).zip(&rec) {
+                b.copy_from_slice(&w.to_le_bytes());
+            }
+            pool.file
+                .write_all_at(&bytes, pool.record_at(slot, 0))
+                .map_err(io)?;
+            progress(i + 1, tokens);
+        }
+        // Records first, then the counter that makes them visible.
+        pool.file.sync_data().map_err(io)?;
+        pool.filled += tokens;
+        pool.file
+            .write_all_at(&pool.filled.to_le_bytes(), FILLED_AT)
+            .map_err(io)?;
+        pool.file.sync_data().map_err(io)?;
+        Ok(pool)
+    }
+
+    fn record_at(&self, slot: u64, word: usize) -> u64 {
+        HEADER + (slot * self.record_words as u64 + word as u64) * 4
+    }
+
+    /// The pool's mask key (the session masks with it).
+    pub fn key(&self) -> MaskKey {
+        self.key.clone()
+    }
+
+    /// Unused slots left.
+    pub fn remaining(&self) -> u64 {
+        self.filled - self.next
+    }
+
+    /// Next unused slot.
+    pub fn next_slot(&self) -> u64 {
+        self.next
+    }
+}
+
+impl UnmaskSource for PoolSource {
+    type Error = PoolError;
+
+    fn reserve(&mut self, rows: u64) -> Result<u64, PoolError> {
+        if self.remaining() < rows {
+            return Err(PoolError::Exhausted {
+                path: self.path.clone(),
+                left: self.remaining(),
+                wanted: rows,
+            });
+        }
+        let first = self.next;
+        let io = |source| PoolError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        // Durable before any masked row of these slots exists.
+        self.file
+            .write_all_at(&(first + rows).to_le_bytes(), NEXT_AT)
+            .map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.next = first + rows;
+        self.reserved_log.push((first, rows));
+        Ok(first)
+    }
+
+    fn unmask_terms(
+        &mut self,
+        linear: LinearId,
+        first_slot: u64,
+        rows: usize,
+        _r: &[u32],
+        out: &mut [u32],
+    ) -> Result<(), PoolError> {
+        let o = linear.dims(&self.cfg).1;
+        let off = pool_record_offset(&self.cfg, linear);
+        let mut bytes = vec![0u8; o * 4];
+        for row in 0..rows {
+            let at = self.record_at(first_slot + row as u64, off);
+            self.file
+                .read_exact_at(&mut bytes, at)
+                .map_err(|source| PoolError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            for (w, b) in out[row * o..(row + 1) * o]
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+            {
+                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Ok(())
+    }
+}

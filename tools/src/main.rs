@@ -1,0 +1,273 @@
+//! `veil-tools`: command-line front end of the Veil weight tools.
+//!
+//! Each subcommand is an args struct with a `run` method; adding one means a variant in
+//! [`Command`] and an arm in `main`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use veil_tools::synth::{self, Preset, SynthOptions};
+
+/// Veil weight tools: prepare and check GPT-2 models for private inference.
+#[derive(Debug, Parser)]
+#[command(name = "veil-tools", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a random GPT-2 checkpoint in the Hugging Face layout (config.json, model.safetensors).
+    ///
+    /// For tests and benchmarks on machines that cannot download real weights. The same preset and
+    /// seed always give byte-identical files.
+    Synth(SynthArgs),
+    /// Quantize a Hugging Face GPT-2 checkpoint into Veil's format (linear.veil for the server,
+    /// client.veil and tokenizer.json for the client, manifest.json).
+    ///
+    /// `--model` is a local directory (config.json, model.safetensors, tokenizer.json) or a hub id
+    /// such as `distilgpt2`, downloaded into the Hugging Face cache when online.
+    Quantize(QuantizeArgs),
+    /// Perplexity of the integer pipeline and of the float reference over a text file, and how
+    /// often their top-1 predictions agree.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+struct QuantizeArgs {
+    /// Hugging Face model directory or hub id (e.g. distilgpt2, openai-community/gpt2).
+    #[arg(long)]
+    model: String,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Calibrate SmoothQuant on this text (e.g. WikiText-2 valid): migrates activation outliers
+    /// into the weights. Without it, weights are quantized as they are.
+    #[arg(long, value_name = "FILE")]
+    calibrate: Option<PathBuf>,
+    /// Tokens of calibration text to run.
+    #[arg(long, default_value_t = 4096)]
+    calibration_tokens: usize,
+    /// SmoothQuant migration strength (0..1).
+    #[arg(long, default_value_t = 0.5)]
+    smooth_alpha: f32,
+}
+
+impl QuantizeArgs {
+    fn run(self) -> anyhow::Result<()> {
+        use veil_tools::float_ref::{ActStats, FloatModel};
+        use veil_tools::hf::Checkpoint;
+        use veil_tools::quantize::{hex, quantize, write_model_dir, Provenance, QuantizeOptions};
+        let files = veil_tools::hub::resolve_model(
+            &self.model,
+            &veil_tools::hub::HubOptions {
+                progress: true,
+                ..Default::default()
+            },
+        )?;
+        eprintln!("loading {}", files.model.display());
+        let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
+        let tok = veil_tools::tokenizer::Tokenizer::from_file(&files.tokenizer)?;
+        let stats = match &self.calibrate {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .replace("\r\n", "\n");
+                let ids = tok.encode(&text)?;
+                let ids = &ids[..ids.len().min(self.calibration_tokens)];
+                let float = FloatModel::from_checkpoint(&ckpt);
+                let mut stats = ActStats::new(&ckpt.config);
+                let bar = bar(
+                    ids.len().div_ceil(ckpt.config.n_positions) as u64,
+                    "calibrating",
+                );
+                for w in ids.chunks(ckpt.config.n_positions) {
+                    float.forward_with_stats(w, &mut stats);
+                    bar.inc(1);
+                }
+                bar.finish_and_clear();
+                Some((stats, ids.len()))
+            }
+            None => None,
+        };
+        let opts = QuantizeOptions {
+            smooth_alpha: self.smooth_alpha,
+            ..Default::default()
+        };
+        let pb = bar(ckpt.config.n_layer as u64 * 4 + 1, "quantizing");
+        let q = quantize(
+            &ckpt,
+            stats.as_ref().map(|s| &s.0),
+            &opts,
+            &mut |done, _| pb.set_position(done as u64),
+        )?;
+        pb.finish_and_clear();
+        let prov = Provenance {
+            source: self.model.clone(),
+            smooth_alpha: stats.as_ref().map(|_| self.smooth_alpha),
+            calibration: stats
+                .as_ref()
+                .zip(self.calibrate.as_ref())
+                .map(|(s, p)| (p.display().to_string(), s.1)),
+        };
+        write_model_dir(&self.out, &q, &files.tokenizer, &prov)?;
+        println!(
+            "wrote {} (linear.veil {} bytes, client.veil {} bytes, fingerprint {})",
+            self.out.display(),
+            q.linear.len(),
+            q.client.len(),
+            hex(&q.fingerprint)
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Model directory written by `quantize`.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The float checkpoint it came from (default: the `source` in its manifest.json).
+    #[arg(long)]
+    model: Option<String>,
+    /// Text file (CRLF is read as LF).
+    #[arg(long)]
+    text: PathBuf,
+    /// Use the first N tokens of the text.
+    #[arg(long, default_value_t = 16384)]
+    tokens: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl EvalArgs {
+    fn run(self) -> anyhow::Result<()> {
+        use veil_core::model::{ClientWeights, LinearWeights};
+        use veil_tools::float_ref::FloatModel;
+        use veil_tools::hf::Checkpoint;
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.weights.join("manifest.json"))
+                .with_context(|| format!("reading {}/manifest.json", self.weights.display()))?,
+        )?;
+        let source = match &self.model {
+            Some(m) => m.clone(),
+            None => manifest["source"]
+                .as_str()
+                .context("manifest.json has no source; pass --model")?
+                .to_string(),
+        };
+        let files =
+            veil_tools::hub::resolve_model(&source, &veil_tools::hub::HubOptions::default())?;
+        let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
+        let float = FloatModel::from_checkpoint(&ckpt);
+        let tok =
+            veil_tools::tokenizer::Tokenizer::from_file(&self.weights.join("tokenizer.json"))?;
+        let text = std::fs::read_to_string(&self.text)
+            .with_context(|| format!("reading {}", self.text.display()))?
+            .replace("\r\n", "\n");
+        let ids = tok.encode(&text)?;
+        let ids = &ids[..ids.len().min(self.tokens)];
+        let client_bytes = std::fs::read(self.weights.join("client.veil"))?;
+        let linear_bytes = std::fs::read(self.weights.join("linear.veil"))?;
+        let client =
+            ClientWeights::parse(&client_bytes).map_err(|e| anyhow::anyhow!("client.veil: {e}"))?;
+        let linear =
+            LinearWeights::parse(&linear_bytes).map_err(|e| anyhow::anyhow!("linear.veil: {e}"))?;
+        let windows = ids
+            .len()
+            .saturating_sub(1)
+            .div_ceil(ckpt.config.n_positions) as u64;
+        let pb = bar(windows, "evaluating");
+        let report = veil_tools::eval::evaluate(&float, &client, &linear, ids, &|done, _| {
+            pb.set_position(done as u64)
+        })
+        .map_err(|e| anyhow::anyhow!("integer pipeline: {e}"))?;
+        pb.finish_and_clear();
+        if self.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("tokens          {}", report.tokens);
+            println!("float ppl       {:.4}", report.float_ppl);
+            println!("integer ppl     {:.4}", report.int_ppl);
+            println!(
+                "ppl change      {:+.4}%",
+                report.relative_ppl_change * 100.0
+            );
+            println!("top-1 agreement {:.4}", report.top1_agreement);
+        }
+        Ok(())
+    }
+}
+
+fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{bar:40}} {{pos}}/{{len}} ({{eta}} left)"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb
+}
+
+#[derive(Debug, Args)]
+struct SynthArgs {
+    /// Model shape: tiny (2 layers, d=128), distilgpt2 (6, 768) or gpt2 (12, 768); all use GPT-2's
+    /// 50257-token vocabulary.
+    #[arg(long, value_enum)]
+    preset: Preset,
+    /// Output directory (created if missing; existing files of the same names are replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the ChaCha8 generator.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Make 3-6 residual channels 50-100x larger than the rest (and scale the LayerNorm gains of
+    /// those channels 20-50x), like the activation outliers of real GPT-2.
+    #[arg(long)]
+    outliers: bool,
+    /// Copy tokenizer.json (required) and vocab.json, merges.txt, tokenizer_config.json,
+    /// special_tokens_map.json (if present) from this directory.
+    #[arg(long, value_name = "DIR")]
+    tokenizer_from: Option<PathBuf>,
+}
+
+impl SynthArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let opts = SynthOptions {
+            preset: self.preset,
+            seed: self.seed,
+            outliers: self.outliers,
+            tokenizer_from: self.tokenizer_from,
+            progress: true,
+        };
+        let report = synth::write_checkpoint(&self.out, &opts)
+            .with_context(|| format!("synthesising into {}", self.out.display()))?;
+        let c = &report.config;
+        println!(
+            "wrote {} ({} layers, d={}, {} heads, {} positions, vocab {}; {} bytes of weights)",
+            self.out.display(),
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.n_positions,
+            c.vocab_size,
+            report.model_bytes
+        );
+        if !report.outlier_channels.is_empty() {
+            println!("outlier channels: {:?}", report.outlier_channels);
+        }
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Synth(args) => args.run(),
+        Command::Quantize(args) => args.run(),
+        Command::Eval(args) => args.run(),
+    }
+}

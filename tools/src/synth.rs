@@ -1,0 +1,418 @@
+//! Random GPT-2 checkpoints in the Hugging Face layout, for tests and benchmarks where a real model
+//! cannot be downloaded.
+//!
+//! The output directory looks like what `GPT2LMHeadModel.save_pretrained` writes: `config.json`,
+//! `generation_config.json` and an F32 `model.safetensors` with `transformer.`-prefixed names and no
+//! `lm_head.weight` (tied to `wte`), plus a `veil_synth.json` sidecar recording preset, seed and
+//! outlier channels. Every tensor is drawn from its own ChaCha8 stream keyed by
+//! `(seed, tensor index)`, so the bytes depend only on the seed and preset, and tensors are
+//! generated one at a time while the file is written: peak memory is one tensor, not the model.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use safetensors::tensor::View;
+use safetensors::{Dtype, SafeTensorError};
+
+use crate::hf::{expected_shapes, Activation, GptConfig, CONFIG_FILE, MODEL_FILE};
+
+/// Tokenizer files copied by `--tokenizer-from`; `tokenizer.json` is required, the rest optional.
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Sidecar recording how a synthetic checkpoint was made (preset, seed, outlier channels).
+pub const PROVENANCE_FILE: &str = "veil_synth.json";
+
+/// Model sizes to synthesise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// 2 layers, 128 wide, 4 heads, 256 positions (the shape of `shared/golden/tiny`).
+    Tiny,
+    /// 6 layers, 768 wide, 12 heads, 1024 positions (distilgpt2's shape).
+    Distilgpt2,
+    /// 12 layers, 768 wide, 12 heads, 1024 positions (GPT-2 small's shape).
+    Gpt2,
+}
+
+impl Preset {
+    /// The config this preset describes (vocabulary 50257, `gelu_new`, `n_inner = 4·d`).
+    pub fn config(self) -> GptConfig {
+        let (n_layer, n_embd, n_head, n_positions) = match self {
+            Preset::Tiny => (2, 128, 4, 256),
+            Preset::Distilgpt2 => (6, 768, 12, 1024),
+            Preset::Gpt2 => (12, 768, 12, 1024),
+        };
+        GptConfig {
+            n_layer,
+            n_embd,
+            n_head,
+            n_positions,
+            vocab_size: 50257,
+            n_inner: 4 * n_embd,
+            layer_norm_epsilon: 1e-5,
+            activation: Activation::GeluNew,
+        }
+    }
+}
+
+/// What to synthesise.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// Model size.
+    pub preset: Preset,
+    /// RNG seed; equal seeds give byte-identical files.
+    pub seed: u64,
+    /// Plant GPT-2-like activation outliers (see [`write_checkpoint`]).
+    pub outliers: bool,
+    /// Directory to copy tokenizer files from.
+    pub tokenizer_from: Option<PathBuf>,
+    /// Draw a progress bar on stderr (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthReport {
+    /// The model's config.
+    pub config: GptConfig,
+    /// Residual channels made large by `outliers` (empty without it), ascending.
+    pub outlier_channels: Vec<usize>,
+    /// Size of `model.safetensors` in bytes.
+    pub model_bytes: u64,
+}
+
+/// Why synthesis failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SynthError {
+    /// Creating, writing or copying a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The safetensors writer failed.
+    #[error("{}: writing safetensors: {source:?}", path.display())]
+    Safetensors {
+        /// The weights file.
+        path: PathBuf,
+        /// The writer's error.
+        source: SafeTensorError,
+    },
+    /// `--tokenizer-from` has no `tokenizer.json`.
+    #[error("{}: no tokenizer.json to copy", path.display())]
+    MissingTokenizer {
+        /// The directory given.
+        path: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
+    move |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How a tensor's values are drawn.
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    /// N(0, std²).
+    Normal(f32),
+    /// 1 + N(0, 0.05²): LayerNorm gains near one, not exactly one, so tests see their effect.
+    NearOne,
+}
+
+/// A tensor generated on demand when the safetensors writer asks for its bytes.
+struct LazyTensor {
+    shape: Vec<usize>,
+    init: Init,
+    seed: u64,
+    stream: u64,
+    /// Multiplier per index of the last dimension (outlier channels), if any.
+    col_scale: Option<Arc<Vec<f32>>>,
+    progress: ProgressBar,
+}
+
+impl LazyTensor {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl View for LazyTensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let n = self.numel();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.stream);
+        let mut normals = NormalPairs::default();
+        let last = self.shape.last().copied().unwrap_or(1).max(1);
+        let mut out = Vec::with_capacity(n * 4);
+        for i in 0..n {
+            let z = normals.next(&mut rng);
+            let mut v = match self.init {
+                Init::Normal(std) => std * z,
+                Init::NearOne => 1.0 + 0.05 * z,
+            };
+            if let Some(s) = &self.col_scale {
+                v *= s[i % last];
+            }
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        self.progress.inc(out.len() as u64);
+        Cow::Owned(out)
+    }
+    fn data_len(&self) -> usize {
+        self.numel() * 4
+    }
+}
+
+/// Standard normals by Box–Muller, two per pair of uniforms.
+#[derive(Default)]
+struct NormalPairs {
+    spare: Option<f32>,
+}
+
+impl NormalPairs {
+    fn next(&mut self, rng: &mut ChaCha8Rng) -> f32 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        // u1 in (0, 1] so ln(u1) is finite; 53-bit uniforms.
+        let u1 = 1.0 - unit_f64(rng);
+        let u2 = unit_f64(rng);
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+        self.spare = Some((r * s) as f32);
+        (r * c) as f32
+    }
+}
+
+/// Uniform in [0, 1).
+fn unit_f64(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Stream reserved for choosing outlier channels (tensor streams are their indices).
+const OUTLIER_STREAM: u64 = u64::MAX;
+
+/// Picks 3–6 distinct residual channels and their scales from the seed: residual scales in
+/// [50, 100), LayerNorm-gain scales in [20, 50).
+fn choose_outliers(seed: u64, d: usize) -> (Vec<usize>, Vec<f32>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(OUTLIER_STREAM);
+    let k = (3 + rng.next_u64() % 4) as usize;
+    let k = k.min(d);
+    let mut chans: Vec<usize> = Vec::with_capacity(k);
+    while chans.len() < k {
+        let c = (rng.next_u64() % d as u64) as usize;
+        if !chans.contains(&c) {
+            chans.push(c);
+        }
+    }
+    chans.sort_unstable();
+    let mut resid = vec![1f32; d];
+    let mut gain = vec![1f32; d];
+    for &c in &chans {
+        resid[c] = (50.0 + 50.0 * unit_f64(&mut rng)) as f32;
+        gain[c] = (20.0 + 30.0 * unit_f64(&mut rng)) as f32;
+    }
+    (chans, resid, gain)
+}
+
+/// Writes a random checkpoint into `out` (created if missing; files of the same names are
+/// replaced).
+///
+/// Initialisation follows GPT-2: weights N(0, 0.02²), the two `c_proj` weights
+/// N(0, (0.02/√(2·n_layer))²), LayerNorm gains 1 + N(0, 0.05²), biases N(0, 0.01²).
+///
+/// With `outliers`, a few residual channels are made 50–100× larger, the way real GPT-2 has them:
+/// those columns of `wte` and `wpe` (the residual stream's input) and of both `c_proj` outputs
+/// (weights and bias, so every block keeps writing them), and the same channels of every LayerNorm
+/// gain are scaled 20–50× so the LayerNorm outputs carry the outliers into the next linear layers.
+pub fn write_checkpoint(out: &Path, opts: &SynthOptions) -> Result<SynthReport, SynthError> {
+    let config = opts.preset.config();
+    let d = config.n_embd;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+
+    let (outlier_channels, resid_scale, gain_scale) = if opts.outliers {
+        let (c, r, g) = choose_outliers(opts.seed, d);
+        (c, Some(Arc::new(r)), Some(Arc::new(g)))
+    } else {
+        (Vec::new(), None, None)
+    };
+
+    let specs = expected_shapes(&config);
+    let total: u64 = specs
+        .iter()
+        .map(|(_, s)| 4 * s.iter().product::<usize>() as u64)
+        .sum();
+    let progress = if opts.progress {
+        let pb = ProgressBar::new(total);
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+        {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(format!("writing {MODEL_FILE}"));
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let proj_std = 0.02 / (2.0 * config.n_layer as f32).sqrt();
+    let tensors: Vec<(String, LazyTensor)> = specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let is = |suffix: &str| name.ends_with(suffix);
+            let init = if is("ln_1.weight") || is("ln_2.weight") || is("ln_f.weight") {
+                Init::NearOne
+            } else if is(".bias") {
+                Init::Normal(0.01)
+            } else if is("c_proj.weight") {
+                Init::Normal(proj_std)
+            } else {
+                Init::Normal(0.02)
+            };
+            let col_scale = if name == "wte.weight"
+                || name == "wpe.weight"
+                || is("attn.c_proj.weight")
+                || is("attn.c_proj.bias")
+                || is("mlp.c_proj.weight")
+                || is("mlp.c_proj.bias")
+            {
+                resid_scale.clone()
+            } else if matches!(init, Init::NearOne) {
+                gain_scale.clone()
+            } else {
+                None
+            };
+            let tensor = LazyTensor {
+                shape,
+                init,
+                seed: opts.seed,
+                stream: i as u64,
+                col_scale,
+                progress: progress.clone(),
+            };
+            (format!("transformer.{name}"), tensor)
+        })
+        .collect();
+
+    // Tokenizer first: a missing source is a usage error best reported before minutes of writing.
+    if let Some(src) = &opts.tokenizer_from {
+        if !src.join(TOKENIZER_FILES[0]).is_file() {
+            return Err(SynthError::MissingTokenizer { path: src.clone() });
+        }
+        for name in TOKENIZER_FILES {
+            let from = src.join(name);
+            if from.is_file() {
+                let to = out.join(name);
+                std::fs::copy(&from, &to).map_err(io_err(&to))?;
+            }
+        }
+    }
+
+    let config_path = out.join(CONFIG_FILE);
+    write_text(&config_path, &config_json(&config))?;
+    let gen_path = out.join("generation_config.json");
+    write_text(
+        &gen_path,
+        "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 50256,\n  \"eos_token_id\": 50256,\n  \"transformers_version\": \"4.31.0\"\n}\n",
+    )?;
+
+    // Provenance goes in a sidecar, not in the safetensors metadata: that is a HashMap, whose key
+    // order (and so the file's bytes) would vary from run to run with more than one entry.
+    let provenance = serde_json::json!({
+        "preset": format!("{:?}", opts.preset).to_lowercase(),
+        "seed": opts.seed,
+        "outlier_channels": outlier_channels,
+    });
+    let prov_path = out.join(PROVENANCE_FILE);
+    write_text(&prov_path, &format!("{provenance:#}\n"))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    // Write under a temporary name and rename, so an interrupted run never leaves a file that
+    // looks complete.
+    let model_path = out.join(MODEL_FILE);
+    let tmp_path = out.join(format!("{MODEL_FILE}.partial"));
+    safetensors::serialize_to_file(tensors, &Some(metadata), &tmp_path).map_err(|source| {
+        SynthError::Safetensors {
+            path: tmp_path.clone(),
+            source,
+        }
+    })?;
+    std::fs::rename(&tmp_path, &model_path).map_err(io_err(&model_path))?;
+    progress.finish_and_clear();
+    let model_bytes = std::fs::metadata(&model_path)
+        .map_err(io_err(&model_path))?
+        .len();
+
+    Ok(SynthReport {
+        config,
+        outlier_channels,
+        model_bytes,
+    })
+}
+
+fn write_text(path: &Path, text: &str) -> Result<(), SynthError> {
+    std::fs::write(path, text).map_err(io_err(path))
+}
+
+/// `config.json` with the fields `transformers` 4.31 writes for `GPT2LMHeadModel` (keys sorted,
+/// two-space indent, as `save_pretrained` does).
+fn config_json(c: &GptConfig) -> String {
+    let v = serde_json::json!({
+        "activation_function": c.activation.hf_name(),
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1,
+        "bos_token_id": 50256,
+        "embd_pdrop": 0.1,
+        "eos_token_id": 50256,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "model_type": "gpt2",
+        "n_ctx": c.n_positions,
+        "n_embd": c.n_embd,
+        "n_head": c.n_head,
+        "n_inner": null,
+        "n_layer": c.n_layer,
+        "n_positions": c.n_positions,
+        "reorder_and_upcast_attn": false,
+        "resid_pdrop": 0.1,
+        "scale_attn_by_inverse_layer_idx": false,
+        "scale_attn_weights": true,
+        "summary_activation": null,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": true,
+        "summary_type": "cls_index",
+        "summary_use_proj": true,
+        "torch_dtype": "float32",
+        "transformers_version": "4.31.0",
+        "use_cache": true,
+        "vocab_size": c.vocab_size,
+    });
+    // serde_json's default map is a BTreeMap, so keys come out sorted like transformers' output.
+    let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+    s.push('\n');
+    s
+}
