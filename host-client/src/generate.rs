@@ -140,10 +140,7 @@ impl Buffers {
         }
     }
 
-    fn forward<'w, 'a>(
-        &'a mut self,
-        cw: ClientWeights<'w>,
-    ) -> Result<Lent<'w, 'a>, ForwardError> {
+    fn forward<'w, 'a>(&'a mut self, cw: ClientWeights<'w>) -> Result<Lent<'w, 'a>, ForwardError> {
         let cfg = *cw.config();
         let ws = Workspace::new(&cfg, self.sizes, &mut self.i32s, &mut self.i8s)?;
         let kv = KvCache::new(

@@ -1,0 +1,278 @@
+//! Private generation over real TCP against a real `veil-server` equals the local reference, bit
+//! for bit: golden model and a distilgpt2-size synthetic model, greedy and seeded sampling, online
+//! and pool mask sources; several clients at once; slots never reused across client restarts.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use veil_client::files::ModelFiles;
+use veil_client::generate::{generate_private, generate_reference, GenOptions};
+use veil_client::pool::PoolSource;
+use veil_client::transport::Connection;
+use veil_core::mask::MaskKey;
+use veil_core::model::SamplingParams;
+use veil_core::session::OnlineUnmask;
+
+fn shared() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    assert!(
+        p.join("golden/tiny/model.safetensors").is_file(),
+        "../shared/golden/tiny is missing beside the repository"
+    );
+    p
+}
+
+/// Quantizes a Hugging Face checkpoint directory into `out` (no calibration).
+fn quantize_dir(model: &Path, out: &Path) {
+    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
+    let q =
+        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
+    let prov = veil_tools::quantize::Provenance {
+        source: model.display().to_string(),
+        smooth_alpha: None,
+        calibration: None,
+    };
+    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
+}
+
+struct Server {
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn start_server(dir: &Path) -> Server {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let weights = Arc::new(veil_server::ServerWeights::open_dir(dir).unwrap());
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(veil_server::serve(
+        listener,
+        weights,
+        Default::default(),
+        std::future::pending::<()>(),
+    ));
+    Server { addr, _rt: rt }
+}
+
+fn connect(addr: SocketAddr, files: &ModelFiles) -> Connection<TcpStream> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap()).unwrap()
+}
+
+fn opts(sampling: SamplingParams, n: usize) -> GenOptions {
+    GenOptions {
+        max_new_tokens: n,
+        sampling,
+        seed: 42,
+        eos: None,
+        prefill_rows: 64,
+    }
+}
+
+fn reference(files: &ModelFiles, prompt: &[u32], o: &GenOptions) -> Vec<u32> {
+    let linear = files.linear().unwrap().unwrap();
+    generate_reference(files.client().unwrap(), &linear, prompt, o, &mut |_| {})
+        .unwrap()
+        .0
+}
+
+fn online(
+    files: &ModelFiles,
+    addr: SocketAddr,
+    prompt: &[u32],
+    o: &GenOptions,
+    key: u8,
+) -> Vec<u32> {
+    let mut conn = connect(addr, files);
+    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
+    let (t, stats) = generate_private(
+        files.client().unwrap(),
+        &mut conn,
+        &mut src,
+        MaskKey::from_bytes([key; 32]),
+        prompt,
+        o,
+        &mut |_| {},
+    )
+    .unwrap();
+    let n_layer = files.client().unwrap().config().n_layer as f64;
+    if o.max_new_tokens > 1 {
+        assert_eq!(
+            stats.round_trips_per_token,
+            4.0 * n_layer + 1.0,
+            "round trips per decoded token"
+        );
+    }
+    conn.bye();
+    t
+}
+
+fn pooled(
+    files: &ModelFiles,
+    addr: SocketAddr,
+    pool: &Path,
+    prompt: &[u32],
+    o: &GenOptions,
+) -> (Vec<u32>, Vec<(u64, u64)>) {
+    let cfg = *files.client().unwrap().config();
+    let mut src = PoolSource::open(pool, &cfg, &files.fingerprint().unwrap()).unwrap();
+    let mut conn = connect(addr, files);
+    let key = src.key();
+    let (t, _) = generate_private(
+        files.client().unwrap(),
+        &mut conn,
+        &mut src,
+        key,
+        prompt,
+        o,
+        &mut |_| {},
+    )
+    .unwrap();
+    conn.bye();
+    (t, src.reserved_log.clone())
+}
+
+fn check_model(dir: &Path, prompt: &[u32], n: usize) {
+    let files = ModelFiles::open(dir, true).unwrap();
+    let server = start_server(dir);
+    let sampled = SamplingParams {
+        temperature_q16: 58982,
+        top_k: 40,
+        top_p_q16: 62259,
+    };
+    let pool = dir.join("masks.pool");
+    let linear = files.linear().unwrap().unwrap();
+    // Two full generations per sampling mode, plus one slot of slack.
+    let need = 2 * (prompt.len() + n) as u64 + 1;
+    PoolSource::precompute(
+        &pool,
+        &linear,
+        &files.fingerprint().unwrap(),
+        need,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mut all_slots = vec![];
+    for sampling in [SamplingParams::GREEDY, sampled] {
+        let o = opts(sampling, n);
+        let want = reference(&files, prompt, &o);
+        assert_eq!(want.len(), n);
+        assert_eq!(
+            online(&files, server.addr, prompt, &o, 1),
+            want,
+            "online, {sampling:?}"
+        );
+        // A fresh PoolSource per run is a client restart on the same pool file.
+        let (got, slots) = pooled(&files, server.addr, &pool, prompt, &o);
+        assert_eq!(got, want, "pool, {sampling:?}");
+        all_slots.extend(slots.into_iter().flat_map(|(first, n)| first..first + n));
+    }
+    let mut sorted = all_slots.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        all_slots.len(),
+        "a pool slot was used twice across client restarts"
+    );
+}
+
+#[test]
+fn private_equals_reference_on_golden_tiny() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let prompt = tok
+        .encode("Global climate change is primarily caused by", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    check_model(&dir, &prompt, 16);
+}
+
+#[test]
+fn private_equals_reference_on_synthetic_distilgpt2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let opts = veil_tools::synth::SynthOptions {
+        preset: veil_tools::synth::Preset::Distilgpt2,
+        seed: 7,
+        outliers: false,
+        tokenizer_from: Some(shared().join("golden/tiny")),
+        progress: false,
+    };
+    veil_tools::synth::write_checkpoint(&hf, &opts).unwrap();
+    let dir = tmp.path().join("q");
+    quantize_dir(&hf, &dir);
+    check_model(&dir, &[464, 3290, 286, 262, 7993, 8065, 373, 9], 6);
+}
+
+#[test]
+fn four_clients_at_once_get_their_own_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let server = start_server(&dir);
+    let prompts: [&[u32]; 4] = [
+        &[464, 3290],
+        &[1544, 373, 4642, 287],
+        &[15496],
+        &[464, 983, 373],
+    ];
+    std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    let files = ModelFiles::open(&dir, true).unwrap();
+                    let o = opts(SamplingParams::GREEDY, 12);
+                    (
+                        online(&files, server.addr, p, &o, i as u8 + 10),
+                        reference(&files, p, &o),
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            let (got, want) = h.join().unwrap();
+            assert_eq!(got, want);
+        }
+    });
+}
+
+#[test]
+fn server_with_other_weights_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    quantize_dir(&shared().join("golden/tiny"), &a);
+    // Same shape, one weight changed: a different fingerprint.
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    let mut lin = std::fs::read(a.join("linear.veil")).unwrap();
+    let last = lin.len() - 1;
+    lin[last] ^= 1;
+    std::fs::write(b.join("linear.veil"), lin).unwrap();
+    let server = start_server(&b);
+    let files = ModelFiles::open(&a, true).unwrap();
+    let s = TcpStream::connect(server.addr).unwrap();
+    let err =
+        Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            veil_client::transport::TransportError::WeightsMismatch { .. }
+        ),
+        "{err}"
+    );
+}

@@ -1,0 +1,87 @@
+//! `veil-server`: serves Veil's int8 linear layers over masked rows.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use veil_server::{serve, ServerConfig, ServerWeights};
+
+/// Veil's blind calculator: computes int8 linear layers over one-time-padded rows.
+///
+/// Loads only DIR/linear.veil (never client.veil: the server holds no biases, embeddings or
+/// scales), prints its SHA-256 fingerprint (clients refuse a server whose fingerprint differs from
+/// their own), and answers Compute requests from any number of clients until Ctrl-C.
+#[derive(Debug, Parser)]
+#[command(name = "veil-server", version)]
+struct Args {
+    /// Directory holding linear.veil (as written by veil-tools).
+    #[arg(long, value_name = "DIR")]
+    weights: PathBuf,
+
+    /// Address and port to listen on (use 0.0.0.0:PORT to accept remote clients).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
+    listen: String,
+
+    /// Most rows accepted in one request (announced to clients; bounds per-connection memory).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    max_rows: u32,
+
+    /// Most clients served at once; further clients are told the server is busy.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+
+    /// Seconds to wait for a client's next frame before dropping the connection.
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let weights = ServerWeights::open_dir(&args.weights)?;
+    eprintln!("veil-server: model: {}", weights.describe());
+    eprintln!(
+        "veil-server: fingerprint (sha-256 of linear.veil): {}",
+        weights.fingerprint_hex()
+    );
+    let config = ServerConfig {
+        max_rows: args.max_rows,
+        max_connections: args.max_connections as usize,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+    };
+    let per_conn = config.max_rows as usize * (weights.max_in_dim() + weights.max_out_dim()) * 4;
+    eprintln!(
+        "veil-server: up to {} connections, {} rows per request (≤ {} KiB of row buffers each)",
+        config.max_connections,
+        config.max_rows,
+        per_conn.div_ceil(1024)
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr().context("listener address")?;
+        eprintln!("veil-server: listening on {addr} (Ctrl-C to stop)");
+        let shutdown = async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                eprintln!("veil-server: cannot watch for Ctrl-C ({e}); stop with a signal instead");
+                std::future::pending::<()>().await;
+            }
+        };
+        serve(listener, Arc::new(weights), config, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    // Requests in flight get a moment to finish their product; then the process exits.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    eprintln!("veil-server: stopped");
+    Ok(())
+}
