@@ -232,9 +232,9 @@ pub fn generate_reference(
 /// Generates privately: every linear layer goes to the server over `conn`, masked with `key`,
 /// unmasked with terms from `source`. Per decoded token: one round trip per linear layer.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_private<S: UnmaskSource, T: Read + Write>(
+pub fn generate_private<S: UnmaskSource, R: Read, W: Write>(
     client: ClientWeights<'_>,
-    conn: &mut Connection<T>,
+    conn: &mut Connection<R, W>,
     source: &mut S,
     key: MaskKey,
     prompt: &[u32],

@@ -78,9 +78,9 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// A session with a server.
-pub struct Connection<S: Read + Write> {
-    reader: FromStd<Counting<S>>,
-    writer: BufWriter<S>,
+pub struct Connection<R: Read, W: Write> {
+    reader: FromStd<Counting<R>>,
+    writer: BufWriter<W>,
     frame: Vec<u8>,
     scratch: Vec<u8>,
     max_rows: u32,
@@ -89,7 +89,7 @@ pub struct Connection<S: Read + Write> {
     pub stats: WireStats,
 }
 
-impl<S: Read + Write> std::fmt::Debug for Connection<S> {
+impl<R: Read, W: Write> std::fmt::Debug for Connection<R, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("max_rows", &self.max_rows)
@@ -103,10 +103,10 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-impl<S: Read + Write> Connection<S> {
-    /// Says hello with our weights fingerprint; `reader` and `writer` are two handles of one
-    /// stream (e.g. a `TcpStream` and its `try_clone`).
-    pub fn handshake(reader: S, writer: S, fingerprint: [u8; 32]) -> Result<Self, TransportError> {
+impl<R: Read, W: Write> Connection<R, W> {
+    /// Says hello with our weights fingerprint; `reader` and `writer` are the two directions of
+    /// one stream (e.g. a `TcpStream` and its `try_clone`, or the halves of an in-memory pipe).
+    pub fn handshake(reader: R, writer: W, fingerprint: [u8; 32]) -> Result<Self, TransportError> {
         let mut c = Connection {
             reader: FromStd::new(Counting {
                 inner: reader,

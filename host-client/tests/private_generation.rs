@@ -61,7 +61,7 @@ fn start_server(dir: &Path) -> Server {
     Server { addr, _rt: rt }
 }
 
-fn connect(addr: SocketAddr, files: &ModelFiles) -> Connection<TcpStream> {
+fn connect(addr: SocketAddr, files: &ModelFiles) -> Connection<TcpStream, TcpStream> {
     let s = TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
     Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap()).unwrap()
