@@ -162,6 +162,13 @@ type Lent<'w, 'a> = (Forward<'w, 'a>, [&'a mut [u32]; 4], &'a mut [u32]);
 /// Runs one step (a prefill chunk or one decoded token).
 type StepFn<'s, E> = dyn FnMut(&[u32]) -> Result<(), GenError<E>> + 's;
 
+/// KV positions a generation needs: the prompt and the new tokens, at most the model's context.
+/// Sizing the cache by need rather than by `n_positions` keeps a short generation's memory small
+/// (distilgpt2's full 1024-position cache is 19 MB).
+fn kv_capacity(cfg: &veil_core::model::ModelConfig, prompt: &[u32], opts: &GenOptions) -> usize {
+    (prompt.len() + opts.max_new_tokens).min(cfg.n_positions as usize)
+}
+
 /// Drives token selection and timing around a "run one step" closure.
 fn drive<E: std::fmt::Debug>(
     prompt: &[u32],
@@ -215,7 +222,7 @@ pub fn generate_reference(
     on_token: &mut dyn FnMut(u32),
 ) -> Result<(Vec<u32>, GenStats), GenError<std::convert::Infallible>> {
     let cfg = *client.config();
-    let capacity = cfg.n_positions as usize;
+    let capacity = kv_capacity(&cfg, prompt, opts);
     let mut bufs = Buffers::new(&cfg, opts.prefill_rows.min(prompt.len()).max(1), capacity);
     let (fwd, _, scratch) = bufs.forward(client).map_err(GenError::Forward)?;
     let fwd = std::cell::RefCell::new(fwd);
@@ -242,7 +249,7 @@ pub fn generate_private<S: UnmaskSource, R: Read, W: Write>(
     on_token: &mut dyn FnMut(u32),
 ) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
     let cfg = *client.config();
-    let capacity = cfg.n_positions as usize;
+    let capacity = kv_capacity(&cfg, prompt, opts);
     let rows = opts
         .prefill_rows
         .min(conn.max_rows())

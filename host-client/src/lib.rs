@@ -7,7 +7,9 @@
 //! - [`pool`]: the mask pool file (precomputed unmasking terms, slots marked used durably).
 //! - [`transport`]: one request/reply exchange per linear layer over a byte stream.
 //! - [`generate`]: the generation loop shared by the private and the local reference paths.
+//! - [`bench`]: `veil-client bench`, an end-to-end benchmark over separate processes.
 
+pub mod bench;
 pub mod files;
 pub mod generate;
 pub mod pool;

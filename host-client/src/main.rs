@@ -35,6 +35,9 @@ enum Command {
     /// Fill or extend a mask pool: precompute the unmasking terms r·W for future tokens, so the
     /// online phase only reads them (run it while the device is idle).
     Precompute(PrecomputeArgs),
+    /// End-to-end benchmark: starts a veil-server child, runs this client as separate processes
+    /// in the reference, online and pool modes, prints one JSON object (stats, peak RSS, ratios).
+    Bench(veil_client::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -301,6 +304,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Precompute(a)) => precompute(a),
+        Some(Command::Bench(a)) => veil_client::bench::run(a),
         None => run(cli.run),
     };
     match result {

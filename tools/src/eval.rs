@@ -29,6 +29,11 @@ pub struct EvalReport {
     pub top1_agreement: f64,
     /// `int_ppl / float_ppl - 1`.
     pub relative_ppl_change: f64,
+    /// Mean negative log-likelihood of the float reference (nats; finite where perplexity
+    /// overflows, as on synthetic models with extreme logits).
+    pub float_nll: f64,
+    /// Mean negative log-likelihood of the integer pipeline (nats).
+    pub int_nll: f64,
 }
 
 /// Negative log-likelihood of `target` under `logits` (computed in f64).
@@ -134,5 +139,7 @@ pub fn evaluate(
         int_ppl,
         top1_agreement: agree as f64 / preds,
         relative_ppl_change: int_ppl / float_ppl - 1.0,
+        float_nll: fs / preds,
+        int_nll: is / preds,
     })
 }

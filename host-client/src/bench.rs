@@ -1,0 +1,497 @@
+//! `veil-client bench`: an end-to-end benchmark over real, separate processes.
+//!
+//! Starts a `veil-server` child on a free loopback port, then runs this very binary as a child once
+//! per mode (`reference`, `online`, `pool`, the last after a timed `precompute` into a fresh pool
+//! file) on a prompt of exactly `--prompt-tokens` tokens with greedy decoding and a fixed seed. Each
+//! client child is reaped with `wait4`, so its peak RSS (`ru_maxrss`) is the client's alone, not the
+//! server's nor this driver's. Prints one JSON object: the model configuration, every mode's
+//! generation statistics plus its peak RSS, whether all modes generated the same tokens (they must:
+//! the private path reproduces the local integer pipeline bit for bit) and CPU ratios.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Map, Value};
+
+/// Arguments of `veil-client bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model directory written by `veil-tools quantize` (client.veil, linear.veil,
+    /// tokenizer.json, manifest.json).
+    #[arg(long, value_name = "DIR")]
+    pub weights: PathBuf,
+    /// The server binary (default: `veil-server` next to this executable).
+    #[arg(long, value_name = "PATH")]
+    pub server_bin: Option<PathBuf>,
+    /// Prompt length in tokens (exactly).
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate (fewer if the model emits end of text; the same in every mode).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Directory for the mask pool `bench.pool` (recreated fresh; default: a temporary directory,
+    /// removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub pool_dir: Option<PathBuf>,
+    /// Also write the JSON object to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Seconds to wait for the server to accept connections.
+    #[arg(long, default_value_t = 60)]
+    pub server_timeout_secs: u64,
+}
+
+/// An English paragraph the prompt is cut from (repeated as needed).
+const PARAGRAPH: &str = "Global climate change is primarily caused by the burning of fossil \
+fuels such as coal, oil and natural gas, which releases carbon dioxide and other greenhouse gases \
+into the atmosphere. These gases trap heat from the sun and slowly warm the surface of the planet. \
+Scientists have measured rising temperatures on land and in the oceans for more than a century, \
+and they expect the warming to continue unless emissions fall sharply in the coming decades. ";
+
+/// Runs the benchmark, prints the JSON object to stdout (and `--out`), and fails if any child
+/// fails or the modes disagree on the generated tokens.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    let new_tokens = args.new_tokens.max(1);
+    let client_bin = std::env::current_exe().context("locating the veil-client executable")?;
+    let server_bin = match &args.server_bin {
+        Some(p) => p.clone(),
+        None => client_bin
+            .parent()
+            .context("the veil-client executable has no parent directory")?
+            .join(format!("veil-server{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if !server_bin.is_file() {
+        bail!(
+            "server binary {} not found (build it with `cargo build --release -p veil-server` or \
+             pass --server-bin PATH)",
+            server_bin.display()
+        );
+    }
+    let dir = args.weights.as_path();
+    let manifest_path = dir.join("manifest.json");
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let model = manifest.get("config").cloned().unwrap_or(Value::Null);
+    if let Some(n_pos) = model.get("n_positions").and_then(Value::as_u64) {
+        if (args.prompt_tokens + new_tokens) as u64 > n_pos {
+            bail!(
+                "--prompt-tokens + --new-tokens = {} exceeds the model's context ({n_pos})",
+                args.prompt_tokens + new_tokens
+            );
+        }
+    }
+
+    let prompt = build_prompt(&dir.join("tokenizer.json"), args.prompt_tokens)?;
+
+    // The pool directory: the user's (kept) or a temporary one (removed by its guard).
+    let (pool_dir, _tmp_guard) = match &args.pool_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let d = std::env::temp_dir().join(format!("veil-bench-{}", std::process::id()));
+            (d.clone(), Some(RemoveDir(d)))
+        }
+    };
+    std::fs::create_dir_all(&pool_dir)
+        .with_context(|| format!("creating {}", pool_dir.display()))?;
+    let pool_path = pool_dir.join("bench.pool");
+    match std::fs::remove_file(&pool_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", pool_path.display())),
+    }
+
+    let server = ServerGuard::start(
+        &server_bin,
+        dir,
+        Duration::from_secs(args.server_timeout_secs),
+    )?;
+    let addr = server.addr.to_string();
+
+    let base = |extra: &[&str]| -> Command {
+        let mut c = Command::new(&client_bin);
+        c.arg("--weights")
+            .arg(dir)
+            .arg("--prompt")
+            .arg(&prompt)
+            .args(["--json", "--seed", "0", "--temperature", "0"])
+            .arg("--max-new-tokens")
+            .arg(new_tokens.to_string())
+            .args(extra);
+        c
+    };
+
+    let mut modes = Map::new();
+    let mut tokens: Vec<(&str, Vec<u64>)> = Vec::new();
+    let (v, t, text) = run_mode("reference", base(&["--reference"]), &server)?;
+    modes.insert("reference".into(), v);
+    tokens.push(("reference", t));
+
+    let (v, t, _) = run_mode(
+        "online",
+        base(&["--server", &addr, "--mask-source", "online"]),
+        &server,
+    )?;
+    modes.insert("online".into(), v);
+    tokens.push(("online", t));
+
+    let slots = (args.prompt_tokens + new_tokens + 8) as u64;
+    let mut pre = Command::new(&client_bin);
+    pre.arg("precompute")
+        .arg("--weights")
+        .arg(dir)
+        .arg("--pool")
+        .arg(&pool_path)
+        .arg("--tokens")
+        .arg(slots.to_string());
+    let pre = run_child(pre).context("veil-client precompute")?;
+    let pool_str = pool_path.to_string_lossy().into_owned();
+    let (mut v, t, _) = run_mode(
+        "pool",
+        base(&[
+            "--server",
+            &addr,
+            "--mask-source",
+            "pool",
+            "--pool",
+            &pool_str,
+        ]),
+        &server,
+    )?;
+    if let Value::Object(m) = &mut v {
+        m.insert("precompute_slots".into(), json!(slots));
+        m.insert(
+            "precompute_ms_per_token".into(),
+            json!(pre.wall_ms / slots as f64),
+        );
+        m.insert(
+            "precompute_cpu_ms_per_token".into(),
+            json!(pre.cpu_ms / slots as f64),
+        );
+        m.insert("precompute_peak_rss_kib".into(), json!(pre.peak_rss_kib));
+    }
+    modes.insert("pool".into(), v);
+    tokens.push(("pool", t));
+    drop(server);
+
+    let identical = tokens.iter().all(|(_, t)| *t == tokens[0].1);
+    let f = |mode: &str, key: &str| modes[mode][key].as_f64().unwrap_or(f64::NAN);
+    let ref_cpu = f("reference", "client_cpu_ms_per_token");
+    let ratio = |x: f64| {
+        let r = x / ref_cpu;
+        if r.is_finite() {
+            json!(r)
+        } else {
+            Value::Null
+        }
+    };
+    let out = json!({
+        "model": model,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": new_tokens,
+        "prompt": prompt,
+        "modes": modes,
+        "tokens_identical": identical,
+        "generated_text": text,
+        "ratios": {
+            "pool_cpu_vs_reference": ratio(f("pool", "client_cpu_ms_per_token")),
+            "online_cpu_vs_reference": ratio(f("online", "client_cpu_ms_per_token")),
+            "precompute_vs_reference_cpu": ratio(f("pool", "precompute_ms_per_token")),
+        },
+    });
+    let rendered = serde_json::to_string_pretty(&out).context("rendering the JSON")?;
+    println!("{rendered}");
+    if let Some(path) = &args.out {
+        std::fs::write(path, format!("{rendered}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !identical {
+        let (_, r) = &tokens[0];
+        let mut msg = String::from("the modes generated different tokens (a correctness bug):");
+        for (name, t) in &tokens[1..] {
+            if let Some(i) = (0..r.len().max(t.len())).find(|&i| r.get(i) != t.get(i)) {
+                msg += &format!(
+                    " {name} differs from reference at generated token {i} ({:?} vs {:?});",
+                    t.get(i),
+                    r.get(i)
+                );
+            }
+        }
+        bail!(msg);
+    }
+    Ok(())
+}
+
+/// Finds a prompt text that the tokenizer encodes to exactly `n` tokens: the paragraph (repeated)
+/// cut after `n` tokens, decoded; if that text re-encodes differently (a cut inside a word can
+/// merge differently), nearby cuts are tried until one re-encodes to exactly `n` tokens, stably.
+fn build_prompt(tokenizer: &Path, n: usize) -> anyhow::Result<String> {
+    let tok = tokenizers::Tokenizer::from_file(tokenizer)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", tokenizer.display()))?;
+    let encode = |s: &str| -> anyhow::Result<Vec<u32>> {
+        Ok(tok
+            .encode(s, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+            .get_ids()
+            .to_vec())
+    };
+    let decode = |ids: &[u32]| -> anyhow::Result<String> {
+        tok.decode(ids, false)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    };
+    let slack = 16;
+    let mut para = String::from(PARAGRAPH);
+    let mut ids = encode(&para)?;
+    if ids.is_empty() {
+        bail!("the tokenizer encodes the benchmark paragraph to no tokens");
+    }
+    while ids.len() < n + slack {
+        para.push_str(PARAGRAPH);
+        ids = encode(&para)?;
+    }
+    // Cuts n, n-1, n+1, n-2, n+2, ...
+    let cuts = std::iter::once(n).chain(
+        (1..=slack)
+            .flat_map(|d| [n.checked_sub(d), Some(n + d)])
+            .flatten(),
+    );
+    for k in cuts.filter(|&k| k > 0 && k <= ids.len()) {
+        let text = decode(&ids[..k])?;
+        let re = encode(&text)?;
+        if re.len() == n && encode(&decode(&re)?)? == re {
+            return Ok(text);
+        }
+    }
+    bail!("could not build a prompt that encodes to exactly {n} tokens with this tokenizer")
+}
+
+/// One client run: its stats plus its peak RSS, its generated tokens and text.
+fn run_mode(
+    name: &str,
+    cmd: Command,
+    server: &ServerGuard,
+) -> anyhow::Result<(Value, Vec<u64>, Option<String>)> {
+    let run = run_child(cmd).with_context(|| {
+        format!(
+            "veil-client in mode {name} failed (server log:\n{})",
+            server.log()
+        )
+    })?;
+    let v: Value = serde_json::from_str(run.stdout.trim()).with_context(|| {
+        format!(
+            "mode {name}: the client's output is not one JSON object:\n{}\nstderr:\n{}",
+            run.stdout, run.stderr
+        )
+    })?;
+    let tokens: Vec<u64> = v["tokens"]
+        .as_array()
+        .with_context(|| format!("mode {name}: no `tokens` array in the client's output"))?
+        .iter()
+        .map(|t| t.as_u64().context("a token id is not an integer"))
+        .collect::<anyhow::Result<_>>()?;
+    let mut stats = match v.get("stats") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => bail!("mode {name}: no `stats` object in the client's output"),
+    };
+    stats.insert("peak_rss_kib".into(), json!(run.peak_rss_kib));
+    stats.insert("process_wall_ms".into(), json!(run.wall_ms));
+    stats.insert("process_cpu_ms".into(), json!(run.cpu_ms));
+    let text = v["text"].as_str().map(str::to_owned);
+    Ok((Value::Object(stats), tokens, text))
+}
+
+/// What a finished child left behind.
+#[derive(Debug)]
+struct ChildRun {
+    stdout: String,
+    stderr: String,
+    /// Peak resident set size of the child alone, KiB (Linux `ru_maxrss`).
+    peak_rss_kib: i64,
+    /// User + system CPU of the child, ms.
+    cpu_ms: f64,
+    wall_ms: f64,
+}
+
+/// Runs `cmd` to completion, reading its output, and reaps it with `wait4` to get its own resource
+/// usage. Fails (with its stderr) unless it exits with status 0.
+fn run_child(mut cmd: Command) -> anyhow::Result<ChildRun> {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    let reaped = loop {
+        // SAFETY: `pid` is our own child, not yet reaped (std's `Child` is never waited on: we
+        // drop it without calling `wait`), `status` and `ru` are valid, writable and properly
+        // aligned for the duration of the call; wait4 writes a full `rusage` on success.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, ru.as_mut_ptr()) };
+        if r == pid {
+            break Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            break Err(e);
+        }
+    };
+    if let Err(e) = reaped {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e).context("waiting for the child (wait4)");
+    }
+    drop(child);
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // SAFETY: zero-initialised (a valid `rusage`) and filled by the successful wait4 above.
+    let ru = unsafe { ru.assume_init() };
+    let stdout = String::from_utf8_lossy(&join(out)).into_owned();
+    let stderr = String::from_utf8_lossy(&join(err)).into_owned();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let how = if libc::WIFEXITED(status) {
+            format!("exit status {}", libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            format!("signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("wait status {status:#x}")
+        };
+        bail!(
+            "{:?} failed ({how}); its stderr:\n{}",
+            cmd.get_program(),
+            stderr.trim_end()
+        );
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    Ok(ChildRun {
+        stdout,
+        stderr,
+        peak_rss_kib: ru.ru_maxrss,
+        cpu_ms: tv(ru.ru_utime) + tv(ru.ru_stime),
+        wall_ms,
+    })
+}
+
+type Drain = Option<std::thread::JoinHandle<Vec<u8>>>;
+
+/// Reads a pipe to its end on a thread (so a chatty child never blocks on a full pipe).
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> Drain {
+    pipe.map(|mut p| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = p.read_to_end(&mut buf);
+            buf
+        })
+    })
+}
+
+fn join(d: Drain) -> Vec<u8> {
+    d.and_then(|h| h.join().ok()).unwrap_or_default()
+}
+
+/// The `veil-server` child: killed and reaped when dropped, on every path.
+#[derive(Debug)]
+struct ServerGuard {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ServerGuard {
+    /// Starts the server on a free loopback port and waits until it accepts connections.
+    fn start(bin: &Path, weights: &Path, timeout: Duration) -> anyhow::Result<Self> {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+            l.local_addr().context("reading the free port")?
+        };
+        let mut child = Command::new(bin)
+            .arg("--weights")
+            .arg(weights)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.extend_from_slice(&buf[..n]);
+                    }
+                }
+            });
+        }
+        let guard = ServerGuard { child, addr, log };
+        guard.wait_ready(timeout)
+    }
+
+    fn wait_ready(mut self, timeout: Duration) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().context("polling the server")? {
+                std::thread::sleep(Duration::from_millis(100)); // let the log thread catch up
+                bail!(
+                    "veil-server exited before accepting connections ({status}); its stderr:\n{}",
+                    self.log()
+                );
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(self);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "veil-server did not accept connections on {} within {:?}; its stderr:\n{}",
+                    self.addr,
+                    timeout,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).trim_end().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes a temporary directory when dropped.
+#[derive(Debug)]
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

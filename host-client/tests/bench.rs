@@ -1,0 +1,107 @@
+//! `veil-client bench` end to end, over real processes: a quantized golden-tiny model, a
+//! `veil-server` child, the client as a child in every mode; all modes generate the same tokens,
+//! the private modes make 4 round trips per block + 1 per decoded token, and peak RSS is measured.
+//!
+//! The server binary is not visible to this crate's tests through `CARGO_BIN_EXE_*` (it belongs to
+//! another package), so it is taken from the same target directory as the client binary:
+//! `cargo test --workspace` builds it (veil-server has integration tests of its own, so its binary
+//! is built); with `cargo test -p veil-client`, build it first with `cargo build -p veil-server`
+//! (same profile).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn quantize_dir(model: &Path, out: &Path) {
+    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
+    let q =
+        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
+    let prov = veil_tools::quantize::Provenance {
+        source: model.display().to_string(),
+        smooth_alpha: None,
+        calibration: None,
+    };
+    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
+}
+
+#[test]
+fn bench_golden_tiny_all_modes_agree() {
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/tiny");
+    assert!(
+        tiny.join("model.safetensors").is_file(),
+        "../shared/golden/tiny is missing beside the repository"
+    );
+    let client = PathBuf::from(env!("CARGO_BIN_EXE_veil-client"));
+    let server = client
+        .parent()
+        .unwrap()
+        .join(format!("veil-server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        server.is_file(),
+        "{} is missing: run `cargo test --workspace` (which builds it) or `cargo build -p \
+         veil-server` in the same profile first",
+        server.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    quantize_dir(&tiny, &model);
+    let out_file = tmp.path().join("bench.json");
+    let out = Command::new(&client)
+        .arg("bench")
+        .arg("--weights")
+        .arg(&model)
+        .arg("--server-bin")
+        .arg(&server)
+        .args(["--prompt-tokens", "8", "--new-tokens", "8"])
+        .arg("--pool-dir")
+        .arg(tmp.path().join("pool"))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench failed: {}\nstdout:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert_eq!(v, written, "--out holds the printed object");
+
+    assert_eq!(v["tokens_identical"], true, "{v:#}");
+    assert_eq!(v["prompt_tokens"], 8);
+    assert_eq!(v["model"]["n_layer"], 2);
+    for mode in ["reference", "online", "pool"] {
+        let m = &v["modes"][mode];
+        assert_eq!(m["prompt_tokens"], 8, "{mode}: {m:#}");
+        assert!(m["peak_rss_kib"].as_i64().unwrap() > 0, "{mode}: {m:#}");
+        assert!(
+            m["generated_tokens"].as_u64().unwrap() >= 2,
+            "{mode}: {m:#}"
+        );
+    }
+    // Two blocks: 4 linear layers each, plus the LM head.
+    for mode in ["online", "pool"] {
+        let m = &v["modes"][mode];
+        assert_eq!(
+            m["round_trips_per_token"].as_f64(),
+            Some(9.0),
+            "{mode}: {m:#}"
+        );
+    }
+    assert_eq!(v["modes"]["reference"]["round_trips"], 0);
+    assert!(
+        v["modes"]["pool"]["precompute_ms_per_token"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    for r in [
+        "pool_cpu_vs_reference",
+        "online_cpu_vs_reference",
+        "precompute_vs_reference_cpu",
+    ] {
+        assert!(v["ratios"].get(r).is_some(), "ratio {r} missing: {v:#}");
+    }
+}
