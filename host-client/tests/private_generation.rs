@@ -276,3 +276,50 @@ fn server_with_other_weights_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn traffic_per_token_is_constant_in_sequence_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let server = start_server(&dir);
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let cfg = *files.client().unwrap().config();
+    let per_token = |n: usize| {
+        let mut conn = connect(server.addr, &files);
+        let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
+        let o = opts(SamplingParams::GREEDY, n);
+        let (_, s) = generate_private(
+            files.client().unwrap(),
+            &mut conn,
+            &mut src,
+            MaskKey::from_bytes([9; 32]),
+            &[464, 3290],
+            &o,
+            &mut |_| {},
+        )
+        .unwrap();
+        (
+            s.bytes_up_per_token,
+            s.bytes_down_per_token,
+            s.round_trips_per_token,
+        )
+    };
+    let short = per_token(4);
+    let long = per_token(120);
+    assert_eq!(short, long, "per-token traffic grew with the sequence");
+    // And it is what the shapes imply: 4 bytes per masked input word and per product word, plus
+    // framing (a Compute or Result header and Data chunk headers, a few bytes each).
+    let up_words: usize = cfg.linears().map(|id| id.dims(&cfg).0).sum();
+    let down_words: usize = cfg.linears().map(|id| id.dims(&cfg).1).sum();
+    assert!(
+        short.0 >= 4.0 * up_words as f64 && short.0 < 4.0 * up_words as f64 * 1.01 + 200.0,
+        "up {}",
+        short.0
+    );
+    assert!(
+        short.1 >= 4.0 * down_words as f64 && short.1 < 4.0 * down_words as f64 * 1.01 + 200.0,
+        "down {}",
+        short.1
+    );
+}

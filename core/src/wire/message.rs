@@ -118,7 +118,9 @@ pub enum Message<'a> {
     },
     /// Client → server: compute `rows` masked rows through `linear`; the rows follow as `Data`.
     Compute {
-        /// Client-chosen id echoed in the result.
+        /// Client-chosen id echoed in the result (fixed width, so that every token's traffic is
+        /// the same size however long the session runs).
+        #[serde(with = "postcard::fixint::le")]
         request: u32,
         /// The layer.
         linear: LinearId,
@@ -127,7 +129,8 @@ pub enum Message<'a> {
     },
     /// Server → client: the products of `request` follow as `Data`.
     Result {
-        /// The request's id.
+        /// The request's id (fixed width, as in `Compute`).
+        #[serde(with = "postcard::fixint::le")]
         request: u32,
         /// Row count.
         rows: u32,
