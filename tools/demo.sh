@@ -15,10 +15,17 @@ echo "== building (release)"
 cargo build --release -q -p veil-tools -p veil-server -p veil-client
 BIN=target/release
 
+# SmoothQuant calibration text, when the shared WikiText-2 copy is beside the clone: it moves GPT-2's
+# activation outliers into the weights so per-row int8 keeps the small channels.
+CALIBRATE=()
+if [[ -f ../shared/data/wikitext-2/valid.txt ]]; then
+    CALIBRATE=(--calibrate ../shared/data/wikitext-2/valid.txt)
+fi
+
 WEIGHTS=weights/distilgpt2
 if [[ ! -f $WEIGHTS/client.veil ]]; then
     echo "== quantizing distilgpt2 (downloads it from the Hugging Face hub once)"
-    if ! $BIN/veil-tools quantize --model distilgpt2 --out "$WEIGHTS"; then
+    if ! $BIN/veil-tools quantize --model distilgpt2 --out "$WEIGHTS" "${CALIBRATE[@]}"; then
         FALLBACK=../shared/golden/tiny
         WEIGHTS=weights/golden-tiny
         echo

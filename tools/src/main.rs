@@ -224,8 +224,8 @@ struct SynthArgs {
     /// Seed of the ChaCha8 generator.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Make 3-6 residual channels 50-100x larger than the rest (and scale the LayerNorm gains of
-    /// those channels 20-50x), like the activation outliers of real GPT-2.
+    /// Make 3-6 residual channels 50-100x larger than the rest (through wpe and both c_proj
+    /// outputs), like the activation outliers of real GPT-2.
     #[arg(long)]
     outliers: bool,
     /// Copy tokenizer.json (required) and vocab.json, merges.txt, tokenizer_config.json,

@@ -215,9 +215,8 @@ fn unit_f64(rng: &mut ChaCha8Rng) -> f64 {
 /// Stream reserved for choosing outlier channels (tensor streams are their indices).
 const OUTLIER_STREAM: u64 = u64::MAX;
 
-/// Picks 3–6 distinct residual channels and their scales from the seed: residual scales in
-/// [50, 100), LayerNorm-gain scales in [20, 50).
-fn choose_outliers(seed: u64, d: usize) -> (Vec<usize>, Vec<f32>, Vec<f32>) {
+/// Picks 3–6 distinct residual channels and their scales in [50, 100) from the seed.
+fn choose_outliers(seed: u64, d: usize) -> (Vec<usize>, Vec<f32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(OUTLIER_STREAM);
     let k = (3 + rng.next_u64() % 4) as usize;
@@ -231,12 +230,10 @@ fn choose_outliers(seed: u64, d: usize) -> (Vec<usize>, Vec<f32>, Vec<f32>) {
     }
     chans.sort_unstable();
     let mut resid = vec![1f32; d];
-    let mut gain = vec![1f32; d];
     for &c in &chans {
         resid[c] = (50.0 + 50.0 * unit_f64(&mut rng)) as f32;
-        gain[c] = (20.0 + 30.0 * unit_f64(&mut rng)) as f32;
     }
-    (chans, resid, gain)
+    (chans, resid)
 }
 
 /// Writes a random checkpoint into `out` (created if missing; files of the same names are
@@ -246,19 +243,20 @@ fn choose_outliers(seed: u64, d: usize) -> (Vec<usize>, Vec<f32>, Vec<f32>) {
 /// N(0, (0.02/√(2·n_layer))²), LayerNorm gains 1 + N(0, 0.05²), biases N(0, 0.01²).
 ///
 /// With `outliers`, a few residual channels are made 50–100× larger, the way real GPT-2 has them:
-/// those columns of `wte` and `wpe` (the residual stream's input) and of both `c_proj` outputs
-/// (weights and bias, so every block keeps writing them), and the same channels of every LayerNorm
-/// gain are scaled 20–50× so the LayerNorm outputs carry the outliers into the next linear layers.
+/// those columns of `wpe` (the residual stream's input) and of both `c_proj` outputs (weights and
+/// bias, so every block keeps writing them). LayerNorm then hands them on: its outputs have a few
+/// channels ~100× the rest, which is what breaks per-row int8. `wte` is left alone because it is
+/// also the LM head: scaling it would plant outliers in weights, not activations.
 pub fn write_checkpoint(out: &Path, opts: &SynthOptions) -> Result<SynthReport, SynthError> {
     let config = opts.preset.config();
     let d = config.n_embd;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
 
-    let (outlier_channels, resid_scale, gain_scale) = if opts.outliers {
-        let (c, r, g) = choose_outliers(opts.seed, d);
-        (c, Some(Arc::new(r)), Some(Arc::new(g)))
+    let (outlier_channels, resid_scale) = if opts.outliers {
+        let (c, r) = choose_outliers(opts.seed, d);
+        (c, Some(Arc::new(r)))
     } else {
-        (Vec::new(), None, None)
+        (Vec::new(), None)
     };
 
     let specs = expected_shapes(&config);
@@ -294,16 +292,13 @@ pub fn write_checkpoint(out: &Path, opts: &SynthOptions) -> Result<SynthReport, 
             } else {
                 Init::Normal(0.02)
             };
-            let col_scale = if name == "wte.weight"
-                || name == "wpe.weight"
+            let col_scale = if name == "wpe.weight"
                 || is("attn.c_proj.weight")
                 || is("attn.c_proj.bias")
                 || is("mlp.c_proj.weight")
                 || is("mlp.c_proj.bias")
             {
                 resid_scale.clone()
-            } else if matches!(init, Init::NearOne) {
-                gain_scale.clone()
             } else {
                 None
             };

@@ -42,7 +42,8 @@ fn int_pipeline_matches_float_on_golden() {
     let ids = tok.encode(&text).unwrap();
     let ids = &ids[..16384];
 
-    for smooth in [false, true] {
+    // The default quantization gets the full protocol; SmoothQuant the prompts and a shorter text.
+    for (smooth, n_tokens) in [(false, 16384), (true, 4096)] {
         let stats = smooth.then(|| calibrate(&float, &ckpt, &tok));
         let q = quantize(
             &ckpt,
@@ -79,13 +80,15 @@ fn int_pipeline_matches_float_on_golden() {
             );
             assert_eq!(i_top, f_top, "top-1 differs on {:?}", case["prompt"]);
         }
-        let r = evaluate(&float, &client, &linear, ids, &|_, _| {}).unwrap();
+        let r = evaluate(&float, &client, &linear, &ids[..n_tokens], &|_, _| {}).unwrap();
         println!("smooth={smooth}: {r:?}");
-        assert!(
-            (r.float_ppl - 292.13).abs() < 0.5,
-            "float perplexity {} is not the golden protocol's 292.13",
-            r.float_ppl
-        );
+        if n_tokens == 16384 {
+            assert!(
+                (r.float_ppl - 292.13).abs() < 0.5,
+                "float perplexity {} is not the golden protocol's 292.13",
+                r.float_ppl
+            );
+        }
         assert!(
             r.relative_ppl_change.abs() < 0.01,
             "integer perplexity {} vs float {}",
@@ -93,4 +96,47 @@ fn int_pipeline_matches_float_on_golden() {
             r.float_ppl
         );
     }
+}
+
+/// Residual outliers (a few channels 50-100x the rest, as in real GPT-2) break plain per-row int8:
+/// LayerNorm outputs carry them and the small channels round to zero. SmoothQuant calibrated on
+/// WikiText-2 valid must win most of the lost agreement back.
+#[test]
+fn smoothquant_repairs_outlier_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = veil_tools::synth::SynthOptions {
+        preset: veil_tools::synth::Preset::Tiny,
+        seed: 3,
+        outliers: true,
+        tokenizer_from: Some(common::golden_dir()),
+        progress: false,
+    };
+    veil_tools::synth::write_checkpoint(dir.path(), &opts).unwrap();
+    let ckpt = Checkpoint::load(dir.path()).unwrap();
+    let float = FloatModel::from_checkpoint(&ckpt);
+    let tok = Tokenizer::from_dir(&common::golden_dir()).unwrap();
+    let ids = tok.encode(&wikitext("test.txt")).unwrap();
+    let ids = &ids[..2048];
+    let agreement = |stats: Option<&ActStats>| {
+        let q = quantize(&ckpt, stats, &QuantizeOptions::default(), &mut |_, _| {}).unwrap();
+        let client = ClientWeights::parse(&q.client).unwrap();
+        let linear = LinearWeights::parse(&q.linear).unwrap();
+        evaluate(&float, &client, &linear, ids, &|_, _| {}).unwrap()
+    };
+    let plain = agreement(None);
+    let smooth = agreement(Some(&calibrate(&float, &ckpt, &tok)));
+    println!("outliers, plain int8: {plain:?}\noutliers, SmoothQuant: {smooth:?}");
+    // Measured: plain 0.915, SmoothQuant 0.959 (random models have near-tied logits, so agreement
+    // is lower than on a trained model even without outliers).
+    assert!(
+        smooth.top1_agreement > plain.top1_agreement + 0.03,
+        "SmoothQuant did not help: {} vs {}",
+        smooth.top1_agreement,
+        plain.top1_agreement
+    );
+    assert!(
+        smooth.top1_agreement > 0.95,
+        "agreement with SmoothQuant only {}",
+        smooth.top1_agreement
+    );
 }
