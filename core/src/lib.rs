@@ -25,6 +25,7 @@
 extern crate std;
 
 pub mod fixed;
+pub mod integrity;
 pub mod kernels;
 pub mod mask;
 pub mod model;

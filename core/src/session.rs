@@ -139,6 +139,9 @@ pub enum SessionError<E> {
     Source(E),
     /// A caller buffer is too small.
     BufferTooSmall,
+    /// The server's product for this layer failed its Freivalds check: the server (or the
+    /// network) altered it. The step is aborted; nothing computed from the reply is kept.
+    IntegrityFailure(LinearId),
 }
 
 impl<E> From<ForwardError> for SessionError<E> {
@@ -153,6 +156,9 @@ impl<E: core::fmt::Debug> core::fmt::Display for SessionError<E> {
             SessionError::Forward(e) => write!(f, "{e}"),
             SessionError::Source(e) => write!(f, "mask source: {e:?}"),
             SessionError::BufferTooSmall => f.write_str("a caller buffer is too small"),
+            SessionError::IntegrityFailure(id) => {
+                write!(f, "the server's reply for layer {} {:?} failed its integrity check (altered result)", id.layer, id.kind)
+            }
         }
     }
 }
@@ -193,9 +199,20 @@ pub struct Outgoing<'b> {
     pub masked: &'b [u32],
 }
 
+/// Freivalds check data of every layer: secret check vectors and weight projections mod p, laid
+/// out as [`crate::integrity::offsets`] says.
+#[derive(Clone, Copy, Debug)]
+pub struct Verifier<'a> {
+    /// `check_words(cfg)` elements of F_p.
+    pub s: &'a [u64],
+    /// `projection_words(cfg)` elements of F_p.
+    pub w: &'a [u64],
+}
+
 /// A forward pass whose linear layers are computed by someone who sees only masked rows.
 #[derive(Debug)]
 pub struct PrivateForward<'w, 'a> {
+    verifier: Option<Verifier<'a>>,
     fwd: Forward<'w, 'a>,
     key: MaskKey,
     masked: &'a mut [u32],
@@ -226,6 +243,7 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
             return Err(SessionError::BufferTooSmall);
         }
         Ok(PrivateForward {
+            verifier: None,
             fwd,
             key,
             masked,
@@ -235,6 +253,18 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
             first_slot: 0,
             prepared: false,
         })
+    }
+
+    /// Checks every reply with Freivalds' test before using it (see [`crate::integrity`]).
+    pub fn set_verifier<E>(&mut self, v: Verifier<'a>) -> Result<(), SessionError<E>> {
+        let cfg = self.fwd.config();
+        if v.s.len() < crate::integrity::check_words(cfg)
+            || v.w.len() < crate::integrity::projection_words(cfg)
+        {
+            return Err(SessionError::BufferTooSmall);
+        }
+        self.verifier = Some(v);
+        Ok(())
     }
 
     /// The wrapped forward pass (position, logits, config).
@@ -342,6 +372,25 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
             .map_err(SessionError::Source)?;
         unmask_row(&self.y[..n], &self.u[..n], self.fwd.reply_mut()?);
         self.prepared = false;
+        if let Some(v) = self.verifier {
+            let cfg = *self.fwd.config();
+            let (so, wo) = crate::integrity::offsets(&cfg, linear);
+            let ok = match (self.fwd.request(), self.fwd.reply()) {
+                (Some(req), Some(acc)) => crate::integrity::verify_rows(
+                    req.input,
+                    acc,
+                    in_dim,
+                    out_dim,
+                    &v.s[so..so + out_dim],
+                    &v.w[wo..wo + in_dim],
+                ),
+                _ => false,
+            };
+            if !ok {
+                self.fwd.abort_step();
+                return Err(SessionError::IntegrityFailure(linear));
+            }
+        }
         Ok(self.fwd.complete()?)
     }
 }
@@ -454,16 +503,36 @@ mod tests {
         n: usize,
         seen: &mut Vec<u32>,
     ) -> Vec<u32> {
+        generate_tampered(m, source, key, prompt, n, seen, None).unwrap()
+    }
+
+    /// As `generate_private`, with Freivalds checks on, and optionally a "server" that flips
+    /// `bit` of reply word `word` in its `nth` reply.
+    fn generate_tampered<S: UnmaskSource>(
+        m: &RandomModel,
+        source: &mut S,
+        key: u8,
+        prompt: &[u32],
+        n: usize,
+        seen: &mut Vec<u32>,
+        tamper: Option<(usize, usize, u32)>,
+    ) -> Result<Vec<u32>, SessionError<S::Error>> {
         let lin = LinearWeights::parse(&m.linear).unwrap();
         let mut b = bufs(&m.cfg, prompt.len());
         let (fwd, [masked, r, y, u]) = forward(m, &mut b, prompt.len());
-        let mut pf =
-            PrivateForward::new::<S::Error>(fwd, MaskKey::from_bytes([key; 32]), masked, r, y, u)
-                .unwrap();
+        let key = MaskKey::from_bytes([key; 32]);
+        let mut s = vec![0u64; crate::integrity::check_words(&m.cfg)];
+        let mut w = vec![0u64; crate::integrity::projection_words(&m.cfg)];
+        crate::integrity::fill_check_vectors(&key, &m.cfg, &mut s);
+        crate::integrity::fill_projections(&lin, &s, &mut w, &mut vec![0i128; 64]);
+        let mut pf = PrivateForward::new::<S::Error>(fwd, key, masked, r, y, u).unwrap();
+        pf.set_verifier::<S::Error>(Verifier { s: &s, w: &w })
+            .unwrap();
         let mut out = vec![];
         let mut next: Vec<u32> = prompt.to_vec();
+        let mut replies = 0;
         for _ in 0..n {
-            pf.begin(&next, source).unwrap();
+            pf.begin(&next, source)?;
             loop {
                 let o = pf.outgoing().unwrap();
                 let (linear, rows, i, od) = (o.linear, o.rows, o.in_dim, o.out_dim);
@@ -471,8 +540,15 @@ mod tests {
                 seen.extend_from_slice(&sent);
                 let mut prod = vec![0u32; rows * od];
                 matmul_u32_i8(&sent, lin.matrix(linear), i, od, &mut prod);
+                if let Some((nth, word, bit)) = tamper {
+                    if nth == replies {
+                        let k = word % prod.len();
+                        prod[k] ^= 1 << bit;
+                    }
+                }
+                replies += 1;
                 pf.reply_mut().unwrap().copy_from_slice(&prod);
-                if pf.complete(source).unwrap() == StepState::Done {
+                if pf.complete(source)? == StepState::Done {
                     break;
                 }
             }
@@ -480,7 +556,25 @@ mod tests {
             out.push(t);
             next = vec![t];
         }
-        out
+        Ok(out)
+    }
+
+    /// Any single flipped bit in any reply is detected and stops the step.
+    #[test]
+    fn test_tampered_reply_is_detected() {
+        let m = RandomModel::new(13);
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let per_token = m.cfg.linear_count();
+        for trial in 0..60usize {
+            let nth = (trial * 7) % (3 * per_token);
+            let tamper = Some((nth, trial * 31, (trial % 32) as u32));
+            let mut src = OnlineUnmask::new(lin.clone());
+            let got = generate_tampered(&m, &mut src, 1, &[1, 2], 3, &mut vec![], tamper);
+            assert!(
+                matches!(got, Err(SessionError::IntegrityFailure(_))),
+                "trial {trial}: {got:?}"
+            );
+        }
     }
 
     fn generate_local(m: &RandomModel, prompt: &[u32], n: usize) -> Vec<u32> {

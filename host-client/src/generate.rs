@@ -11,7 +11,7 @@ use veil_core::model::{
     sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearWeights, LogitRows,
     SamplingParams, StepState, Workspace, WorkspaceSizes,
 };
-use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource};
+use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource, Verifier};
 
 use crate::transport::{Connection, TransportError, WireStats};
 
@@ -65,6 +65,14 @@ pub enum GenError<E: std::fmt::Debug> {
     /// The mask source failed.
     #[error("mask source: {0:?}")]
     Source(E),
+    /// A reply failed its integrity check: the server altered a result.
+    #[error("integrity check failed: the server's reply for block {} {:?} was altered (after {generated} generated tokens); no token computed from it was used", .linear.layer, .linear.kind)]
+    Integrity {
+        /// The layer.
+        linear: veil_core::model::LinearId,
+        /// Tokens generated before it.
+        generated: usize,
+    },
     /// The server connection failed after `generated` tokens.
     #[error("{source} (after {generated} generated tokens)")]
     Transport {
@@ -80,6 +88,10 @@ impl<E: std::fmt::Debug> From<SessionError<E>> for GenError<E> {
         match e {
             SessionError::Forward(f) => GenError::Forward(f),
             SessionError::Source(s) => GenError::Source(s),
+            SessionError::IntegrityFailure(linear) => GenError::Integrity {
+                linear,
+                generated: 0,
+            },
             _ => GenError::Forward(ForwardError::BufferTooSmall),
         }
     }
@@ -236,14 +248,62 @@ pub fn generate_reference(
     drive(prompt, opts, capacity, &mut step, &mut pick, on_token)
 }
 
-/// Generates privately: every linear layer goes to the server over `conn`, masked with `key`,
-/// unmasked with terms from `source`. Per decoded token: one round trip per linear layer.
-#[allow(clippy::too_many_arguments)]
+/// Freivalds check data for every layer (see `veil_core::integrity`): the secret check vectors,
+/// derived from the mask key, and the weights' projections onto them.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// Check vectors, `check_words(cfg)` elements of F_p.
+    pub s: Vec<u64>,
+    /// Weight projections, `projection_words(cfg)` elements of F_p.
+    pub w: Vec<u64>,
+}
+
+impl Verification {
+    /// Derives the check vectors from `key` and projects the weights onto them (one pass over the
+    /// weights: the online source's start-up cost, or part of pool precomputation).
+    pub fn compute(key: &MaskKey, linear: &LinearWeights<'_>) -> Self {
+        let cfg = *linear.config();
+        let (s, w) = Self::check_vectors(key, &cfg);
+        let mut w = w;
+        let mut scratch = vec![0i128; cfg.d().max(cfg.n_inner as usize)];
+        veil_core::integrity::fill_projections(linear, &s, &mut w, &mut scratch);
+        Verification { s, w }
+    }
+
+    /// Check vectors from `key` and a zeroed projection buffer.
+    pub fn check_vectors(
+        key: &MaskKey,
+        cfg: &veil_core::model::ModelConfig,
+    ) -> (Vec<u64>, Vec<u64>) {
+        let mut s = vec![0u64; veil_core::integrity::check_words(cfg)];
+        veil_core::integrity::fill_check_vectors(key, cfg, &mut s);
+        (s, vec![0u64; veil_core::integrity::projection_words(cfg)])
+    }
+}
+
+/// Generates privately without checking replies; see [`generate_private_checked`].
 pub fn generate_private<S: UnmaskSource, R: Read, W: Write>(
     client: ClientWeights<'_>,
     conn: &mut Connection<R, W>,
     source: &mut S,
     key: MaskKey,
+    prompt: &[u32],
+    opts: &GenOptions,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
+    generate_private_checked(client, conn, source, key, None, prompt, opts, on_token)
+}
+
+/// Generates privately: every linear layer goes to the server over `conn`, masked with `key`,
+/// unmasked with terms from `source`, and (with `verification`) every reply checked before use.
+/// Per decoded token: one round trip per linear layer.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
+    client: ClientWeights<'_>,
+    conn: &mut Connection<R, W>,
+    source: &mut S,
+    key: MaskKey,
+    verification: Option<&Verification>,
     prompt: &[u32],
     opts: &GenOptions,
     on_token: &mut dyn FnMut(u32),
@@ -257,7 +317,11 @@ pub fn generate_private<S: UnmaskSource, R: Read, W: Write>(
         .max(1);
     let mut bufs = Buffers::new(&cfg, rows, capacity);
     let (fwd, [m, r, y, u], scratch) = bufs.forward(client).map_err(GenError::Forward)?;
-    let pf = std::cell::RefCell::new(PrivateForward::new::<S::Error>(fwd, key, m, r, y, u)?);
+    let mut pf = PrivateForward::new::<S::Error>(fwd, key, m, r, y, u)?;
+    if let Some(v) = verification {
+        pf.set_verifier::<S::Error>(Verifier { s: &v.s, w: &v.w })?;
+    }
+    let pf = std::cell::RefCell::new(pf);
     let generated = std::cell::Cell::new(0usize);
     let wire_at_decode = std::cell::Cell::new(None::<WireStats>);
     let mut step = |tokens: &[u32]| -> Result<(), GenError<S::Error>> {
@@ -284,7 +348,14 @@ pub fn generate_private<S: UnmaskSource, R: Read, W: Write>(
                     generated: generated.get(),
                 }
             })?;
-            if pf.complete(source)? == StepState::Done {
+            let done = pf.complete(source).map_err(|e| match GenError::from(e) {
+                GenError::Integrity { linear, .. } => GenError::Integrity {
+                    linear,
+                    generated: generated.get(),
+                },
+                other => other,
+            })?;
+            if done == StepState::Done {
                 return Ok(());
             }
         }

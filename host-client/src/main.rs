@@ -9,10 +9,11 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use veil_client::files::ModelFiles;
 use veil_client::generate::{
-    generate_private, generate_reference, GenOptions, GenStats, DEFAULT_PREFILL_ROWS,
+    generate_private_checked, generate_reference, GenOptions, GenStats, Verification,
+    DEFAULT_PREFILL_ROWS,
 };
 use veil_client::pool::PoolSource;
-use veil_client::transport::Connection;
+use veil_client::transport::{read_psk_file, Connection};
 use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
 use veil_core::session::OnlineUnmask;
@@ -90,6 +91,15 @@ struct RunArgs {
     /// Prompt rows per prefill request.
     #[arg(long, default_value_t = DEFAULT_PREFILL_ROWS)]
     prefill_rows: usize,
+    /// Pre-shared key file (the same file as the server's --psk-file): prove we hold the key, and
+    /// refuse a server that cannot prove it holds it too.
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Skip the integrity check of the server's replies (Freivalds' test modulo 2^61 - 1, on by
+    /// default; it costs O(in + out) per layer, see `veil-client bench`). Without it a lying
+    /// server silently corrupts the output.
+    #[arg(long)]
+    no_verify: bool,
 }
 
 #[derive(Debug, Args)]
@@ -205,11 +215,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .server
             .as_deref()
             .context("--server ADDR is required (or --reference)")?;
+        let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
         let stream = TcpStream::connect(addr)
             .with_context(|| format!("connecting to the server at {addr}"))?;
         stream.set_nodelay(true).ok();
         let reader = stream.try_clone().context("cloning the socket")?;
-        let mut conn = Connection::handshake(reader, stream, files.fingerprint()?)
+        let psk = psk.as_ref().map(|k| k.as_slice());
+        let mut conn = Connection::handshake(reader, stream, files.fingerprint()?, psk)
             .with_context(|| format!("handshake with {addr}"))?;
         let result = match args.mask_source {
             MaskSourceKind::Online => {
@@ -219,12 +231,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut key = [0u8; 32];
                 rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
                     .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
+                let key = MaskKey::from_bytes(key);
+                let verification = (!args.no_verify).then(|| Verification::compute(&key, &linear));
                 let mut source = OnlineUnmask::new(linear);
-                generate_private(
+                generate_private_checked(
                     client,
                     &mut conn,
                     &mut source,
-                    MaskKey::from_bytes(key),
+                    key,
+                    verification.as_ref(),
                     &ids,
                     &opts,
                     &mut on_token,
@@ -238,16 +253,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     .context("--pool FILE is needed with --mask-source pool")?;
                 let mut pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
                 let key = pool.key();
-                generate_private(
+                let verification = if args.no_verify {
+                    None
+                } else {
+                    Some(pool.verification()?)
+                };
+                generate_private_checked(
                     client,
                     &mut conn,
                     &mut pool,
                     key,
+                    verification.as_ref(),
                     &ids,
                     &opts,
                     &mut on_token,
                 )
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .map_err(|e| anyhow::anyhow!("{e}"))
             }
         };
         let out =

@@ -1,6 +1,8 @@
 //! The mask pool: a file of precomputed unmasking terms `u = r · W` for future slots.
 //!
-//! Layout (little-endian): a 4096-byte header, then one record per slot of
+//! Layout (little-endian): a 4096-byte header; the Freivalds projections `W · s` of every layer
+//! (`projection_words(cfg)` `u64`, padded to a multiple of 4096 bytes; `s` itself is derived from
+//! the key), so replies can be checked without the weights; then one record per slot of
 //! `pool_record_words(cfg)` `u32` words (every linear layer's `u`, in forward order).
 //!
 //! | bytes     | field |
@@ -29,8 +31,13 @@ use veil_core::session::{
 };
 
 const MAGIC: &[u8; 8] = b"VEILPOOL";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: u64 = 4096;
+
+/// Byte offset of the first record: after the header and the projections section.
+fn records_start(cfg: &ModelConfig) -> u64 {
+    HEADER + (veil_core::integrity::projection_words(cfg) as u64 * 8).div_ceil(4096) * 4096
+}
 const FILLED_AT: u64 = 80;
 const NEXT_AT: u64 = 88;
 
@@ -120,7 +127,7 @@ impl PoolSource {
         let filled = read_u64(&file, FILLED_AT, path)?;
         let next = read_u64(&file, NEXT_AT, path)?;
         let len = file.metadata().map_err(io)?.len();
-        if next > filled || HEADER + filled * record_words as u64 * 4 > len {
+        if next > filled || records_start(cfg) + filled * record_words as u64 * 4 > len {
             return Err(PoolError::Corrupt(path.into()));
         }
         Ok(PoolSource {
@@ -168,6 +175,11 @@ impl PoolSource {
                 .open(&tmp)
                 .map_err(io)?;
             f.write_all_at(&h, 0).map_err(io)?;
+            // The integrity projections, computed once per key.
+            let v = crate::generate::Verification::compute(&MaskKey::from_bytes(key), weights);
+            let bytes: Vec<u8> = v.w.iter().flat_map(|w| w.to_le_bytes()).collect();
+            f.write_all_at(&bytes, HEADER).map_err(io)?;
+            f.set_len(records_start(&cfg)).map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, path).map_err(io)?;
         }
@@ -197,7 +209,23 @@ impl PoolSource {
     }
 
     fn record_at(&self, slot: u64, word: usize) -> u64 {
-        HEADER + (slot * self.record_words as u64 + word as u64) * 4
+        records_start(&self.cfg) + (slot * self.record_words as u64 + word as u64) * 4
+    }
+
+    /// The Freivalds check data: vectors from the pool's key, projections from the file.
+    pub fn verification(&self) -> Result<crate::generate::Verification, PoolError> {
+        let (s, mut w) = crate::generate::Verification::check_vectors(&self.key, &self.cfg);
+        let mut bytes = vec![0u8; w.len() * 8];
+        self.file
+            .read_exact_at(&mut bytes, HEADER)
+            .map_err(|source| PoolError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        for (v, b) in w.iter_mut().zip(bytes.chunks_exact(8)) {
+            *v = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        }
+        Ok(crate::generate::Verification { s, w })
     }
 
     /// The pool's mask key (the session masks with it).

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use veil_client::files::ModelFiles;
-use veil_client::generate::{generate_private, generate_reference, GenOptions};
+use veil_client::generate::{
+    generate_private, generate_private_checked, generate_reference, GenError, GenOptions,
+    Verification,
+};
 use veil_client::pool::PoolSource;
 use veil_client::transport::Connection;
 use veil_core::mask::MaskKey;
@@ -64,7 +67,13 @@ fn start_server(dir: &Path) -> Server {
 fn connect(addr: SocketAddr, files: &ModelFiles) -> Connection<TcpStream, TcpStream> {
     let s = TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
-    Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap()).unwrap()
+    Connection::handshake(
+        s.try_clone().unwrap(),
+        s,
+        files.fingerprint().unwrap(),
+        None,
+    )
+    .unwrap()
 }
 
 fn opts(sampling: SamplingParams, n: usize) -> GenOptions {
@@ -92,12 +101,16 @@ fn online(
     key: u8,
 ) -> Vec<u32> {
     let mut conn = connect(addr, files);
-    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
-    let (t, stats) = generate_private(
+    let linear = files.linear().unwrap().unwrap();
+    let key = MaskKey::from_bytes([key; 32]);
+    let verification = Verification::compute(&key, &linear);
+    let mut src = OnlineUnmask::new(linear);
+    let (t, stats) = generate_private_checked(
         files.client().unwrap(),
         &mut conn,
         &mut src,
-        MaskKey::from_bytes([key; 32]),
+        key,
+        Some(&verification),
         prompt,
         o,
         &mut |_| {},
@@ -126,11 +139,13 @@ fn pooled(
     let mut src = PoolSource::open(pool, &cfg, &files.fingerprint().unwrap()).unwrap();
     let mut conn = connect(addr, files);
     let key = src.key();
-    let (t, _) = generate_private(
+    let verification = src.verification().unwrap();
+    let (t, _) = generate_private_checked(
         files.client().unwrap(),
         &mut conn,
         &mut src,
         key,
+        Some(&verification),
         prompt,
         o,
         &mut |_| {},
@@ -266,8 +281,13 @@ fn server_with_other_weights_is_refused() {
     let server = start_server(&b);
     let files = ModelFiles::open(&a, true).unwrap();
     let s = TcpStream::connect(server.addr).unwrap();
-    let err =
-        Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap()).unwrap_err();
+    let err = Connection::handshake(
+        s.try_clone().unwrap(),
+        s,
+        files.fingerprint().unwrap(),
+        None,
+    )
+    .unwrap_err();
     assert!(
         matches!(
             err,
@@ -322,4 +342,116 @@ fn traffic_per_token_is_constant_in_sequence_length() {
         "down {}",
         short.1
     );
+}
+
+/// A TCP proxy between client and server that flips one bit of the server's `Data` payload bytes
+/// at payload byte index `target` (counted over the whole connection), and counts payload bytes.
+fn tamper_proxy(
+    server: SocketAddr,
+    target: Option<(u64, u8)>,
+) -> (SocketAddr, std::thread::JoinHandle<u64>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let upstream = TcpStream::connect(server).unwrap();
+        // One small frame per round trip: without this, Nagle and delayed ACKs add 40 ms to each.
+        client.set_nodelay(true).unwrap();
+        upstream.set_nodelay(true).unwrap();
+        let (mut c_read, mut u_write) =
+            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c_read, &mut u_write);
+            let _ = u_write.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut u_read, mut c_write) = (upstream, client);
+        let mut seen = 0u64;
+        loop {
+            let mut prefix = [0u8; 4];
+            if u_read.read_exact(&mut prefix).is_err() {
+                break;
+            }
+            let mut body = vec![0u8; u32::from_le_bytes(prefix) as usize];
+            if u_read.read_exact(&mut body).is_err() {
+                break;
+            }
+            let payload = match veil_core::wire::decode_body(&body) {
+                Ok(veil_core::wire::Message::Data { words }) => words.0.len(),
+                _ => 0,
+            };
+            if let Some((t, bit)) = target {
+                if payload > 0 && t >= seen && t < seen + payload as u64 {
+                    // The payload is the tail of a Data body.
+                    let at = body.len() - payload + (t - seen) as usize;
+                    body[at] ^= 1 << bit;
+                }
+            }
+            seen += payload as u64;
+            if c_write
+                .write_all(&prefix)
+                .and_then(|_| c_write.write_all(&body))
+                .is_err()
+            {
+                break;
+            }
+        }
+        seen
+    });
+    (addr, handle)
+}
+
+/// Issue acceptance: a proxy flipping one bit of one reply at a random point is detected every
+/// time over 200 trials, and no token computed from an altered reply is ever emitted.
+#[test]
+fn tampered_replies_are_always_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let server = start_server(&dir);
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let prompt = [464u32, 3290, 286];
+    let o = opts(SamplingParams::GREEDY, 4);
+    let want = reference(&files, &prompt, &o);
+    let run = |target: Option<(u64, u8)>| {
+        let (addr, proxy) = tamper_proxy(server.addr, target);
+        let mut conn = connect(addr, &files);
+        let linear = files.linear().unwrap().unwrap();
+        let key = MaskKey::from_bytes([target.map_or(0, |t| t.0 as u8); 32]);
+        let verification = Verification::compute(&key, &linear);
+        let mut src = OnlineUnmask::new(linear);
+        let mut emitted = vec![];
+        let result = generate_private_checked(
+            files.client().unwrap(),
+            &mut conn,
+            &mut src,
+            key,
+            Some(&verification),
+            &prompt,
+            &o,
+            &mut |t| emitted.push(t),
+        );
+        drop(conn);
+        (result.map(|r| r.0), emitted, proxy.join().unwrap())
+    };
+    let (clean, _, payload_bytes) = run(None);
+    assert_eq!(clean.unwrap(), want);
+    let mut rng = 0x9E3779B97F4A7C15u64;
+    for trial in 0..200 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let target = (rng >> 11) % payload_bytes;
+        let bit = (rng >> 3) as u8 % 8;
+        let (result, emitted, _) = run(Some((target, bit)));
+        match result {
+            Err(GenError::Integrity { .. }) => {}
+            other => panic!("trial {trial}: flipping bit {bit} of payload byte {target} was not detected: {other:?}"),
+        }
+        assert_eq!(
+            emitted[..],
+            want[..emitted.len()],
+            "trial {trial}: an altered token was emitted"
+        );
+    }
 }

@@ -373,6 +373,12 @@ impl<'w, 'a> Forward<'w, 'a> {
         Ok(&mut self.ws.reply[..rows * out])
     }
 
+    /// The products written into [`Forward::reply_mut`] for the pending request, read back.
+    pub fn reply(&self) -> Option<&[i32]> {
+        let req = self.request()?;
+        Some(&self.ws.reply[..req.rows * req.out_dim])
+    }
+
     /// Logits (Q16.16) of the finished step: `vocab` values per logit row.
     pub fn logits(&self) -> Option<&[i32]> {
         match self.stage {
