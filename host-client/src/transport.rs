@@ -2,15 +2,26 @@
 //!
 //! One [`Connection::compute`] is one round trip: a `Compute` header and the masked rows in
 //! `Data` chunks go out in one buffered write, then the `Result` and its `Data` chunks come back.
+//!
+//! With a pre-shared key ([`read_psk_file`], `--psk-file`), the hello becomes a mutual HMAC-SHA256
+//! challenge-response: `Hello` → `Challenge{server nonce}` ← `Proof{mac, client nonce}` →
+//! `ServerProof{mac}` ← `Welcome` ←. Each side's MAC covers a per-direction label, the protocol
+//! version, the fingerprint and both nonces, so neither proof can be replayed or reflected.
 
 use std::io::{BufWriter, Read, Write};
+use std::path::Path;
 
+use anyhow::{bail, Context as _};
 use embedded_io_adapters::std::FromStd;
+use hmac::Mac as _;
+use rand_core::RngCore as _;
+use sha2::Sha256;
 use veil_core::model::LinearId;
 use veil_core::wire::{
     read_frame, write_frame, ErrorCode, FrameError, Message, WordBytes, LEN_PREFIX,
     MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
+use zeroize::Zeroizing;
 
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +49,92 @@ pub enum TransportError {
     /// The server broke the protocol.
     #[error("protocol violation by the server: {0}")]
     Protocol(&'static str),
+    /// The server asks for a pre-shared key and we have none.
+    #[error("the server requires a pre-shared key (--psk-file)")]
+    PskRequired,
+    /// We have a pre-shared key but the server did not ask for it: it cannot prove it is the
+    /// server that holds our key, so we refuse it.
+    #[error("the server does not require the pre-shared key; refusing a server that cannot prove it holds it")]
+    PskNotRequired,
+    /// The server's proof of the pre-shared key is wrong: it holds another key.
+    #[error("the server's proof of the pre-shared key is wrong (it holds a different key)")]
+    ServerProofInvalid,
+    /// The OS random number generator failed.
+    #[error("no OS random numbers for the handshake nonce: {0}")]
+    Random(rand_core::Error),
+}
+
+/// Shortest pre-shared key accepted, in bytes (after hex decoding); as `veil-server`.
+pub const PSK_MIN_BYTES: usize = 16;
+/// Largest key file read.
+const PSK_FILE_MAX_BYTES: u64 = 4096;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// MAC labels, one per direction (as `veil-server`'s).
+const CLIENT_LABEL: &[u8; 16] = b"veil-auth-client";
+const SERVER_LABEL: &[u8; 16] = b"veil-auth-server";
+
+/// Reads a pre-shared key file exactly as `veil-server --psk-file` does: hex text if the contents
+/// are an even number of hex digits (surrounding whitespace ignored), the raw bytes as stored
+/// otherwise; at least [`PSK_MIN_BYTES`] bytes. The key is wiped from memory on drop.
+pub fn read_psk_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the key file {}", path.display()))?;
+    let mut contents = Zeroizing::new(Vec::new());
+    file.take(PSK_FILE_MAX_BYTES + 1)
+        .read_to_end(&mut contents)
+        .with_context(|| format!("cannot read the key file {}", path.display()))?;
+    if contents.len() as u64 > PSK_FILE_MAX_BYTES {
+        bail!(
+            "{} is larger than {PSK_FILE_MAX_BYTES} bytes: not a key file",
+            path.display()
+        );
+    }
+    let key = decode_hex(contents.trim_ascii()).unwrap_or_else(|| contents.clone());
+    if key.len() < PSK_MIN_BYTES {
+        bail!(
+            "key file {}: the pre-shared key has {} bytes, at least {PSK_MIN_BYTES} are needed \
+             (make one with `openssl rand -hex 32 > veil.psk`)",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
+/// Even-length hex digits to bytes; `None` if `text` is anything else.
+fn decode_hex(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if text.is_empty() || text.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));
+    for pair in text.chunks_exact(2) {
+        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    }
+    Some(out)
+}
+
+/// The MAC of one side's transcript. Layout (must match `veil-server`'s `Psk::mac` byte for
+/// byte): `label (16) ‖ protocol (u32 LE) ‖ fingerprint (32) ‖ server nonce (32) ‖ client nonce
+/// (32)`.
+fn auth_mac(
+    psk: &[u8],
+    label: &[u8; 16],
+    fingerprint: &[u8; 32],
+    server_nonce: &[u8; 32],
+    client_nonce: &[u8; 32],
+) -> HmacSha256 {
+    // HMAC takes keys of any length: this never fails.
+    let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(psk)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(label);
+    mac.update(&PROTOCOL_VERSION.to_le_bytes());
+    mac.update(fingerprint);
+    mac.update(server_nonce);
+    mac.update(client_nonce);
+    mac
 }
 
 impl From<FrameError<std::io::Error>> for TransportError {
@@ -77,6 +174,21 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
+/// A server message of the handshake, copied out of the frame buffer.
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    Challenge([u8; 32]),
+    ServerProof([u8; 32]),
+    Welcome {
+        protocol: u32,
+        fingerprint: [u8; 32],
+        max_rows: u32,
+    },
+    Error(ErrorCode),
+    /// Anything else (a protocol violation at this point).
+    Other,
+}
+
 /// A session with a server.
 pub struct Connection<R: Read, W: Write> {
     reader: FromStd<Counting<R>>,
@@ -106,7 +218,15 @@ pub fn hex(b: &[u8]) -> String {
 impl<R: Read, W: Write> Connection<R, W> {
     /// Says hello with our weights fingerprint; `reader` and `writer` are the two directions of
     /// one stream (e.g. a `TcpStream` and its `try_clone`, or the halves of an in-memory pipe).
-    pub fn handshake(reader: R, writer: W, fingerprint: [u8; 32]) -> Result<Self, TransportError> {
+    ///
+    /// With `psk`, the server must challenge us and prove it holds the same key (a server that
+    /// does not ask is refused); without, a server that asks for a key is refused.
+    pub fn handshake(
+        reader: R,
+        writer: W,
+        fingerprint: [u8; 32],
+        psk: Option<&[u8]>,
+    ) -> Result<Self, TransportError> {
         let mut c = Connection {
             reader: FromStd::new(Counting {
                 inner: reader,
@@ -125,9 +245,92 @@ impl<R: Read, W: Write> Connection<R, W> {
         })?;
         c.writer.flush()?;
         c.stats.round_trips += 1;
-        let msg = c.recv()?;
-        match msg {
+        let mut reply = c.recv_reply()?;
+        match (reply, psk) {
+            (Reply::Challenge(server_nonce), Some(psk)) => {
+                c.prove(psk, &fingerprint, &server_nonce)?;
+                reply = c.recv_reply()?;
+            }
+            (Reply::Challenge(_), None) => {
+                c.refuse();
+                return Err(TransportError::PskRequired);
+            }
+            (Reply::Welcome { .. }, Some(_)) => {
+                c.refuse();
+                return Err(TransportError::PskNotRequired);
+            }
+            _ => {}
+        }
+        c.welcome(reply, fingerprint)
+    }
+
+    /// The next handshake message, copied out of the frame buffer.
+    fn recv_reply(&mut self) -> Result<Reply, TransportError> {
+        Ok(match self.recv()? {
+            Message::Challenge { nonce } => Reply::Challenge(nonce),
+            Message::ServerProof { mac } => Reply::ServerProof(mac),
             Message::Welcome {
+                protocol,
+                fingerprint,
+                max_rows,
+            } => Reply::Welcome {
+                protocol,
+                fingerprint,
+                max_rows,
+            },
+            Message::Error { code } => Reply::Error(code),
+            _ => Reply::Other,
+        })
+    }
+
+    /// Answers the server's challenge and checks its proof (which arrives before `Welcome`).
+    fn prove(
+        &mut self,
+        psk: &[u8],
+        fingerprint: &[u8; 32],
+        server_nonce: &[u8; 32],
+    ) -> Result<(), TransportError> {
+        let mut client_nonce = [0u8; 32];
+        rand_core::OsRng
+            .try_fill_bytes(&mut client_nonce)
+            .map_err(TransportError::Random)?;
+        let mac = auth_mac(psk, CLIENT_LABEL, fingerprint, server_nonce, &client_nonce)
+            .finalize()
+            .into_bytes()
+            .into();
+        self.send(&Message::Proof {
+            mac,
+            nonce: client_nonce,
+        })?;
+        self.writer.flush()?;
+        self.stats.round_trips += 1;
+        let proof = match self.recv_reply()? {
+            Reply::ServerProof(mac) => mac,
+            Reply::Error(code) => return Err(TransportError::Refused(code)),
+            _ => return Err(TransportError::Protocol("expected ServerProof")),
+        };
+        if auth_mac(psk, SERVER_LABEL, fingerprint, server_nonce, &client_nonce)
+            .verify_slice(&proof)
+            .is_err()
+        {
+            self.refuse();
+            return Err(TransportError::ServerProofInvalid);
+        }
+        Ok(())
+    }
+
+    /// Tells the server we refuse it (best effort: we are leaving anyway).
+    fn refuse(&mut self) {
+        let _ = self.send(&Message::Error {
+            code: ErrorCode::Unauthorized,
+        });
+        let _ = self.writer.flush();
+    }
+
+    /// Checks the server's `Welcome` (or its refusal).
+    fn welcome(mut self, reply: Reply, fingerprint: [u8; 32]) -> Result<Self, TransportError> {
+        match reply {
+            Reply::Welcome {
                 protocol,
                 fingerprint: theirs,
                 max_rows,
@@ -144,16 +347,14 @@ impl<R: Read, W: Write> Connection<R, W> {
                 if max_rows == 0 {
                     return Err(TransportError::Protocol("server accepts zero rows"));
                 }
-                c.max_rows = max_rows;
-                Ok(c)
+                self.max_rows = max_rows;
+                Ok(self)
             }
-            Message::Error {
-                code: ErrorCode::WeightsMismatch,
-            } => Err(TransportError::WeightsMismatch {
+            Reply::Error(ErrorCode::WeightsMismatch) => Err(TransportError::WeightsMismatch {
                 theirs: "(not disclosed)".into(),
                 ours: hex(&fingerprint),
             }),
-            Message::Error { code } => Err(TransportError::Refused(code)),
+            Reply::Error(code) => Err(TransportError::Refused(code)),
             _ => Err(TransportError::Protocol("expected Welcome")),
         }
     }

@@ -72,7 +72,8 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
         inner: SyncIoBridge::new_with_handle(w, rt.handle().clone()),
         log: log.clone(),
     };
-    let mut conn = Connection::handshake(reader, writer, files.fingerprint().unwrap()).unwrap();
+    let mut conn =
+        Connection::handshake(reader, writer, files.fingerprint().unwrap(), None).unwrap();
     let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
     let opts = GenOptions {
         max_new_tokens: n,

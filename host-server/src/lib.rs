@@ -10,6 +10,9 @@
 //! - [`handle_connection`]: one conversation (see [`veil_core::wire`]) over any
 //!   `AsyncRead + AsyncWrite`, so tests can drive it through `tokio::io::duplex` without sockets.
 //!
+//! - [`Psk`]: an optional pre-shared key; with one, a client must answer an HMAC-SHA256 challenge
+//!   in the hello before the server computes anything for it.
+//!
 //! Every message is validated before use; a bad frame gets a typed [`ErrorCode`] and closes that
 //! connection only. Per-connection memory is bounded by
 //! `max_rows · (max_in + max_out) · 4` bytes plus two frame buffers.
@@ -18,12 +21,16 @@ use std::fmt;
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
+use hmac::Mac as _;
 use memmap2::Mmap;
+use rand_core::{OsRng, RngCore as _};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -35,6 +42,7 @@ use veil_core::wire::{
     decode_body, encode_frame, ErrorCode, FrameHeader, Message, WordBytes, LEN_PREFIX,
     MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
+use zeroize::Zeroizing;
 
 /// Where the weight bytes live.
 enum Backing {
@@ -54,6 +62,8 @@ pub struct ServerWeights {
     layout: LinearLayout,
     fingerprint: [u8; 32],
     source: Option<PathBuf>,
+    /// Requests computed with these weights, all connections together.
+    computed: AtomicU64,
 }
 
 impl fmt::Debug for ServerWeights {
@@ -105,6 +115,7 @@ impl ServerWeights {
             layout,
             fingerprint,
             source: None,
+            computed: AtomicU64::new(0),
         })
     }
 
@@ -160,6 +171,12 @@ impl ServerWeights {
             .unwrap_or(0)
     }
 
+    /// How many `Compute` requests were multiplied with these weights so far, over all
+    /// connections (a request counts once its product is computed).
+    pub fn computed_requests(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
+    }
+
     /// A one-line description of the model shape for logs.
     pub fn describe(&self) -> String {
         let c = self.config();
@@ -188,8 +205,120 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Shortest pre-shared key accepted, in bytes (after hex decoding).
+pub const PSK_MIN_BYTES: usize = 16;
+/// Largest key file read: a key is a few dozen bytes, anything much bigger is the wrong file.
+const PSK_FILE_MAX_BYTES: u64 = 4096;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// MAC labels, one per direction (same length, so the transcript layout is unambiguous), so that
+/// neither side's proof can be reflected back as the other's.
+const CLIENT_LABEL: &[u8; 16] = b"veil-auth-client";
+const SERVER_LABEL: &[u8; 16] = b"veil-auth-server";
+
+/// A pre-shared key: with one, a client must prove it holds the same key (HMAC-SHA256
+/// challenge-response in the hello) before the server computes anything for it, and the server
+/// proves it holds the key too.
+///
+/// Cheap to clone (shared); wiped from memory when the last clone drops; never printed; compared
+/// in constant time.
+#[derive(Clone)]
+pub struct Psk(Arc<Zeroizing<Vec<u8>>>);
+
+impl Psk {
+    /// A key of raw bytes; at least [`PSK_MIN_BYTES`] long.
+    pub fn new(key: Vec<u8>) -> anyhow::Result<Psk> {
+        let key = Zeroizing::new(key);
+        if key.len() < PSK_MIN_BYTES {
+            bail!(
+                "the pre-shared key has {} bytes, at least {PSK_MIN_BYTES} are needed \
+                 (make one with `openssl rand -hex 32 > veil.psk`)",
+                key.len()
+            );
+        }
+        Ok(Psk(Arc::new(key)))
+    }
+
+    /// A key from a key file's contents: hex text if they are an even number of hex digits
+    /// (surrounding whitespace ignored), the raw bytes as stored otherwise. `veil-client` reads
+    /// its `--psk-file` the same way.
+    pub fn from_file_contents(contents: &[u8]) -> anyhow::Result<Psk> {
+        match decode_hex(contents.trim_ascii()) {
+            Some(key) => Psk::new(key.to_vec()),
+            None => Psk::new(contents.to_vec()),
+        }
+    }
+
+    /// Reads a key file (see [`Psk::from_file_contents`]).
+    pub fn from_file(path: &Path) -> anyhow::Result<Psk> {
+        let file = File::open(path)
+            .with_context(|| format!("cannot open the key file {}", path.display()))?;
+        let mut contents = Zeroizing::new(Vec::new());
+        file.take(PSK_FILE_MAX_BYTES + 1)
+            .read_to_end(&mut contents)
+            .with_context(|| format!("cannot read the key file {}", path.display()))?;
+        if contents.len() as u64 > PSK_FILE_MAX_BYTES {
+            bail!(
+                "{} is larger than {PSK_FILE_MAX_BYTES} bytes: not a key file",
+                path.display()
+            );
+        }
+        Psk::from_file_contents(&contents).with_context(|| format!("key file {}", path.display()))
+    }
+
+    /// The MAC of one side's transcript. Layout (must match `veil-client`'s transport byte for
+    /// byte): `label (16) ‖ protocol (u32 LE) ‖ fingerprint (32) ‖ server nonce (32) ‖ client
+    /// nonce (32)`.
+    fn mac(
+        &self,
+        label: &[u8; 16],
+        fingerprint: &[u8; 32],
+        server_nonce: &[u8; 32],
+        client_nonce: &[u8; 32],
+    ) -> HmacSha256 {
+        // HMAC takes keys of any length: this never fails.
+        let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(label);
+        mac.update(&PROTOCOL_VERSION.to_le_bytes());
+        mac.update(fingerprint);
+        mac.update(server_nonce);
+        mac.update(client_nonce);
+        mac
+    }
+}
+
+impl fmt::Debug for Psk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Psk(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
+impl PartialEq for Psk {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.0.as_slice().ct_eq(other.0.as_slice()))
+    }
+}
+
+impl Eq for Psk {}
+
+/// Even-length hex digits to bytes; `None` if `text` is anything else.
+fn decode_hex(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if text.is_empty() || text.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));
+    for pair in text.chunks_exact(2) {
+        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    }
+    Some(out)
+}
+
 /// Limits of the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerConfig {
     /// Most rows accepted in one `Compute` (announced in `Welcome`); at least 1.
     pub max_rows: u32,
@@ -197,6 +326,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Longest wait for one frame (and for one reply to drain) before the connection is dropped.
     pub idle_timeout: Duration,
+    /// With a key, clients must prove they hold it in the hello; without, anyone may connect.
+    pub psk: Option<Psk>,
 }
 
 impl Default for ServerConfig {
@@ -205,6 +336,7 @@ impl Default for ServerConfig {
             max_rows: 64,
             max_connections: 64,
             idle_timeout: Duration::from_secs(300),
+            psk: None,
         }
     }
 }
@@ -311,6 +443,7 @@ pub async fn serve(
                     match permits.clone().try_acquire_owned() {
                         Ok(permit) => {
                             let weights = weights.clone();
+                            let config = config.clone();
                             tokio::spawn(async move {
                                 log(peer, "connected");
                                 match handle_connection(stream, weights, config).await {
@@ -365,14 +498,15 @@ pub async fn handle_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let limit = config.idle_timeout;
     let mut conn = Conn::new(weights, config);
     let result = conn.run(&mut stream).await;
     match &result {
         Ok(_) => {
-            let _ = tokio::time::timeout(config.idle_timeout, stream.shutdown()).await;
+            let _ = tokio::time::timeout(limit, stream.shutdown()).await;
         }
         Err(ConnError::Refused { code, .. }) => {
-            if send_error(&mut stream, &mut conn.wbuf, *code, config.idle_timeout)
+            if send_error(&mut stream, &mut conn.wbuf, *code, limit)
                 .await
                 .is_ok()
             {
@@ -432,6 +566,17 @@ struct Conn {
     output: Vec<u32>,
 }
 
+/// Outcome of the key check in the hello.
+enum Auth {
+    /// The client proved it holds the key; our own proof for it.
+    Proven {
+        /// MAC of the server's transcript, sent as `ServerProof`.
+        server_mac: [u8; 32],
+    },
+    /// The client left (closed, or sent `Error`) instead of answering.
+    Ended(Ending),
+}
+
 /// Result of reading one frame.
 enum Frame {
     /// A body of this length is in `rbuf`.
@@ -479,12 +624,24 @@ impl Conn {
                 format!("client speaks protocol {protocol}, we speak {PROTOCOL_VERSION}"),
             ));
         }
+        // With a key, nothing else happens (no fingerprint check, no Welcome, no Compute) until the
+        // client has proven it holds the key.
+        let server_proof = match self.config.psk.clone() {
+            None => None,
+            Some(psk) => match self.authenticate(s, &psk, &fingerprint).await? {
+                Auth::Proven { server_mac } => Some(server_mac),
+                Auth::Ended(end) => return Ok(end),
+            },
+        };
         // The fingerprint is public (a hash of public-to-the-server weights): no constant time needed.
         if fingerprint != self.weights.fingerprint() {
             return Err(ConnError::refuse(
                 ErrorCode::WeightsMismatch,
                 format!("client weights {}", hex(&fingerprint)),
             ));
+        }
+        if let Some(mac) = server_proof {
+            self.send(s, &Message::ServerProof { mac }).await?;
         }
         self.send(
             s,
@@ -519,6 +676,56 @@ impl Conn {
             };
             self.compute(s, request, linear, rows).await?;
         }
+    }
+
+    /// The key check: `Challenge` with a fresh nonce, then the client's `Proof` must verify (in
+    /// constant time). Anything else is refused `Unauthorized`.
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        psk: &Psk,
+        fingerprint: &[u8; 32],
+    ) -> Result<Auth, ConnError> {
+        let mut server_nonce = [0u8; 32];
+        OsRng
+            .try_fill_bytes(&mut server_nonce)
+            .map_err(|e| io::Error::other(format!("OS random numbers: {e}")))?;
+        self.send(
+            s,
+            &Message::Challenge {
+                nonce: server_nonce,
+            },
+        )
+        .await?;
+        let (mac, client_nonce) = match self.read_frame(s).await? {
+            Frame::Eof => return Ok(Auth::Ended(Ending::PeerClosed)),
+            Frame::Body(n) => match decode(&self.rbuf[..n])? {
+                Message::Proof { mac, nonce } => (mac, nonce),
+                Message::Error { code } => return Ok(Auth::Ended(Ending::PeerError(code))),
+                other => {
+                    return Err(ConnError::refuse(
+                        ErrorCode::Unauthorized,
+                        format!("expected Proof of the pre-shared key, got {}", name(&other)),
+                    ))
+                }
+            },
+        };
+        if psk
+            .mac(CLIENT_LABEL, fingerprint, &server_nonce, &client_nonce)
+            .verify_slice(&mac)
+            .is_err()
+        {
+            return Err(ConnError::refuse(
+                ErrorCode::Unauthorized,
+                "wrong proof of the pre-shared key",
+            ));
+        }
+        let server_mac = psk
+            .mac(SERVER_LABEL, fingerprint, &server_nonce, &client_nonce)
+            .finalize()
+            .into_bytes()
+            .into();
+        Ok(Auth::Proven { server_mac })
     }
 
     /// One request: validate, receive the masked rows, multiply, send the products.
@@ -604,6 +811,7 @@ impl Conn {
             .map_err(|e| io::Error::other(format!("request {request}: kernel failed: {e}")))?;
         self.input = input;
         self.output = output;
+        self.weights.computed.fetch_add(1, Ordering::Relaxed);
 
         // Reply: Result, then the words in chunks.
         let limit = self.config.idle_timeout;
@@ -716,5 +924,8 @@ fn name(msg: &Message<'_>) -> &'static str {
         Message::Data { .. } => "Data",
         Message::Error { .. } => "Error",
         Message::Bye => "Bye",
+        Message::Challenge { .. } => "Challenge",
+        Message::Proof { .. } => "Proof",
+        Message::ServerProof { .. } => "ServerProof",
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use veil_server::{serve, ServerConfig, ServerWeights};
+use veil_server::{serve, Psk, ServerConfig, ServerWeights};
 
 /// Veil's blind calculator: computes int8 linear layers over one-time-padded rows.
 ///
@@ -38,10 +38,16 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_secs: u64,
+
+    /// Pre-shared key file (hex text, or raw bytes; at least 16 bytes): clients must prove they
+    /// hold the same key before anything is computed for them. Without it, anyone may connect.
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let psk = args.psk_file.as_deref().map(Psk::from_file).transpose()?;
     let weights = ServerWeights::open_dir(&args.weights)?;
     eprintln!("veil-server: model: {}", weights.describe());
     eprintln!(
@@ -52,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         max_rows: args.max_rows,
         max_connections: args.max_connections as usize,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        psk,
     };
     let per_conn = config.max_rows as usize * (weights.max_in_dim() + weights.max_out_dim()) * 4;
     eprintln!(
@@ -60,6 +67,11 @@ fn main() -> anyhow::Result<()> {
         config.max_rows,
         per_conn.div_ceil(1024)
     );
+    if config.psk.is_some() {
+        eprintln!("veil-server: pre-shared key set: only clients that hold it are served");
+    } else {
+        eprintln!("veil-server: no pre-shared key: any client that reaches this address is served");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -148,4 +148,25 @@ pub enum Message<'a> {
     },
     /// Client → server: the session is over.
     Bye,
+    // Access control with a pre-shared key (optional on the server). Appended after the original
+    // variants so that their postcard discriminants, and so their encodings, stay as they were.
+    /// Server → client, instead of `Welcome`, when the server holds a pre-shared key: prove you
+    /// hold it too. The client answers with [`Message::Proof`].
+    Challenge {
+        /// Fresh random server nonce.
+        nonce: [u8; 32],
+    },
+    /// Client → server: the answer to a `Challenge`. No `Compute` is accepted before it checks.
+    Proof {
+        /// HMAC-SHA256 under the key of the client's transcript (labels and layout in the hosts).
+        mac: [u8; 32],
+        /// Fresh random client nonce, for the server's proof.
+        nonce: [u8; 32],
+    },
+    /// Server → client, right before `Welcome` after a valid `Proof`: the server holds the key
+    /// too (HMAC-SHA256 of the server's transcript, which includes the client nonce).
+    ServerProof {
+        /// The server's MAC.
+        mac: [u8; 32],
+    },
 }

@@ -10,6 +10,9 @@
 //! ```text
 //! client                                   server
 //! Hello {protocol, fingerprint}      →
+//!                                    ←     Challenge {nonce}        (only if the server has a key)
+//! Proof {mac, nonce}                 →                              (only after a Challenge)
+//!                                    ←     ServerProof {mac}        (only after a valid Proof)
 //!                                    ←     Welcome {protocol, fingerprint, max_rows} | Error
 //! Compute {request, linear, rows}    →
 //! Data × ⌈rows·in·4 / chunk⌉         →
@@ -19,6 +22,11 @@
 //! Bye                                →
 //! ```
 //! Every word the server sees in `Data` is a one-time-padded value: uniform in Z_2^32.
+//!
+//! The optional pre-shared key check (HMAC-SHA256 over both nonces and the fingerprint, one label
+//! per direction) lives in the hosts; this crate only carries its messages. It authenticates the
+//! hello only: later frames carry no MAC, so it keeps strangers off the server's compute, not an
+//! attacker who can rewrite the connection.
 
 mod frame;
 mod message;
