@@ -1,0 +1,204 @@
+//! Load on loopback: 16 clients generate 64 tokens each at once against one in-process
+//! `veil-server` (golden tiny model); every client's tokens equal the local reference, and the
+//! process RSS is reported.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use veil_client::files::ModelFiles;
+use veil_client::generate::{generate_private, generate_reference, GenOptions};
+use veil_client::transport::Connection;
+use veil_core::mask::MaskKey;
+use veil_core::model::SamplingParams;
+use veil_core::session::OnlineUnmask;
+
+const CLIENTS: usize = 16;
+const TOKENS: usize = 64;
+
+const PROMPTS: [&str; CLIENTS] = [
+    "Global climate change is primarily caused by",
+    "The quick brown fox",
+    "In the beginning",
+    "Once upon a time, there was a",
+    "The capital of France is",
+    "Machine learning models are",
+    "She opened the door and saw",
+    "The history of the Roman Empire",
+    "My favourite food is",
+    "Scientists have discovered a new",
+    "The stock market today",
+    "How to make a cup of tea:",
+    "The river flows",
+    "A small robot walked into",
+    "It was a dark and stormy night",
+    "Privacy matters because",
+];
+
+fn shared() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    assert!(
+        p.join("golden/tiny/model.safetensors").is_file(),
+        "../shared/golden/tiny is missing beside the repository"
+    );
+    p
+}
+
+/// Quantizes a Hugging Face checkpoint directory into `out` (no calibration).
+fn quantize_dir(model: &Path, out: &Path) {
+    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
+    let q =
+        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
+    let prov = veil_tools::quantize::Provenance {
+        source: model.display().to_string(),
+        smooth_alpha: None,
+        calibration: None,
+    };
+    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
+}
+
+/// A `/proc/self/status` field in KiB.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn opts() -> GenOptions {
+    GenOptions {
+        max_new_tokens: TOKENS,
+        sampling: SamplingParams::GREEDY,
+        seed: 0,
+        eos: None,
+        prefill_rows: 64,
+    }
+}
+
+/// Runs the clients at once; each returns (private tokens, reference tokens).
+fn clients(dir: &Path, prompts: &[Vec<u32>], addr: SocketAddr) -> Vec<(Vec<u32>, Vec<u32>)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let dir = &dir;
+                s.spawn(move || {
+                    let files = ModelFiles::open(dir, true).unwrap();
+                    let got = private(&files, addr, prompt, 0x40 + i as u8);
+                    let linear = files.linear().unwrap().unwrap();
+                    let want = generate_reference(
+                        files.client().unwrap(),
+                        &linear,
+                        prompt,
+                        &opts(),
+                        &mut |_| {},
+                    )
+                    .unwrap()
+                    .0;
+                    (got, want)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// One client: its own connection and mask key, 64 greedy tokens privately.
+fn private(files: &ModelFiles, addr: SocketAddr, prompt: &[u32], key: u8) -> Vec<u32> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut conn = Connection::handshake(
+        s.try_clone().unwrap(),
+        s,
+        files.fingerprint().unwrap(),
+        None,
+    )
+    .unwrap();
+    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
+    let (tokens, _) = generate_private(
+        files.client().unwrap(),
+        &mut conn,
+        &mut src,
+        MaskKey::from_bytes([key; 32]),
+        prompt,
+        &opts(),
+        &mut |_| {},
+    )
+    .unwrap();
+    conn.bye();
+    tokens
+}
+
+#[test]
+fn sixteen_clients_times_64_tokens_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| tok.encode(*p, false).unwrap().get_ids().to_vec())
+        .collect();
+
+    // The server runs in this process (its own runtime and threads), beside the 16 clients: the
+    // RSS figures below are server and clients together, and the growth over the run bounds the
+    // server's share from above.
+    let rss_start = status_kib("VmRSS");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let weights = Arc::new(veil_server::ServerWeights::open_dir(&dir).unwrap());
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(veil_server::serve(
+        listener,
+        weights.clone(),
+        veil_server::ServerConfig::default(),
+        std::future::pending::<()>(),
+    ));
+    let rss_server = status_kib("VmRSS");
+
+    // VmHWM covers the quantization above too: sample the peak of the run itself.
+    let running = AtomicBool::new(true);
+    let started = Instant::now();
+    let (results, rss_peak) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while running.load(Ordering::Relaxed) {
+                peak = peak.max(status_kib("VmRSS"));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        let results = clients(&dir, &prompts, addr);
+        running.store(false, Ordering::Relaxed);
+        (results, sampler.join().unwrap())
+    });
+    let elapsed = started.elapsed();
+    let rss_end = status_kib("VmRSS");
+
+    for (i, (got, want)) in results.iter().enumerate() {
+        assert_eq!(want.len(), TOKENS, "client {i}: reference length");
+        assert_eq!(got, want, "client {i} ({:?})", PROMPTS[i]);
+    }
+    println!(
+        "load: {CLIENTS} clients x {TOKENS} tokens, all equal to the reference, in {elapsed:.1?} \
+         ({} requests computed by the server)",
+        weights.computed_requests()
+    );
+    println!(
+        "load: process RSS (server in-process with the clients): {rss_start} KiB at start, \
+         {rss_server} KiB with the server listening, {rss_end} KiB after the run, \
+         peak {rss_peak} KiB sampled during the run (VmHWM {} KiB includes the quantization)",
+        status_kib("VmHWM"),
+    );
+}
