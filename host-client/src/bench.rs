@@ -145,7 +145,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     modes.insert("online".into(), v);
     tokens.push(("online", t));
 
-    let slots = (args.prompt_tokens + new_tokens + 8) as u64;
+    let (v, t, _) = run_mode(
+        "online_no_verify",
+        base(&["--server", &addr, "--mask-source", "online", "--no-verify"]),
+        &server,
+    )?;
+    modes.insert("online_no_verify".into(), v);
+    tokens.push(("online_no_verify", t));
+
+    // Two pool runs (with and without verification), each prompt + new tokens slots.
+    let slots = (2 * (args.prompt_tokens + new_tokens) + 8) as u64;
     let mut pre = Command::new(&client_bin);
     pre.arg("precompute")
         .arg("--weights")
@@ -182,6 +191,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     modes.insert("pool".into(), v);
     tokens.push(("pool", t));
+    let (v, t, _) = run_mode(
+        "pool_no_verify",
+        base(&[
+            "--server",
+            &addr,
+            "--mask-source",
+            "pool",
+            "--pool",
+            &pool_str,
+            "--no-verify",
+        ]),
+        &server,
+    )?;
+    modes.insert("pool_no_verify".into(), v);
+    tokens.push(("pool_no_verify", t));
     drop(server);
 
     let identical = tokens.iter().all(|(_, t)| *t == tokens[0].1);
@@ -206,7 +230,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "ratios": {
             "pool_cpu_vs_reference": ratio(f("pool", "client_cpu_ms_per_token")),
             "online_cpu_vs_reference": ratio(f("online", "client_cpu_ms_per_token")),
-            "precompute_vs_reference_cpu": ratio(f("pool", "precompute_ms_per_token")),
+            "precompute_cpu_vs_reference_cpu": ratio(f("pool", "precompute_cpu_ms_per_token")),
+            "precompute_wall_vs_reference_cpu": ratio(f("pool", "precompute_ms_per_token")),
+        },
+        "verification_cost_cpu_ms_per_token": {
+            "online": f("online", "client_cpu_ms_per_token") - f("online_no_verify", "client_cpu_ms_per_token"),
+            "pool": f("pool", "client_cpu_ms_per_token") - f("pool_no_verify", "client_cpu_ms_per_token"),
         },
     });
     let rendered = serde_json::to_string_pretty(&out).context("rendering the JSON")?;

@@ -82,7 +82,7 @@ fn bench_golden_tiny_all_modes_agree() {
         );
     }
     // Two blocks: 4 linear layers each, plus the LM head.
-    for mode in ["online", "pool"] {
+    for mode in ["online", "pool", "online_no_verify", "pool_no_verify"] {
         let m = &v["modes"][mode];
         assert_eq!(
             m["round_trips_per_token"].as_f64(),
@@ -100,8 +100,15 @@ fn bench_golden_tiny_all_modes_agree() {
     for r in [
         "pool_cpu_vs_reference",
         "online_cpu_vs_reference",
-        "precompute_vs_reference_cpu",
+        "precompute_cpu_vs_reference_cpu",
+        "precompute_wall_vs_reference_cpu",
     ] {
         assert!(v["ratios"].get(r).is_some(), "ratio {r} missing: {v:#}");
+    }
+    for mode in ["online", "pool"] {
+        assert!(
+            v["verification_cost_cpu_ms_per_token"][mode].is_number(),
+            "verification cost of {mode} missing: {v:#}"
+        );
     }
 }
