@@ -54,6 +54,16 @@ pub struct GenStats {
     pub bytes_up_per_token: f64,
     /// Bytes down per decoded token.
     pub bytes_down_per_token: f64,
+    /// Times the connection was re-established after breaking.
+    pub reconnects: usize,
+}
+
+fn add_stats(a: WireStats, b: WireStats) -> WireStats {
+    WireStats {
+        bytes_up: a.bytes_up + b.bytes_up,
+        bytes_down: a.bytes_down + b.bytes_down,
+        round_trips: a.round_trips + b.round_trips,
+    }
 }
 
 /// Why generation stopped early.
@@ -308,6 +318,50 @@ pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
     opts: &GenOptions,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
+    generate_private_resumable(
+        client,
+        conn,
+        source,
+        key,
+        verification,
+        prompt,
+        opts,
+        on_token,
+        None,
+    )
+}
+
+/// How to carry on when the server connection breaks mid-generation.
+pub struct Resume<'r, R: Read, W: Write> {
+    /// Opens (and handshakes) a new connection.
+    pub reconnect: &'r mut dyn FnMut() -> Result<Connection<R, W>, TransportError>,
+    /// Reconnections allowed over the whole generation.
+    pub retries: usize,
+}
+
+impl<R: Read, W: Write> std::fmt::Debug for Resume<'_, R, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resume")
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// As [`generate_private_checked`], and when the connection breaks, reconnects (up to
+/// `resume.retries` times) and redoes the interrupted step from its start with fresh slots, so
+/// fresh masks: the KV cache holds only completed steps, and no mask is ever sent twice.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_private_resumable<S: UnmaskSource, R: Read, W: Write>(
+    client: ClientWeights<'_>,
+    conn: &mut Connection<R, W>,
+    source: &mut S,
+    key: MaskKey,
+    verification: Option<&Verification>,
+    prompt: &[u32],
+    opts: &GenOptions,
+    on_token: &mut dyn FnMut(u32),
+    mut resume: Option<Resume<'_, R, W>>,
+) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
     let cfg = *client.config();
     let capacity = kv_capacity(&cfg, prompt, opts);
     let rows = opts
@@ -323,10 +377,13 @@ pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
     }
     let pf = std::cell::RefCell::new(pf);
     let generated = std::cell::Cell::new(0usize);
+    // Traffic of connections given up on, and how many times we reconnected.
+    let carried = std::cell::Cell::new(WireStats::default());
+    let reconnects = std::cell::Cell::new(0usize);
     let wire_at_decode = std::cell::Cell::new(None::<WireStats>);
     let mut step = |tokens: &[u32]| -> Result<(), GenError<S::Error>> {
         if tokens.len() == 1 && wire_at_decode.get().is_none() && generated.get() > 0 {
-            wire_at_decode.set(Some(conn.stats));
+            wire_at_decode.set(Some(add_stats(carried.get(), conn.stats)));
         }
         let mut pf = pf.borrow_mut();
         pf.begin(tokens, source)?;
@@ -341,13 +398,26 @@ pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
                 .reply_mut()
                 .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
             debug_assert_eq!(reply.len(), n * od);
-            conn.compute(linear, n, &masked, reply).map_err(|source| {
+            if let Err(err) = conn.compute(linear, n, &masked, reply) {
                 pf.abort_step();
-                GenError::Transport {
+                let fail = |source| GenError::Transport {
                     source,
                     generated: generated.get(),
+                };
+                match resume.as_mut() {
+                    Some(r) if r.retries > 0 && !matches!(err, TransportError::Refused(_)) => {
+                        r.retries -= 1;
+                        let old = conn.stats;
+                        *conn = (r.reconnect)().map_err(fail)?;
+                        carried.set(add_stats(carried.get(), old));
+                        reconnects.set(reconnects.get() + 1);
+                        // Redo the whole step on the new connection, with new slots.
+                        pf.begin(tokens, source)?;
+                        continue;
+                    }
+                    _ => return Err(fail(err)),
                 }
-            })?;
+            }
             let done = pf.complete(source).map_err(|e| match GenError::from(e) {
                 GenError::Integrity { linear, .. } => GenError::Integrity {
                     linear,
@@ -371,13 +441,15 @@ pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
         )
     };
     let (tokens, mut stats) = drive(prompt, opts, capacity, &mut step, &mut pick, on_token)?;
-    stats.wire = conn.stats;
+    stats.wire = add_stats(carried.get(), conn.stats);
+    stats.reconnects = reconnects.get();
     let decode_steps = stats.generated_tokens.saturating_sub(1);
     if let (Some(w0), true) = (wire_at_decode.get(), decode_steps > 0) {
         let n = decode_steps as f64;
-        stats.round_trips_per_token = (conn.stats.round_trips - w0.round_trips) as f64 / n;
-        stats.bytes_up_per_token = (conn.stats.bytes_up - w0.bytes_up) as f64 / n;
-        stats.bytes_down_per_token = (conn.stats.bytes_down - w0.bytes_down) as f64 / n;
+        let w = stats.wire;
+        stats.round_trips_per_token = (w.round_trips - w0.round_trips) as f64 / n;
+        stats.bytes_up_per_token = (w.bytes_up - w0.bytes_up) as f64 / n;
+        stats.bytes_down_per_token = (w.bytes_down - w0.bytes_down) as f64 / n;
     }
     Ok((tokens, stats))
 }

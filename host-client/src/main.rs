@@ -9,11 +9,11 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use veil_client::files::ModelFiles;
 use veil_client::generate::{
-    generate_private_checked, generate_reference, GenOptions, GenStats, Verification,
+    generate_private_resumable, generate_reference, GenOptions, GenStats, Resume, Verification,
     DEFAULT_PREFILL_ROWS,
 };
 use veil_client::pool::PoolSource;
-use veil_client::transport::{read_psk_file, Connection};
+use veil_client::transport::{read_psk_file, Connection, TransportError};
 use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
 use veil_core::session::OnlineUnmask;
@@ -100,6 +100,10 @@ struct RunArgs {
     /// server silently corrupts the output.
     #[arg(long)]
     no_verify: bool,
+    /// Reconnections allowed when the server connection breaks mid-generation; the interrupted
+    /// step is redone on the new connection with fresh masks.
+    #[arg(long, default_value_t = 2)]
+    retries: usize,
 }
 
 #[derive(Debug, Args)]
@@ -216,13 +220,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .as_deref()
             .context("--server ADDR is required (or --reference)")?;
         let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
-        let stream = TcpStream::connect(addr)
-            .with_context(|| format!("connecting to the server at {addr}"))?;
-        stream.set_nodelay(true).ok();
-        let reader = stream.try_clone().context("cloning the socket")?;
         let psk = psk.as_ref().map(|k| k.as_slice());
-        let mut conn = Connection::handshake(reader, stream, files.fingerprint()?, psk)
-            .with_context(|| format!("handshake with {addr}"))?;
+        let fingerprint = files.fingerprint()?;
+        let open = || -> Result<Connection<TcpStream, TcpStream>, TransportError> {
+            let stream = TcpStream::connect(addr)?;
+            stream.set_nodelay(true).ok();
+            let reader = stream.try_clone()?;
+            Connection::handshake(reader, stream, fingerprint, psk)
+        };
+        let mut conn = open().with_context(|| format!("connecting to the server at {addr}"))?;
+        let mut reconnect = || {
+            eprintln!("\nveil-client: connection to {addr} lost; reconnecting and redoing the step with fresh masks");
+            open()
+        };
         let result = match args.mask_source {
             MaskSourceKind::Online => {
                 let linear = files
@@ -234,7 +244,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 let key = MaskKey::from_bytes(key);
                 let verification = (!args.no_verify).then(|| Verification::compute(&key, &linear));
                 let mut source = OnlineUnmask::new(linear);
-                generate_private_checked(
+                generate_private_resumable(
                     client,
                     &mut conn,
                     &mut source,
@@ -243,6 +253,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     &ids,
                     &opts,
                     &mut on_token,
+                    Some(Resume {
+                        reconnect: &mut reconnect,
+                        retries: args.retries,
+                    }),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))
             }
@@ -258,7 +272,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 } else {
                     Some(pool.verification()?)
                 };
-                generate_private_checked(
+                generate_private_resumable(
                     client,
                     &mut conn,
                     &mut pool,
@@ -267,6 +281,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     &ids,
                     &opts,
                     &mut on_token,
+                    Some(Resume {
+                        reconnect: &mut reconnect,
+                        retries: args.retries,
+                    }),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))
             }

@@ -455,3 +455,137 @@ fn tampered_replies_are_always_detected() {
         );
     }
 }
+
+/// A proxy that forwards `frames` server frames and then cuts the connection (a server that
+/// vanishes mid-generation).
+fn cutting_proxy(server: SocketAddr, frames: usize) -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let upstream = TcpStream::connect(server).unwrap();
+        client.set_nodelay(true).unwrap();
+        upstream.set_nodelay(true).unwrap();
+        let (mut c_read, mut u_write) =
+            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c_read, &mut u_write);
+        });
+        let (mut u_read, mut c_write) = (upstream, client);
+        for _ in 0..frames {
+            let mut prefix = [0u8; 4];
+            if u_read.read_exact(&mut prefix).is_err() {
+                return;
+            }
+            let mut frame = prefix.to_vec();
+            frame.resize(4 + u32::from_le_bytes(prefix) as usize, 0);
+            if u_read.read_exact(&mut frame[4..]).is_err() || c_write.write_all(&frame).is_err() {
+                return;
+            }
+        }
+        let _ = c_write.shutdown(std::net::Shutdown::Both);
+        let _ = u_read.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+/// The server vanishes mid-generation: without retries the error says what happened and how far
+/// generation got; with a reconnect, the interrupted step is redone with fresh slots and the
+/// tokens are still exactly the reference's.
+#[test]
+fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
+    use veil_client::generate::{generate_private_resumable, Resume};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let server = start_server(&dir);
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let cfg = *files.client().unwrap().config();
+    let prompt = [464u32, 3290, 286];
+    let o = opts(SamplingParams::GREEDY, 10);
+    let want = reference(&files, &prompt, &o);
+    // Welcome, then some 120 reply frames: a few tokens into the generation.
+    let cut_after = 120;
+    let pool = dir.join("resume.pool");
+    let linear = files.linear().unwrap().unwrap();
+    PoolSource::precompute(
+        &pool,
+        &linear,
+        &files.fingerprint().unwrap(),
+        40,
+        &mut |_, _| {},
+    )
+    .unwrap();
+
+    // No retries: a clear error with the progress.
+    let mut conn = connect(cutting_proxy(server.addr, cut_after), &files);
+    let mut src = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
+    let key = src.key();
+    let err = generate_private(
+        files.client().unwrap(),
+        &mut conn,
+        &mut src,
+        key,
+        &prompt,
+        &o,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    let GenError::Transport { generated, .. } = err else {
+        panic!("{msg}")
+    };
+    assert!(generated > 0 && generated < o.max_new_tokens, "{msg}");
+    assert!(
+        msg.contains(&format!("after {generated} generated tokens")),
+        "{msg}"
+    );
+
+    // With a reconnect: the same tokens as the reference, one reconnection, fresh slots only.
+    let mut src = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
+    let key = src.key();
+    let first_free = src.next_slot();
+    let mut conn = connect(cutting_proxy(server.addr, cut_after), &files);
+    let mut reconnect = || {
+        let s = TcpStream::connect(server.addr)?;
+        Connection::handshake(s.try_clone()?, s, files.fingerprint().unwrap(), None)
+    };
+    let verification = src.verification().unwrap();
+    let (tokens, stats) = generate_private_resumable(
+        files.client().unwrap(),
+        &mut conn,
+        &mut src,
+        key,
+        Some(&verification),
+        &prompt,
+        &o,
+        &mut |_| {},
+        Some(Resume {
+            reconnect: &mut reconnect,
+            retries: 1,
+        }),
+    )
+    .unwrap();
+    assert_eq!(tokens, want);
+    assert_eq!(stats.reconnects, 1);
+    let slots: Vec<u64> = src
+        .reserved_log
+        .iter()
+        .flat_map(|&(f, n)| f..f + n)
+        .collect();
+    assert!(
+        slots.iter().all(|&s| s >= first_free),
+        "a slot from before the restart was reused"
+    );
+    let mut uniq = slots.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    assert_eq!(uniq.len(), slots.len(), "the redone step reused a slot");
+    // The interrupted step's slots were burnt, not reused: more slots than tokens fed.
+    assert!(
+        slots.len() > prompt.len() + (o.max_new_tokens - 1),
+        "{} slots",
+        slots.len()
+    );
+}
