@@ -346,6 +346,21 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         Some(&mut self.y[..n])
     }
 
+    /// The layer waiting to be computed, if any (without drawing its masks).
+    pub fn pending(&self) -> Option<LinearId> {
+        self.fwd.request().map(|r| r.id)
+    }
+
+    /// Computes the pending layer on the client instead of offloading it (the LM head, when local
+    /// is cheaper than unmasking a vocabulary-wide reply). Nothing is masked or sent for it.
+    pub fn complete_locally<E>(
+        &mut self,
+        weights: &LinearWeights<'_>,
+    ) -> Result<StepState, SessionError<E>> {
+        self.prepared = false;
+        Ok(self.fwd.complete_locally(weights)?)
+    }
+
     /// Unmasks the reply and runs the client's work up to the next layer.
     pub fn complete<S: UnmaskSource>(
         &mut self,

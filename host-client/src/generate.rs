@@ -11,6 +11,7 @@ use veil_core::model::{
     sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearWeights, LogitRows,
     SamplingParams, StepState, Workspace, WorkspaceSizes,
 };
+use veil_core::model::{LinearId, LinearKind};
 use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource, Verifier};
 
 use crate::transport::{Connection, TransportError, WireStats};
@@ -328,6 +329,7 @@ pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
         opts,
         on_token,
         None,
+        None,
     )
 }
 
@@ -361,6 +363,7 @@ pub fn generate_private_resumable<S: UnmaskSource, R: Read, W: Write>(
     opts: &GenOptions,
     on_token: &mut dyn FnMut(u32),
     mut resume: Option<Resume<'_, R, W>>,
+    local_lm_head: Option<&LinearWeights<'_>>,
 ) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
     let cfg = *client.config();
     let capacity = kv_capacity(&cfg, prompt, opts);
@@ -388,6 +391,19 @@ pub fn generate_private_resumable<S: UnmaskSource, R: Read, W: Write>(
         let mut pf = pf.borrow_mut();
         pf.begin(tokens, source)?;
         loop {
+            if let (
+                Some(w),
+                Some(LinearId {
+                    kind: LinearKind::LmHead,
+                    ..
+                }),
+            ) = (local_lm_head, pf.pending())
+            {
+                if pf.complete_locally::<S::Error>(w)? == StepState::Done {
+                    return Ok(());
+                }
+                continue;
+            }
             let out = pf
                 .outgoing()
                 .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;

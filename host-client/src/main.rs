@@ -49,6 +49,16 @@ enum MaskSourceKind {
     Pool,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LmHeadPlacement {
+    /// Local with the online mask source, offloaded with a pool (the faster of the two, measured).
+    Auto,
+    /// Compute the LM head on the client (needs linear.veil; its 38 MB int8 matrix is mapped).
+    Local,
+    /// Offload the LM head to the server like the other layers (196 KiB down per token).
+    Offload,
+}
+
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Model directory written by `veil-tools quantize` (client.veil, linear.veil, tokenizer.json).
@@ -104,6 +114,9 @@ struct RunArgs {
     /// step is redone on the new connection with fresh masks.
     #[arg(long, default_value_t = 2)]
     retries: usize,
+    /// Where the LM head (vocabulary-wide, tied to the embeddings) runs.
+    #[arg(long, value_enum, default_value_t = LmHeadPlacement::Auto)]
+    lm_head: LmHeadPlacement,
 }
 
 #[derive(Debug, Args)]
@@ -146,7 +159,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let Some(prompt) = args.prompt.as_deref() else {
         bail!("--prompt TEXT is required")
     };
-    let need_linear = args.reference || args.mask_source == MaskSourceKind::Online;
+    // Where the LM head runs: offloading it saves nothing with the online source (the client
+    // computes r·W for it anyway, as costly as the product itself, then also downloads 196 KiB),
+    // while with a pool the client only reads and subtracts precomputed terms (see memory.md).
+    let local_lm_head = match args.lm_head {
+        LmHeadPlacement::Auto => args.mask_source == MaskSourceKind::Online,
+        LmHeadPlacement::Local => true,
+        LmHeadPlacement::Offload => false,
+    };
+    let need_linear = args.reference || args.mask_source == MaskSourceKind::Online || local_lm_head;
     let files = ModelFiles::open(dir, need_linear)?;
     let client = files.client()?;
     let cfg = *client.config();
@@ -243,7 +264,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
                 let key = MaskKey::from_bytes(key);
                 let verification = (!args.no_verify).then(|| Verification::compute(&key, &linear));
-                let mut source = OnlineUnmask::new(linear);
+                let mut source = OnlineUnmask::new(linear.clone());
                 generate_private_resumable(
                     client,
                     &mut conn,
@@ -257,6 +278,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                         reconnect: &mut reconnect,
                         retries: args.retries,
                     }),
+                    local_lm_head.then_some(&linear),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))
             }
@@ -267,6 +289,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     .context("--pool FILE is needed with --mask-source pool")?;
                 let mut pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
                 let key = pool.key();
+                let lm_weights = if local_lm_head { files.linear()? } else { None };
                 let verification = if args.no_verify {
                     None
                 } else {
@@ -285,6 +308,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                         reconnect: &mut reconnect,
                         retries: args.retries,
                     }),
+                    lm_weights.as_ref(),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))
             }

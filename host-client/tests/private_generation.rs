@@ -565,6 +565,7 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
             reconnect: &mut reconnect,
             retries: 1,
         }),
+        None,
     )
     .unwrap();
     assert_eq!(tokens, want);
@@ -588,4 +589,46 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
         "{} slots",
         slots.len()
     );
+}
+
+/// The LM head computed on the client (the online source's default) gives the same tokens with
+/// one round trip less per token.
+#[test]
+fn local_lm_head_gives_identical_tokens_with_one_round_trip_less() {
+    use veil_client::generate::generate_private_resumable;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let server = start_server(&dir);
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let prompt = [464u32, 3290, 286];
+    let sampled = SamplingParams {
+        temperature_q16: 65536,
+        top_k: 0,
+        top_p_q16: 0,
+    };
+    for sampling in [SamplingParams::GREEDY, sampled] {
+        let o = opts(sampling, 12);
+        let want = reference(&files, &prompt, &o);
+        let linear = files.linear().unwrap().unwrap();
+        let key = MaskKey::from_bytes([21; 32]);
+        let verification = Verification::compute(&key, &linear);
+        let mut src = OnlineUnmask::new(linear.clone());
+        let mut conn = connect(server.addr, &files);
+        let (tokens, stats) = generate_private_resumable(
+            files.client().unwrap(),
+            &mut conn,
+            &mut src,
+            key,
+            Some(&verification),
+            &prompt,
+            &o,
+            &mut |_| {},
+            None,
+            Some(&linear),
+        )
+        .unwrap();
+        assert_eq!(tokens, want);
+        assert_eq!(stats.round_trips_per_token, 8.0);
+    }
 }
