@@ -17,7 +17,7 @@
 //! The core never opens a socket, reads a clock, allocates or draws its own randomness: hosts pass
 //! bytes, buffers and random numbers in.
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // Allowed only in the SIMD kernels (`kernels::x86`, `kernels::neon`).
 #![warn(missing_docs)]
 #![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
 

@@ -60,7 +60,7 @@ impl ModelConfig {
         if dims.contains(&0) {
             return Err(ConfigError::ZeroDimension);
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ConfigError::HeadsDoNotDivideWidth);
         }
         if self.n_embd as usize > crate::kernels::MAX_IN_DIM
