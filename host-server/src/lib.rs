@@ -10,12 +10,17 @@
 //! - [`handle_connection`]: one conversation (see [`veil_core::wire`]) over any
 //!   `AsyncRead + AsyncWrite`, so tests can drive it through `tokio::io::duplex` without sockets.
 //!
+//! - [`Batcher`] (module [`batch`]): continuous batching; concurrent clients' rows for the same
+//!   layer are multiplied in one pass over that layer's weights. [`serve`] starts one.
 //! - [`Psk`]: an optional pre-shared key; with one, a client must answer an HMAC-SHA256 challenge
 //!   in the hello before the server computes anything for it.
 //!
-//! Every message is validated before use; a bad frame gets a typed [`ErrorCode`] and closes that
-//! connection only. Per-connection memory is bounded by
-//! `max_rows · (max_in + max_out) · 4` bytes plus two frame buffers.
+//! Every message is validated before use (with or without batching, the same checks and codes);
+//! a bad frame gets a typed [`ErrorCode`] and closes that connection only. Per-connection memory is
+//! bounded by `max_rows · (max_in + max_out) · 4` bytes plus two frame buffers; each batching
+//! thread adds at most `max_input_words + max_rows · 256` words of scratch.
+
+pub mod batch;
 
 use std::fmt;
 use std::fs::File;
@@ -43,6 +48,8 @@ use veil_core::wire::{
     MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
 use zeroize::Zeroizing;
+
+pub use batch::{BatchConfig, BatchStats, Batcher, Registration};
 
 /// Where the weight bytes live.
 enum Backing {
@@ -306,7 +313,7 @@ impl Eq for Psk {}
 
 /// Even-length hex digits to bytes; `None` if `text` is anything else.
 fn decode_hex(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if text.is_empty() || text.len() % 2 != 0 {
+    if text.is_empty() || !text.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
@@ -410,7 +417,8 @@ impl From<io::Error> for ConnError {
     }
 }
 
-/// Accepts connections on `listener` until `shutdown` completes, serving each on its own task.
+/// Accepts connections on `listener` until `shutdown` completes, serving each on its own task,
+/// with a [`Batcher`] of the default [`BatchConfig`] (see [`serve_with`]).
 ///
 /// At most `config.max_connections` are served at once; others get `Error{Busy}` and are closed.
 /// Returns as soon as `shutdown` fires (no new connections); connections in flight keep running
@@ -419,6 +427,28 @@ pub async fn serve(
     listener: TcpListener,
     weights: Arc<ServerWeights>,
     config: ServerConfig,
+    shutdown: impl Future,
+) {
+    let batcher = match Batcher::new(weights.clone(), BatchConfig::default()) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            log(
+                "listener",
+                format_args!("no batching (cannot start its threads: {e})"),
+            );
+            None
+        }
+    };
+    serve_with(listener, weights, config, batcher, shutdown).await;
+}
+
+/// [`serve`] with the caller's batcher (to choose its limits or read its [`Batcher::stats`]), or
+/// none: each request is then multiplied on its own on the blocking pool.
+pub async fn serve_with(
+    listener: TcpListener,
+    weights: Arc<ServerWeights>,
+    config: ServerConfig,
+    batcher: Option<Batcher>,
     shutdown: impl Future,
 ) {
     let config = ServerConfig {
@@ -444,9 +474,12 @@ pub async fn serve(
                         Ok(permit) => {
                             let weights = weights.clone();
                             let config = config.clone();
+                            let batcher = batcher.clone();
                             tokio::spawn(async move {
                                 log(peer, "connected");
-                                match handle_connection(stream, weights, config).await {
+                                match handle_connection_with(stream, weights, config, batcher)
+                                    .await
+                                {
                                     Ok(end) => log(peer, format_args!("disconnected: {end}")),
                                     Err(e) => log(peer, format_args!("disconnected: {e}")),
                                 }
@@ -486,20 +519,37 @@ fn log(peer: impl fmt::Display, what: impl fmt::Display) {
     eprintln!("veil-server: {peer}: {what}");
 }
 
-/// Runs one conversation over `stream` (see [`veil_core::wire`]) and closes it.
+/// Runs one conversation over `stream` (see [`veil_core::wire`]) and closes it, multiplying each
+/// request on its own (no batching; see [`handle_connection_with`]).
 ///
 /// On a refusal the `Error` frame is sent (best effort) before returning; on any other failure the
 /// stream is just dropped. Never panics on peer input.
 pub async fn handle_connection<S>(
-    mut stream: S,
+    stream: S,
     weights: Arc<ServerWeights>,
     config: ServerConfig,
 ) -> Result<Ending, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    handle_connection_with(stream, weights, config, None).await
+}
+
+/// [`handle_connection`], with requests multiplied by `batcher` (in batches with other
+/// connections' rows for the same layer) when there is one. Validation, limits and error codes are
+/// the same either way.
+pub async fn handle_connection_with<S>(
+    mut stream: S,
+    weights: Arc<ServerWeights>,
+    config: ServerConfig,
+    batcher: Option<Batcher>,
+) -> Result<Ending, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let limit = config.idle_timeout;
-    let mut conn = Conn::new(weights, config);
+    let _registration = batcher.as_ref().map(Batcher::register);
+    let mut conn = Conn::new(weights, config, batcher);
     let result = conn.run(&mut stream).await;
     match &result {
         Ok(_) => {
@@ -558,6 +608,8 @@ async fn drain<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) {
 struct Conn {
     weights: Arc<ServerWeights>,
     config: ServerConfig,
+    /// Where products are computed: shared batches, or alone on the blocking pool.
+    batcher: Option<Batcher>,
     rbuf: Box<[u8]>,
     wbuf: Box<[u8]>,
     /// Masked rows of the current request (≤ max_rows · max_in words).
@@ -586,10 +638,11 @@ enum Frame {
 }
 
 impl Conn {
-    fn new(weights: Arc<ServerWeights>, config: ServerConfig) -> Self {
+    fn new(weights: Arc<ServerWeights>, config: ServerConfig, batcher: Option<Batcher>) -> Self {
         Conn {
             weights,
             config,
+            batcher,
             rbuf: vec![0u8; MAX_FRAME_BODY].into_boxed_slice(),
             wbuf: vec![0u8; MAX_FRAME_BODY + LEN_PREFIX].into_boxed_slice(),
             input: Vec::new(),
@@ -794,21 +847,31 @@ impl Conn {
             self.input.extend(words.iter());
         }
 
-        // Multiply on a blocking thread so the reactor keeps serving other clients.
-        let weights = self.weights.clone();
+        // Multiply off the reactor so it keeps serving other clients: in a batch with other
+        // connections' rows for this layer, or alone on a blocking thread.
         let input = std::mem::take(&mut self.input);
-        let mut output = std::mem::take(&mut self.output);
-        output.clear();
-        output.resize(out_words, 0);
-        let job = tokio::task::spawn_blocking(move || {
-            if let Some(w) = weights.matrix(linear) {
-                matmul_u32_i8(&input, w, in_dim, out_dim, &mut output);
+        let output = std::mem::take(&mut self.output);
+        let (input, output) = match &self.batcher {
+            Some(batcher) => batcher
+                .submit(linear, input, output)
+                .await
+                .map_err(|e| io::Error::other(format!("request {request}: {e}")))?,
+            None => {
+                let weights = self.weights.clone();
+                let mut output = output;
+                output.clear();
+                output.resize(out_words, 0);
+                let job = tokio::task::spawn_blocking(move || {
+                    if let Some(w) = weights.matrix(linear) {
+                        matmul_u32_i8(&input, w, in_dim, out_dim, &mut output);
+                    }
+                    (input, output)
+                });
+                job.await.map_err(|e| {
+                    io::Error::other(format!("request {request}: kernel failed: {e}"))
+                })?
             }
-            (input, output)
-        });
-        let (input, output) = job
-            .await
-            .map_err(|e| io::Error::other(format!("request {request}: kernel failed: {e}")))?;
+        };
         self.input = input;
         self.output = output;
         self.weights.computed.fetch_add(1, Ordering::Relaxed);

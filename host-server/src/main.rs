@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use veil_server::{serve, Psk, ServerConfig, ServerWeights};
+use veil_server::{serve_with, BatchConfig, Batcher, Psk, ServerConfig, ServerWeights};
 
 /// Veil's blind calculator: computes int8 linear layers over one-time-padded rows.
 ///
@@ -43,6 +43,26 @@ struct Args {
     /// hold the same key before anything is computed for them. Without it, anyone may connect.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
+
+    /// Multiply each request on its own instead of batching concurrent clients' rows for the same
+    /// layer into one product.
+    #[arg(long)]
+    no_batching: bool,
+
+    /// Threads computing batches (default: one per CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    compute_threads: Option<u32>,
+
+    /// Most rows in one batch.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    batch_max_rows: u32,
+
+    /// Microseconds a compute thread waits for more rows of the same layer before running a batch
+    /// (0: take whatever is waiting, never wait).
+    #[arg(long, value_name = "MICROS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    batch_window_us: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +93,30 @@ fn main() -> anyhow::Result<()> {
         eprintln!("veil-server: no pre-shared key: any client that reaches this address is served");
     }
 
+    let weights = Arc::new(weights);
+    let batcher = if args.no_batching {
+        eprintln!("veil-server: batching off: each request is multiplied on its own");
+        None
+    } else {
+        let defaults = BatchConfig::default();
+        let batch = BatchConfig {
+            threads: args
+                .compute_threads
+                .map_or(defaults.threads, |n| n as usize),
+            max_rows: args.batch_max_rows as usize,
+            window: Duration::from_micros(args.batch_window_us),
+            ..defaults
+        };
+        let batcher = Batcher::new(weights.clone(), batch).context("cannot start batching")?;
+        let b = batcher.config();
+        eprintln!(
+            "veil-server: batching concurrent requests per layer on {} threads \
+             (≤ {} rows, ≤ {} input words, window {:?})",
+            b.threads, b.max_rows, b.max_input_words, b.window
+        );
+        Some(batcher)
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,7 +133,7 @@ fn main() -> anyhow::Result<()> {
                 std::future::pending::<()>().await;
             }
         };
-        serve(listener, Arc::new(weights), config, shutdown).await;
+        serve_with(listener, weights, config, batcher, shutdown).await;
         anyhow::Ok(())
     })?;
     // Requests in flight get a moment to finish their product; then the process exits.
