@@ -339,6 +339,26 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         })
     }
 
+    /// Masks the pending layer (if not done yet) and hands its masked rows and the reply buffer to
+    /// `exchange` together, so a host can send one and fill the other without copying either.
+    pub fn exchange<E>(
+        &mut self,
+        exchange: impl FnOnce(&Outgoing<'_>, &mut [u32]) -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        let (linear, rows, in_dim, out_dim) = {
+            let o = self.outgoing()?;
+            (o.linear, o.rows, o.in_dim, o.out_dim)
+        };
+        let out = Outgoing {
+            linear,
+            rows,
+            in_dim,
+            out_dim,
+            masked: &self.masked[..rows * in_dim],
+        };
+        Some(exchange(&out, &mut self.y[..rows * out_dim]))
+    }
+
     /// Where the server's products for the pending layer go (`rows · out_dim` words).
     pub fn reply_mut(&mut self) -> Option<&mut [u32]> {
         let req = self.fwd.request()?;

@@ -404,17 +404,10 @@ pub fn generate_private_resumable<S: UnmaskSource, R: Read, W: Write>(
                 }
                 continue;
             }
-            let out = pf
-                .outgoing()
+            let exchanged = pf
+                .exchange(|out, reply| conn.compute(out.linear, out.rows, out.masked, reply))
                 .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
-            let (linear, n, od) = (out.linear, out.rows, out.out_dim);
-            // The masked words are copied out because the reply buffer is borrowed next.
-            let masked: Vec<u32> = out.masked.to_vec();
-            let reply = pf
-                .reply_mut()
-                .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
-            debug_assert_eq!(reply.len(), n * od);
-            if let Err(err) = conn.compute(linear, n, &masked, reply) {
+            if let Err(err) = exchanged {
                 pf.abort_step();
                 let fail = |source| GenError::Transport {
                     source,

@@ -85,6 +85,8 @@ pub struct PoolSource {
     next: u64,
     /// Slots handed out by this process, for tests and stats.
     pub reserved_log: Vec<(u64, u64)>,
+    /// Read buffer, kept between calls so the online phase does not allocate per token.
+    io_buf: Vec<u8>,
 }
 
 fn read_u64(f: &File, at: u64, path: &Path) -> Result<u64, PoolError> {
@@ -139,6 +141,7 @@ impl PoolSource {
             filled,
             next,
             reserved_log: vec![],
+            io_buf: Vec::new(),
         })
     }
 
@@ -280,7 +283,8 @@ impl UnmaskSource for PoolSource {
     ) -> Result<(), PoolError> {
         let o = linear.dims(&self.cfg).1;
         let off = pool_record_offset(&self.cfg, linear);
-        let mut bytes = vec![0u8; o * 4];
+        let mut bytes = std::mem::take(&mut self.io_buf);
+        bytes.resize(o * 4, 0);
         for row in 0..rows {
             let at = self.record_at(first_slot + row as u64, off);
             self.file
@@ -296,6 +300,7 @@ impl UnmaskSource for PoolSource {
                 *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
+        self.io_buf = bytes;
         Ok(())
     }
 }

@@ -105,7 +105,7 @@ pub fn read_psk_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
 
 /// Even-length hex digits to bytes; `None` if `text` is anything else.
 fn decode_hex(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if text.is_empty() || text.len() % 2 != 0 {
+    if text.is_empty() || !text.len().is_multiple_of(2) {
         return None;
     }
     let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
@@ -195,6 +195,8 @@ pub struct Connection<R: Read, W: Write> {
     writer: BufWriter<W>,
     frame: Vec<u8>,
     scratch: Vec<u8>,
+    /// Little-endian staging of one `Data` chunk (kept: no allocation per request).
+    chunk: Vec<u8>,
     max_rows: u32,
     next_request: u32,
     /// Traffic so far.
@@ -235,6 +237,7 @@ impl<R: Read, W: Write> Connection<R, W> {
             writer: BufWriter::with_capacity(64 * 1024, writer),
             frame: vec![0; MAX_FRAME_BODY],
             scratch: vec![0; MAX_FRAME_BODY + LEN_PREFIX],
+            chunk: vec![0; MAX_CHUNK_BYTES],
             max_rows: 0,
             next_request: 0,
             stats: WireStats::default(),
@@ -393,7 +396,7 @@ impl<R: Read, W: Write> Connection<R, W> {
             linear,
             rows: rows as u32,
         })?;
-        let mut bytes = vec![0u8; MAX_CHUNK_BYTES];
+        let bytes = &mut self.chunk;
         for chunk in masked.chunks(MAX_CHUNK_BYTES / 4) {
             for (b, w) in bytes.chunks_exact_mut(4).zip(chunk) {
                 b.copy_from_slice(&w.to_le_bytes());
