@@ -11,7 +11,7 @@
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use embedded_io_adapters::std::FromStd;
 use hmac::Mac as _;
 use rand_core::RngCore as _;
@@ -64,61 +64,29 @@ pub enum TransportError {
     Random(rand_core::Error),
 }
 
-/// Shortest pre-shared key accepted, in bytes (after hex decoding); as `veil-server`.
-pub const PSK_MIN_BYTES: usize = 16;
-/// Largest key file read.
-const PSK_FILE_MAX_BYTES: u64 = 4096;
+pub use veil_core::wire::auth::PSK_MIN_BYTES;
+use veil_core::wire::auth::{transcript, CLIENT_LABEL, PSK_FILE_MAX_BYTES, SERVER_LABEL};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
-/// MAC labels, one per direction (as `veil-server`'s).
-const CLIENT_LABEL: &[u8; 16] = b"veil-auth-client";
-const SERVER_LABEL: &[u8; 16] = b"veil-auth-server";
-
-/// Reads a pre-shared key file exactly as `veil-server --psk-file` does: hex text if the contents
-/// are an even number of hex digits (surrounding whitespace ignored), the raw bytes as stored
-/// otherwise; at least [`PSK_MIN_BYTES`] bytes. The key is wiped from memory on drop.
+/// Reads a pre-shared key file exactly as `veil-server --psk-file` does (both use
+/// `veil_core::wire::auth::decode_psk`: hex text or raw bytes, at least [`PSK_MIN_BYTES`]). The
+/// key is wiped from memory on drop.
 pub fn read_psk_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open the key file {}", path.display()))?;
     let mut contents = Zeroizing::new(Vec::new());
-    file.take(PSK_FILE_MAX_BYTES + 1)
+    file.take(PSK_FILE_MAX_BYTES as u64 + 1)
         .read_to_end(&mut contents)
         .with_context(|| format!("cannot read the key file {}", path.display()))?;
-    if contents.len() as u64 > PSK_FILE_MAX_BYTES {
-        bail!(
-            "{} is larger than {PSK_FILE_MAX_BYTES} bytes: not a key file",
-            path.display()
-        );
-    }
-    let key = decode_hex(contents.trim_ascii()).unwrap_or_else(|| contents.clone());
-    if key.len() < PSK_MIN_BYTES {
-        bail!(
-            "key file {}: the pre-shared key has {} bytes, at least {PSK_MIN_BYTES} are needed \
-             (make one with `openssl rand -hex 32 > veil.psk`)",
-            path.display(),
-            key.len()
-        );
-    }
+    let mut key = Zeroizing::new(vec![0u8; contents.len()]);
+    let n = veil_core::wire::auth::decode_psk(&contents, &mut key)
+        .with_context(|| format!("key file {}", path.display()))?;
+    key.truncate(n);
     Ok(key)
 }
 
-/// Even-length hex digits to bytes; `None` if `text` is anything else.
-fn decode_hex(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if text.is_empty() || !text.len().is_multiple_of(2) {
-        return None;
-    }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));
-    for pair in text.chunks_exact(2) {
-        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
-    }
-    Some(out)
-}
-
-/// The MAC of one side's transcript. Layout (must match `veil-server`'s `Psk::mac` byte for
-/// byte): `label (16) ‖ protocol (u32 LE) ‖ fingerprint (32) ‖ server nonce (32) ‖ client nonce
-/// (32)`.
+/// The MAC of one side's transcript (`veil_core::wire::auth::transcript`).
 fn auth_mac(
     psk: &[u8],
     label: &[u8; 16],
@@ -129,11 +97,7 @@ fn auth_mac(
     // HMAC takes keys of any length: this never fails.
     let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(psk)
         .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-    mac.update(label);
-    mac.update(&PROTOCOL_VERSION.to_le_bytes());
-    mac.update(fingerprint);
-    mac.update(server_nonce);
-    mac.update(client_nonce);
+    mac.update(&transcript(label, fingerprint, server_nonce, client_nonce));
     mac
 }
 

@@ -212,17 +212,12 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Shortest pre-shared key accepted, in bytes (after hex decoding).
-pub const PSK_MIN_BYTES: usize = 16;
-/// Largest key file read: a key is a few dozen bytes, anything much bigger is the wrong file.
-const PSK_FILE_MAX_BYTES: u64 = 4096;
+use veil_core::wire::auth::PSK_FILE_MAX_BYTES;
+pub use veil_core::wire::auth::PSK_MIN_BYTES;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
-/// MAC labels, one per direction (same length, so the transcript layout is unambiguous), so that
-/// neither side's proof can be reflected back as the other's.
-const CLIENT_LABEL: &[u8; 16] = b"veil-auth-client";
-const SERVER_LABEL: &[u8; 16] = b"veil-auth-server";
+use veil_core::wire::auth::{transcript, CLIENT_LABEL, SERVER_LABEL};
 
 /// A pre-shared key: with one, a client must prove it holds the same key (HMAC-SHA256
 /// challenge-response in the hello) before the server computes anything for it, and the server
@@ -238,11 +233,7 @@ impl Psk {
     pub fn new(key: Vec<u8>) -> anyhow::Result<Psk> {
         let key = Zeroizing::new(key);
         if key.len() < PSK_MIN_BYTES {
-            bail!(
-                "the pre-shared key has {} bytes, at least {PSK_MIN_BYTES} are needed \
-                 (make one with `openssl rand -hex 32 > veil.psk`)",
-                key.len()
-            );
+            bail!("{}", veil_core::wire::auth::PskError::TooShort(key.len()));
         }
         Ok(Psk(Arc::new(key)))
     }
@@ -251,10 +242,9 @@ impl Psk {
     /// (surrounding whitespace ignored), the raw bytes as stored otherwise. `veil-client` reads
     /// its `--psk-file` the same way.
     pub fn from_file_contents(contents: &[u8]) -> anyhow::Result<Psk> {
-        match decode_hex(contents.trim_ascii()) {
-            Some(key) => Psk::new(key.to_vec()),
-            None => Psk::new(contents.to_vec()),
-        }
+        let mut key = Zeroizing::new(vec![0u8; contents.len()]);
+        let n = veil_core::wire::auth::decode_psk(contents, &mut key)?;
+        Psk::new(key[..n].to_vec())
     }
 
     /// Reads a key file (see [`Psk::from_file_contents`]).
@@ -262,21 +252,14 @@ impl Psk {
         let file = File::open(path)
             .with_context(|| format!("cannot open the key file {}", path.display()))?;
         let mut contents = Zeroizing::new(Vec::new());
-        file.take(PSK_FILE_MAX_BYTES + 1)
+        file.take(PSK_FILE_MAX_BYTES as u64 + 1)
             .read_to_end(&mut contents)
             .with_context(|| format!("cannot read the key file {}", path.display()))?;
-        if contents.len() as u64 > PSK_FILE_MAX_BYTES {
-            bail!(
-                "{} is larger than {PSK_FILE_MAX_BYTES} bytes: not a key file",
-                path.display()
-            );
-        }
         Psk::from_file_contents(&contents).with_context(|| format!("key file {}", path.display()))
     }
 
-    /// The MAC of one side's transcript. Layout (must match `veil-client`'s transport byte for
-    /// byte): `label (16) ‖ protocol (u32 LE) ‖ fingerprint (32) ‖ server nonce (32) ‖ client
-    /// nonce (32)`.
+    /// The MAC of one side's transcript (`veil_core::wire::auth::transcript`, shared with the
+    /// client).
     fn mac(
         &self,
         label: &[u8; 16],
@@ -287,11 +270,7 @@ impl Psk {
         // HMAC takes keys of any length: this never fails.
         let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(&self.0)
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        mac.update(label);
-        mac.update(&PROTOCOL_VERSION.to_le_bytes());
-        mac.update(fingerprint);
-        mac.update(server_nonce);
-        mac.update(client_nonce);
+        mac.update(&transcript(label, fingerprint, server_nonce, client_nonce));
         mac
     }
 }
@@ -310,19 +289,6 @@ impl PartialEq for Psk {
 }
 
 impl Eq for Psk {}
-
-/// Even-length hex digits to bytes; `None` if `text` is anything else.
-fn decode_hex(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if text.is_empty() || !text.len().is_multiple_of(2) {
-        return None;
-    }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Zeroizing::new(Vec::with_capacity(text.len() / 2));
-    for pair in text.chunks_exact(2) {
-        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
-    }
-    Some(out)
-}
 
 /// Limits of the server.
 #[derive(Clone, Debug, PartialEq, Eq)]

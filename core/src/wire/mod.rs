@@ -28,6 +28,7 @@
 //! hello only: later frames carry no MAC, so it keeps strangers off the server's compute, not an
 //! attacker who can rewrite the connection.
 
+pub mod auth;
 mod frame;
 mod message;
 
