@@ -69,16 +69,9 @@ impl ChannelScale {
 
     /// The factor as a real number (tools and tests).
     pub fn to_f64(self) -> f64 {
-        self.mult as f64 / libm_exp2(self.shift as i32)
+        // shift < 127 by construction, so the power of two is exact in both u128 and f64.
+        self.mult as f64 / (1u128 << self.shift.min(127)) as f64
     }
-}
-
-fn libm_exp2(e: i32) -> f64 {
-    let mut v = 1.0f64;
-    for _ in 0..e {
-        v *= 2.0;
-    }
-    v
 }
 
 /// Turns an exact int8 product sum into Q16.16: `round(acc · m · mult / 2^shift)`, saturated.
