@@ -83,6 +83,35 @@ pub fn matmul_i8_i8(x: &[i8], w: &[u8], in_dim: usize, out_dim: usize, y: &mut [
     Kernel::best().matmul_i8_i8(x, w, in_dim, out_dim, y);
 }
 
+/// `Σ_i a[i] · b[i]` over `i16`, exact in `i64` (the attention scores `q · k`). Panics if the
+/// lengths differ.
+#[inline]
+pub fn dot_i16_i16(a: &[i16], b: &[i16]) -> i64 {
+    Kernel::best().dot_i16_i16(a, b)
+}
+
+/// `acc[i] += p · round(v[i] / 2^shift)` in wrapping `i32` (the attention's weighted sum of
+/// values), `shift ≤ 31`, ties rounded up. Panics if the lengths differ.
+#[inline]
+pub fn axpy_i16(acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
+    Kernel::best().axpy_i16(acc, p, v, shift)
+}
+
+/// `out[t] = Σ_i q[i] · keys[t · stride + i]` (exact `i64`): one attention query against
+/// `out.len()` cached keys `stride` apart. Panics if `keys` is too short.
+#[inline]
+pub fn dot_i16_rows(q: &[i16], keys: &[i16], stride: usize, out: &mut [i64]) {
+    Kernel::best().dot_i16_rows(q, keys, stride, out)
+}
+
+/// `acc += Σ_t p[t] · round(values[t · stride..][..acc.len()] / 2^shift[t])` in wrapping `i32`
+/// (shifts clamped to `0..=31`; zero weights skipped): one head's weighted sum of cached values.
+/// Panics if `values` is too short or `p` and `shift` differ in length.
+#[inline]
+pub fn axpy_i16_rows(acc: &mut [i32], p: &[i32], shift: &[i32], values: &[i16], stride: usize) {
+    Kernel::best().axpy_i16_rows(acc, p, shift, values, stride)
+}
+
 /// Checks a product's shapes and returns the number of input rows.
 fn check_shape(x_len: usize, w_len: usize, in_dim: usize, out_dim: usize, y_len: usize) -> usize {
     assert!(
@@ -200,6 +229,43 @@ impl Kernel {
             Kernel::Avx2(t) => t.dot_i8_i8(x, w),
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
             Kernel::Neon => neon::dot_i8_i8(x, w),
+        }
+    }
+
+    #[inline]
+    fn dot_i16_i16(self, a: &[i16], b: &[i16]) -> i64 {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(t) => t.dot_i16_i16(a, b),
+            // NEON is aarch64's baseline: the portable body already vectorises with it.
+            _ => scalar::dot_i16_i16(a, b),
+        }
+    }
+
+    #[inline]
+    fn axpy_i16(self, acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(t) => t.axpy_i16(acc, p, v, shift),
+            _ => scalar::axpy_i16(acc, p, v, shift),
+        }
+    }
+
+    #[inline]
+    fn dot_i16_rows(self, q: &[i16], keys: &[i16], stride: usize, out: &mut [i64]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(t) => t.dot_i16_rows(q, keys, stride, out),
+            _ => scalar::dot_i16_rows(q, keys, stride, out),
+        }
+    }
+
+    #[inline]
+    fn axpy_i16_rows(self, acc: &mut [i32], p: &[i32], shift: &[i32], v: &[i16], stride: usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(t) => t.axpy_i16_rows(acc, p, shift, v, stride),
+            _ => scalar::axpy_i16_rows(acc, p, shift, v, stride),
         }
     }
 
@@ -395,7 +461,94 @@ mod tests {
         dot_u32_i8(&[1; 17], &[1; 16]);
     }
 
+    #[test]
+    fn test_i16_kernels_exact_at_the_extremes() {
+        // Every product at ±2^15·2^15 (the i32 pair sum of two would overflow): the i64 dot stays
+        // exact, and the shifted axpy rounds half up like `round_shift`.
+        for len in [0usize, 1, 7, 8, 9, 64, 65, 1000] {
+            let a = vec![i16::MIN; len];
+            let b = vec![i16::MIN; len];
+            let c = vec![i16::MAX; len];
+            for kernel in Kernel::all() {
+                assert_eq!(
+                    kernel.dot_i16_i16(&a, &b),
+                    len as i64 * (1i64 << 30),
+                    "{kernel:?}"
+                );
+                assert_eq!(
+                    kernel.dot_i16_i16(&a, &c),
+                    -(len as i64) * 32768 * 32767,
+                    "{kernel:?}"
+                );
+            }
+        }
+        for kernel in Kernel::all() {
+            for shift in 0..=31u32 {
+                let v: Vec<i16> = (-40..40)
+                    .map(|k| (k * 821) as i16)
+                    .chain([i16::MIN, i16::MAX])
+                    .collect();
+                let mut acc = vec![5i32; v.len()];
+                kernel.axpy_i16(&mut acc, -32768, &v, shift);
+                for (a, &x) in acc.iter().zip(&v) {
+                    let r = crate::fixed::round_shift_i64(x as i64, shift);
+                    assert_eq!(*a as i64, 5 - 32768 * r, "{kernel:?} shift {shift} x {x}");
+                }
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn prop_i16_row_kernels_match_one_by_one(
+            dh in 1usize..=80, n in 0usize..=40, extra in 0usize..8, seed in any::<u64>()
+        ) {
+            use rand_chacha::rand_core::{RngCore, SeedableRng};
+            let stride = dh + extra;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let q: Vec<i16> = (0..dh).map(|_| rng.next_u32() as i16).collect();
+            let kv: Vec<i16> = (0..n * stride).map(|_| rng.next_u32() as i16).collect();
+            let p: Vec<i32> = (0..n).map(|_| (rng.next_u32() % 3) as i32 * (rng.next_u32() % 1024) as i32).collect();
+            let sh: Vec<i32> = (0..n).map(|_| (rng.next_u32() % 40) as i32 - 4).collect();
+            let mut want_acc = vec![0i32; dh];
+            for t in 0..n {
+                let k = &kv[t * stride..t * stride + dh];
+                let want: i64 = q.iter().zip(k).map(|(&a, &b)| a as i64 * b as i64).sum();
+                for kernel in Kernel::all() {
+                    let mut out = vec![0i64; n];
+                    kernel.dot_i16_rows(&q, &kv, stride, &mut out);
+                    prop_assert_eq!(out[t], want, "{:?}", kernel);
+                }
+                if p[t] != 0 {
+                    scalar::axpy_i16(&mut want_acc, p[t], k, sh[t].clamp(0, 31) as u32);
+                }
+            }
+            for kernel in Kernel::all() {
+                let mut acc = vec![0i32; dh];
+                kernel.axpy_i16_rows(&mut acc, &p, &sh, &kv, stride);
+                prop_assert_eq!(&acc, &want_acc, "{:?}", kernel);
+            }
+        }
+
+        #[test]
+        fn prop_i16_kernels_match_naive(
+            v in proptest::collection::vec((any::<i16>(), any::<i16>()), 0..300),
+            p in -(1i32 << 15)..=(1i32 << 15), shift in 0u32..=31, start in any::<i32>()
+        ) {
+            let (a, b): (Vec<i16>, Vec<i16>) = v.into_iter().unzip();
+            let dot: i64 = a.iter().zip(&b).map(|(&x, &y)| x as i64 * y as i64).sum();
+            for kernel in Kernel::all() {
+                prop_assert_eq!(kernel.dot_i16_i16(&a, &b), dot, "{:?}", kernel);
+                let mut acc = vec![start; a.len()];
+                kernel.axpy_i16(&mut acc, p, &b, shift);
+                for (&got, &x) in acc.iter().zip(&b) {
+                    let r = crate::fixed::round_shift_i64(x as i64, shift);
+                    let want = (start as i64 + p as i64 * r) as i32; // wrapping, like the kernel
+                    prop_assert_eq!(got, want, "{:?}", kernel);
+                }
+            }
+        }
+
         #[test]
         fn prop_every_dot_kernel_matches_naive(
             len in 1usize..=1000, mode in 0u8..4, seed in any::<u64>()

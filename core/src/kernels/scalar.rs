@@ -60,3 +60,65 @@ pub fn matmul_i8_i8(x: &[i8], w: &[u8], in_dim: usize, out_dim: usize, y: &mut [
         }
     }
 }
+
+/// `Σ_i a[i] · b[i]`, exact in `i64` for every `i16` input (|sum| ≤ len · 2^30).
+///
+/// Products go through `i32` pairs only when they cannot overflow, so the loop is written per
+/// element in `i64`; LLVM widens and vectorises it (pmuldq / smlal) for the target it is compiled
+/// for, which is why the AVX2 dispatch reuses this very body.
+#[inline(always)]
+pub fn dot_i16_i16(a: &[i16], b: &[i16]) -> i64 {
+    assert_eq!(a.len(), b.len(), "dot of unequal lengths");
+    let mut acc = [0i64; 8];
+    let mut xs = a.chunks_exact(8);
+    let mut ws = b.chunks_exact(8);
+    for (xs, ws) in (&mut xs).zip(&mut ws) {
+        for k in 0..8 {
+            acc[k] += xs[k] as i64 * ws[k] as i64;
+        }
+    }
+    let mut total: i64 = acc.iter().sum();
+    for (&x, &w) in xs.remainder().iter().zip(ws.remainder()) {
+        total += x as i64 * w as i64;
+    }
+    total
+}
+
+/// `acc[i] += p · round(v[i] / 2^shift)` (wrapping in `i32`), `shift ≤ 31`, ties rounded up.
+///
+/// The attention's weighted sum of values: exact (no wrap) while `Σ |p| · 2^15 < 2^31` over all
+/// the calls that feed one `acc`, which the caller guarantees.
+#[inline(always)]
+pub fn axpy_i16(acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
+    assert_eq!(acc.len(), v.len(), "axpy of unequal lengths");
+    let shift = shift.min(31);
+    // x + half ≤ 2^15 + 2^30: no overflow for any i16 and shift.
+    let half = ((1u32 << shift) >> 1) as i32;
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = a.wrapping_add(p.wrapping_mul((x as i32 + half) >> shift));
+    }
+}
+
+/// `out[t] = Σ_i q[i] · keys[t · stride + i]`: one query against `out.len()` keys laid out
+/// `stride` apart (one attention head over the cache).
+#[inline(always)]
+pub fn dot_i16_rows(q: &[i16], keys: &[i16], stride: usize, out: &mut [i64]) {
+    for (t, o) in out.iter_mut().enumerate() {
+        let b = t * stride;
+        *o = dot_i16_i16(q, &keys[b..b + q.len()]);
+    }
+}
+
+/// `acc += Σ_t p[t] · round(values[t · stride ..][..acc.len()] / 2^shift[t])`, wrapping `i32`:
+/// the attention's weighted sum of one head's values; positions with `p[t] == 0` are skipped.
+#[inline(always)]
+pub fn axpy_i16_rows(acc: &mut [i32], p: &[i32], shift: &[i32], values: &[i16], stride: usize) {
+    assert_eq!(p.len(), shift.len(), "one shift per weight");
+    let w = acc.len();
+    for (t, (&p, &s)) in p.iter().zip(shift).enumerate() {
+        if p != 0 {
+            let b = t * stride;
+            axpy_i16(acc, p, &values[b..b + w], s.clamp(0, 31) as u32);
+        }
+    }
+}

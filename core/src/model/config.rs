@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Longest context supported: the attention's `i32` sum of Q15 probabilities times 16-bit values
+/// stays exact while `(2^15 + n) · 2^15 < 2^31` (GPT-2 models have 1024).
+pub const MAX_POSITIONS: u32 = 1 << 14;
+
 /// The shape of a GPT-2-family model (the fields of Hugging Face's `config.json` that matter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -69,7 +73,7 @@ impl ModelConfig {
             return Err(ConfigError::TooWide);
         }
         if self.n_layer > 1024
-            || self.n_positions > 1 << 20
+            || self.n_positions > MAX_POSITIONS
             || self.vocab_size > 1 << 24
             || self.n_head > self.n_embd
         {

@@ -13,10 +13,10 @@
 use super::config::{LinearId, LinearKind, ModelConfig};
 use super::format::{ClientWeights, LinearWeights};
 use super::kv::KvCache;
-use crate::fixed::{isqrt_u128, round_shift_i128, round_shift_i64, saturate_i32, FRAC_BITS};
-use crate::kernels::matmul_i8_i8;
+use crate::fixed::{isqrt_u128, round_shift_i128, round_shift_i64, saturate_i32};
+use crate::kernels::{self, matmul_i8_i8};
 use crate::nonlinear::{gelu, layer_norm, softmax};
-use crate::quant::{quantize_row, rescale, ActScale};
+use crate::quant::{quantize_row, rescale, ActScale, BlockI16};
 
 /// Largest attention head width supported (a stack buffer of this many `i64` per head).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -535,6 +535,14 @@ impl<'w, 'a> Forward<'w, 'a> {
 
     /// Causal multi-head attention of every row over the cache; the output rows are quantized into
     /// the request buffer for `attn.c_proj`.
+    ///
+    /// All in 16-bit vectors so the inner loops run as SIMD ([`kernels::dot_i16_i16`],
+    /// [`kernels::axpy_i16`]): the query head is block-encoded like the cached keys, the scores are
+    /// exact `i64` dot products, and the weighted sum of values accumulates in `i32` with Q15
+    /// probabilities and every value brought to the head's largest shift `S` over the context.
+    /// `Σ p ≤ 2^15 + n` and `|v| ≤ 2^15` keep that sum below 2^31 for every `n ≤ 2^14` (the configuration's limit, [`super::config::MAX_POSITIONS`]);
+    /// bringing a value to shift `S` costs at most half a step of `2^S`, the same bound as the
+    /// cache's own encoding at that shift.
     fn attention(&mut self, layer: usize) {
         let d = self.cfg.d();
         let n_head = self.cfg.n_head as usize;
@@ -544,31 +552,46 @@ impl<'w, 'a> Forward<'w, 'a> {
             let n = pos + 1; // causal: positions 0..=pos
             for h in 0..n_head {
                 let q = &self.ws.hidden[r * 3 * d + h * dh..r * 3 * d + (h + 1) * dh];
-                for t in 0..n {
-                    let (k, ks) = self.kv.key(layer, t, h);
-                    let s: i64 = q.iter().zip(k).map(|(&a, &b)| a as i64 * b as i64).sum();
-                    // score = s · 2^ks / 2^32 / sqrt(dh), in Q16: s · inv · 2^ks / 2^47.
-                    let wide = s as i128 * self.inv_sqrt_dh_q31 as i128;
-                    self.ws.scores[t] = crate::fixed::saturate_i32_wide(round_shift_i128(
-                        wide,
-                        47 - ks.min(17) as u32,
-                    ));
+                let mut q16 = [0i16; MAX_HEAD_DIM];
+                let qs = BlockI16::encode(q, &mut q16[..dh]) as u32;
+                let keys = self.kv.head_keys(layer, h, n);
+                let mut dots = [0i64; 64];
+                for t0 in (0..n).step_by(dots.len()) {
+                    let m = (n - t0).min(dots.len());
+                    kernels::dot_i16_rows(&q16[..dh], &keys[t0 * d..], d, &mut dots[..m]);
+                    for (t, &s) in (t0..t0 + m).zip(&dots[..m]) {
+                        // s · 2^(qs+ks) is q·k in Q32; the score is that / sqrt(dh) in Q16:
+                        // s · inv · 2^(qs+ks) / 2^47 (qs, ks ≤ 17, so the shift stays positive).
+                        let ks = self.kv.key_shift(layer, t, h).min(17) as u32;
+                        let wide = s as i128 * self.inv_sqrt_dh_q31 as i128;
+                        self.ws.scores[t] =
+                            crate::fixed::saturate_i32_wide(round_shift_i128(wide, 47 - qs - ks));
+                    }
                 }
                 softmax(&self.ws.scores[..n], &mut self.ws.probs[..n]);
-                let mut acc = [0i64; MAX_HEAD_DIM];
+                let top = (0..n)
+                    .map(|t| self.kv.value_shift(layer, t, h).min(17))
+                    .max()
+                    .unwrap_or(0) as i32;
+                // The scores are spent: their buffer now holds each position's shift down to
+                // `top`, and the probabilities go Q16 → Q15, rounded (p ≤ 2^16, so p15 ≤ 2^15).
                 for t in 0..n {
-                    let p = self.ws.probs[t] as i64;
-                    if p == 0 {
-                        continue;
-                    }
-                    let (v, vs) = self.kv.value(layer, t, h);
-                    for (a, &x) in acc[..dh].iter_mut().zip(v) {
-                        *a += (p * x as i64) << vs.min(17);
-                    }
+                    self.ws.scores[t] = top - self.kv.value_shift(layer, t, h).min(17) as i32;
+                    self.ws.probs[t] = (self.ws.probs[t] + 1) >> 1;
                 }
+                let mut acc = [0i32; MAX_HEAD_DIM];
+                kernels::axpy_i16_rows(
+                    &mut acc[..dh],
+                    &self.ws.probs[..n],
+                    &self.ws.scores[..n],
+                    self.kv.head_values(layer, h, n),
+                    d,
+                );
+                let top = top as u32;
                 let o = &mut self.ws.norm[r * d + h * dh..r * d + (h + 1) * dh];
                 for (o, &a) in o.iter_mut().zip(&acc[..dh]) {
-                    *o = saturate_i32(round_shift_i64(a, FRAC_BITS));
+                    // a · 2^top is Q31 (Q15 · Q16): back to Q16.16.
+                    *o = saturate_i32(round_shift_i64((a as i64) << top, 15));
                 }
             }
             let row = r * d..(r + 1) * d;

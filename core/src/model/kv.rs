@@ -119,25 +119,37 @@ impl<'a> KvCache<'a> {
         }
     }
 
-    /// The key of `head` at `pos` in `layer`: values and shift.
+    /// Keys of `head` in `layer` for positions `0..n`: position `t` at `[t · d..][..head_dim]`
+    /// (the stride is `d`, the rows of the other heads lie between).
     #[inline]
-    pub(crate) fn key(&self, layer: usize, pos: usize, head: usize) -> (&[i16], u8) {
-        let dh = self.d / self.n_head;
-        let b = self.base(layer, pos) + head * dh;
-        (
-            &self.k[b..b + dh],
-            self.k_shift[(layer * self.capacity + pos) * self.n_head + head],
-        )
+    pub(crate) fn head_keys(&self, layer: usize, head: usize, n: usize) -> &[i16] {
+        self.head_rows(self.k, layer, head, n)
     }
 
-    /// The value of `head` at `pos` in `layer`: values and shift.
+    /// Values of `head` in `layer` for positions `0..n`, laid out as [`KvCache::head_keys`].
     #[inline]
-    pub(crate) fn value(&self, layer: usize, pos: usize, head: usize) -> (&[i16], u8) {
+    pub(crate) fn head_values(&self, layer: usize, head: usize, n: usize) -> &[i16] {
+        self.head_rows(self.v, layer, head, n)
+    }
+
+    fn head_rows<'s>(&self, all: &'s [i16], layer: usize, head: usize, n: usize) -> &'s [i16] {
         let dh = self.d / self.n_head;
-        let b = self.base(layer, pos) + head * dh;
-        (
-            &self.v[b..b + dh],
-            self.v_shift[(layer * self.capacity + pos) * self.n_head + head],
-        )
+        let b = self.base(layer, 0) + head * dh;
+        if n == 0 {
+            return &all[b..b];
+        }
+        &all[b..self.base(layer, n - 1) + head * dh + dh]
+    }
+
+    /// The shift of the key of `head` at `pos` in `layer`.
+    #[inline]
+    pub(crate) fn key_shift(&self, layer: usize, pos: usize, head: usize) -> u8 {
+        self.k_shift[(layer * self.capacity + pos) * self.n_head + head]
+    }
+
+    /// The shift of the value of `head` at `pos` in `layer`.
+    #[inline]
+    pub(crate) fn value_shift(&self, layer: usize, pos: usize, head: usize) -> u8 {
+        self.v_shift[(layer * self.capacity + pos) * self.n_head + head]
     }
 }
