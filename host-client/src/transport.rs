@@ -8,7 +8,7 @@
 //! `ServerProof{mac}` ← `Welcome` ←. Each side's MAC covers a per-direction label, the protocol
 //! version, the fingerprint and both nonces, so neither proof can be replayed or reflected.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -155,7 +155,9 @@ enum Reply {
 
 /// A session with a server.
 pub struct Connection<R: Read, W: Write> {
-    reader: FromStd<Counting<R>>,
+    /// Buffered so a frame's length prefix and body (and the next frames of a reply) come in one
+    /// `recv`, not two each; counted below the buffer, so the count is bytes off the wire.
+    reader: FromStd<BufReader<Counting<R>>>,
     writer: BufWriter<W>,
     frame: Vec<u8>,
     scratch: Vec<u8>,
@@ -194,10 +196,13 @@ impl<R: Read, W: Write> Connection<R, W> {
         psk: Option<&[u8]>,
     ) -> Result<Self, TransportError> {
         let mut c = Connection {
-            reader: FromStd::new(Counting {
-                inner: reader,
-                count: 0,
-            }),
+            reader: FromStd::new(BufReader::with_capacity(
+                64 * 1024,
+                Counting {
+                    inner: reader,
+                    count: 0,
+                },
+            )),
             writer: BufWriter::with_capacity(64 * 1024, writer),
             frame: vec![0; MAX_FRAME_BODY],
             scratch: vec![0; MAX_FRAME_BODY + LEN_PREFIX],
@@ -341,7 +346,7 @@ impl<R: Read, W: Write> Connection<R, W> {
 
     fn recv(&mut self) -> Result<Message<'_>, TransportError> {
         let msg = read_frame(&mut self.reader, &mut self.frame)?;
-        self.stats.bytes_down = self.reader.inner().count;
+        self.stats.bytes_down = self.reader.inner().get_ref().count;
         Ok(msg)
     }
 
