@@ -295,7 +295,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 } else {
                     Some(pool.verification()?)
                 };
-                generate_private_resumable(
+                let generated = generate_private_resumable(
                     client,
                     &mut conn,
                     &mut pool,
@@ -310,7 +310,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     }),
                     lm_weights.as_ref(),
                 )
-                .map_err(|e| anyhow::anyhow!("{e}"))
+                .map_err(|e| anyhow::anyhow!("{e}"));
+                // Slots claimed ahead go back to the pool; if that fails they are only skipped.
+                if let Err(e) = pool.close() {
+                    eprintln!("warning: {e} (a few unused pool slots will be skipped)");
+                }
+                generated
             }
         };
         let out =

@@ -83,6 +83,9 @@ pub struct PoolSource {
     record_words: usize,
     filled: u64,
     next: u64,
+    /// The next-slot counter as last made durable: slots below it may already have left masked,
+    /// so a later run never starts below it; `next..durable` are claimed but unused.
+    durable: u64,
     /// Slots handed out by this process, for tests and stats.
     pub reserved_log: Vec<(u64, u64)>,
     /// Read buffer, kept between calls so the online phase does not allocate per token.
@@ -140,6 +143,7 @@ impl PoolSource {
             record_words,
             filled,
             next,
+            durable: next,
             reserved_log: vec![],
             io_buf: Vec::new(),
         })
@@ -245,7 +249,33 @@ impl PoolSource {
     pub fn next_slot(&self) -> u64 {
         self.next
     }
+
+    /// Writes the next-slot counter and waits until it is on disk.
+    fn write_next(&self, next: u64) -> Result<(), PoolError> {
+        let io = |source| PoolError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file
+            .write_all_at(&next.to_le_bytes(), NEXT_AT)
+            .map_err(io)?;
+        self.file.sync_data().map_err(io)
+    }
+
+    /// Gives back the slots claimed ahead but not used, so the next run starts right after the
+    /// last slot whose masks were used. Dropping without `close` (or a crash) only skips them.
+    pub fn close(mut self) -> Result<(), PoolError> {
+        if self.durable > self.next {
+            self.write_next(self.next)?;
+            self.durable = self.next;
+        }
+        Ok(())
+    }
 }
+
+/// Slots claimed beyond a step's need whenever the durable counter must move (one fsync per
+/// this many decode tokens instead of one per token).
+const RESERVE_AHEAD: u64 = 16;
 
 impl UnmaskSource for PoolSource {
     type Error = PoolError;
@@ -259,15 +289,14 @@ impl UnmaskSource for PoolSource {
             });
         }
         let first = self.next;
-        let io = |source| PoolError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        // Durable before any masked row of these slots exists.
-        self.file
-            .write_all_at(&(first + rows).to_le_bytes(), NEXT_AT)
-            .map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        if first + rows > self.durable {
+            // Durable before any masked row of these slots exists. Claim a few steps ahead so a
+            // decode step costs no write and no fsync most of the time; claimed slots a crash
+            // leaves unused are skipped, never reused (a clean close gives them back).
+            let mark = (first + rows + RESERVE_AHEAD).min(self.filled);
+            self.write_next(mark)?;
+            self.durable = mark;
+        }
         self.next = first + rows;
         self.reserved_log.push((first, rows));
         Ok(first)

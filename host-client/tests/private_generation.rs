@@ -152,7 +152,9 @@ fn pooled(
     )
     .unwrap();
     conn.bye();
-    (t, src.reserved_log.clone())
+    let log = src.reserved_log.clone();
+    src.close().unwrap();
+    (t, log)
 }
 
 fn check_model(dir: &Path, prompt: &[u32], n: usize) {
@@ -198,6 +200,47 @@ fn check_model(dir: &Path, prompt: &[u32], n: usize) {
         all_slots.len(),
         "a pool slot was used twice across client restarts"
     );
+}
+
+/// The pool claims slots ahead of use (one fsync per several tokens): a process that dies skips
+/// the claimed rest, never reuses a slot below the durable counter; a clean close gives it back.
+#[test]
+fn pool_slots_claimed_ahead_are_skipped_after_a_crash_and_given_back_on_close() {
+    use veil_core::session::UnmaskSource;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let cfg = *files.client().unwrap().config();
+    let fp = files.fingerprint().unwrap();
+    let pool = dir.join("masks.pool");
+    let linear = files.linear().unwrap().unwrap();
+    PoolSource::precompute(&pool, &linear, &fp, 40, &mut |_, _| {}).unwrap();
+    let open = || PoolSource::open(&pool, &cfg, &fp).unwrap();
+
+    let mut a = open();
+    assert_eq!(a.reserve(3).unwrap(), 0);
+    assert_eq!(a.reserve(2).unwrap(), 3);
+    drop(a); // no close: as if killed
+    let mut b = open();
+    assert!(
+        b.next_slot() >= 5,
+        "a slot already handed out would be reused"
+    );
+    assert_eq!(b.next_slot(), 3 + 16, "the slots claimed ahead are skipped");
+    assert_eq!(b.reserve(4).unwrap(), 19);
+    b.close().unwrap();
+    let mut c = open();
+    assert_eq!(
+        c.next_slot(),
+        23,
+        "close gives the unused claimed slots back"
+    );
+    // The claim never runs past the filled slots, and exhaustion is still an error.
+    assert_eq!(c.reserve(17).unwrap(), 23);
+    assert!(c.reserve(1).is_err());
+    drop(c);
+    assert_eq!(open().next_slot(), 40);
 }
 
 #[test]
