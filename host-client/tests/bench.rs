@@ -8,28 +8,16 @@
 //! is built); with `cargo test -p veil-client`, build it first with `cargo build -p veil-server`
 //! (same profile).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
-fn quantize_dir(model: &Path, out: &Path) {
-    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
-    let q =
-        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
-    let prov = veil_tools::quantize::Provenance {
-        source: model.display().to_string(),
-        smooth_alpha: None,
-        calibration: None,
-    };
-    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
-}
+use common::{quantize_dir, shared};
 
 #[test]
 fn bench_golden_tiny_all_modes_agree() {
-    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/tiny");
-    assert!(
-        tiny.join("model.safetensors").is_file(),
-        "../shared/golden/tiny is missing beside the repository"
-    );
+    let tiny = shared().join("golden/tiny");
     let client = PathBuf::from(env!("CARGO_BIN_EXE_veil-client"));
     let server = client
         .parent()

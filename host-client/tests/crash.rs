@@ -2,33 +2,18 @@
 //! (SIGKILL) at random moments mid-generation, restarted on the same pool, and every masked row the
 //! server ever received is checked against every other row of the same layer for a shared mask.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{golden_model, start_server};
 use veil_core::wire::{decode_body, Message};
-
-fn golden_model(tmp: &Path) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/tiny");
-    assert!(
-        src.join("model.safetensors").is_file(),
-        "../shared/golden/tiny is missing beside the repository"
-    );
-    let ckpt = veil_tools::hf::Checkpoint::load(&src).unwrap();
-    let q =
-        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
-    let prov = veil_tools::quantize::Provenance {
-        source: "golden".into(),
-        smooth_alpha: None,
-        calibration: None,
-    };
-    let out = tmp.join("tiny");
-    veil_tools::quantize::write_model_dir(&out, &q, &src.join("tokenizer.json"), &prov).unwrap();
-    out
-}
+use veil_server::ServerConfig;
 
 /// Masked rows seen by the server, per layer (flat index, row words).
 type Seen = Arc<Mutex<Vec<(u32, Vec<u32>)>>>;
@@ -107,24 +92,9 @@ fn killed_clients_never_reuse_a_pool_slot() {
     let dir = golden_model(tmp.path());
     let files = veil_client::files::ModelFiles::open(&dir, false).unwrap();
     let cfg = *files.client().unwrap().config();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let weights = Arc::new(veil_server::ServerWeights::open_dir(&dir).unwrap());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let server = listener.local_addr().unwrap();
-    rt.spawn(veil_server::serve(
-        listener,
-        weights,
-        Default::default(),
-        std::future::pending::<()>(),
-    ));
+    let server = start_server(&dir, ServerConfig::default());
     let seen: Seen = Arc::default();
-    let proxy = recording_proxy(server, cfg, seen.clone());
+    let proxy = recording_proxy(server.addr, cfg, seen.clone());
 
     let bin = env!("CARGO_BIN_EXE_veil-client");
     let pool = tmp.path().join("crash.pool");

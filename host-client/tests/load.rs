@@ -2,18 +2,18 @@
 //! `veil-server` (golden tiny model); every client's tokens equal the local reference, and the
 //! process RSS is reported.
 
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{connect, generate_online, golden_model, reference, start_server};
 use veil_client::files::ModelFiles;
-use veil_client::generate::{generate_private, generate_reference, GenOptions};
-use veil_client::transport::Connection;
-use veil_core::mask::MaskKey;
+use veil_client::generate::GenOptions;
 use veil_core::model::SamplingParams;
-use veil_core::session::OnlineUnmask;
+use veil_server::ServerConfig;
 
 const CLIENTS: usize = 16;
 const TOKENS: usize = 64;
@@ -36,28 +36,6 @@ const PROMPTS: [&str; CLIENTS] = [
     "It was a dark and stormy night",
     "Privacy matters because",
 ];
-
-fn shared() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-    assert!(
-        p.join("golden/tiny/model.safetensors").is_file(),
-        "../shared/golden/tiny is missing beside the repository"
-    );
-    p
-}
-
-/// Quantizes a Hugging Face checkpoint directory into `out` (no calibration).
-fn quantize_dir(model: &Path, out: &Path) {
-    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
-    let q =
-        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
-    let prov = veil_tools::quantize::Provenance {
-        source: model.display().to_string(),
-        smooth_alpha: None,
-        calibration: None,
-    };
-    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
-}
 
 /// A `/proc/self/status` field in KiB.
 fn status_kib(field: &str) -> u64 {
@@ -90,16 +68,7 @@ fn clients(dir: &Path, prompts: &[Vec<u32>], addr: SocketAddr) -> Vec<(Vec<u32>,
                 s.spawn(move || {
                     let files = ModelFiles::open(dir, true).unwrap();
                     let got = private(&files, addr, prompt, 0x40 + i as u8);
-                    let linear = files.linear().unwrap().unwrap();
-                    let want = generate_reference(
-                        files.client().unwrap(),
-                        &linear,
-                        prompt,
-                        &opts(),
-                        &mut |_| {},
-                    )
-                    .unwrap()
-                    .0;
+                    let want = reference(&files, prompt, &opts());
                     (got, want)
                 })
             })
@@ -110,26 +79,8 @@ fn clients(dir: &Path, prompts: &[Vec<u32>], addr: SocketAddr) -> Vec<(Vec<u32>,
 
 /// One client: its own connection and mask key, 64 greedy tokens privately.
 fn private(files: &ModelFiles, addr: SocketAddr, prompt: &[u32], key: u8) -> Vec<u32> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut conn = Connection::handshake(
-        s.try_clone().unwrap(),
-        s,
-        files.fingerprint().unwrap(),
-        None,
-    )
-    .unwrap();
-    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
-    let (tokens, _) = generate_private(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        MaskKey::from_bytes([key; 32]),
-        prompt,
-        &opts(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let mut conn = connect(addr, files);
+    let (tokens, _) = generate_online(files, &mut conn, key, prompt, &opts());
     conn.bye();
     tokens
 }
@@ -137,8 +88,7 @@ fn private(files: &ModelFiles, addr: SocketAddr, prompt: &[u32], key: u8) -> Vec
 #[test]
 fn sixteen_clients_times_64_tokens_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let dir = golden_model(tmp.path());
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let prompts: Vec<Vec<u32>> = PROMPTS
         .iter()
@@ -149,22 +99,7 @@ fn sixteen_clients_times_64_tokens_at_once() {
     // RSS figures below are server and clients together, and the growth over the run bounds the
     // server's share from above.
     let rss_start = status_kib("VmRSS");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let weights = Arc::new(veil_server::ServerWeights::open_dir(&dir).unwrap());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(veil_server::serve(
-        listener,
-        weights.clone(),
-        veil_server::ServerConfig::default(),
-        std::future::pending::<()>(),
-    ));
+    let server = start_server(&dir, ServerConfig::default());
     let rss_server = status_kib("VmRSS");
 
     // VmHWM covers the quantization above too: sample the peak of the run itself.
@@ -179,7 +114,7 @@ fn sixteen_clients_times_64_tokens_at_once() {
             }
             peak
         });
-        let results = clients(&dir, &prompts, addr);
+        let results = clients(&dir, &prompts, server.addr);
         running.store(false, Ordering::Relaxed);
         (results, sampler.join().unwrap())
     });
@@ -193,7 +128,7 @@ fn sixteen_clients_times_64_tokens_at_once() {
     println!(
         "load: {CLIENTS} clients x {TOKENS} tokens, all equal to the reference, in {elapsed:.1?} \
          ({} requests computed by the server)",
-        weights.computed_requests()
+        server.weights.computed_requests()
     );
     println!(
         "load: process RSS (server in-process with the clients): {rss_start} KiB at start, \

@@ -1,37 +1,19 @@
 //! The client and the server connected by an in-memory pipe (no sockets): exact tokens, and what
 //! the server receives is uniform noise that does not depend on the prompt.
 
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use common::{generate_online, golden_model, reference};
 use tokio_util::io::SyncIoBridge;
 use veil_client::files::ModelFiles;
-use veil_client::generate::{generate_private, generate_reference, GenOptions};
+use veil_client::generate::GenOptions;
 use veil_client::transport::Connection;
-use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
-use veil_core::session::OnlineUnmask;
 use veil_core::wire::{decode_body, Message, LEN_PREFIX};
-
-fn golden_model(tmp: &Path) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/tiny");
-    assert!(
-        src.join("model.safetensors").is_file(),
-        "../shared/golden/tiny is missing beside the repository"
-    );
-    let ckpt = veil_tools::hf::Checkpoint::load(&src).unwrap();
-    let q =
-        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
-    let prov = veil_tools::quantize::Provenance {
-        source: "golden".into(),
-        smooth_alpha: None,
-        calibration: None,
-    };
-    let out = tmp.join("tiny");
-    veil_tools::quantize::write_model_dir(&out, &q, &src.join("tokenizer.json"), &prov).unwrap();
-    out
-}
 
 /// A writer that keeps a copy of every byte: exactly what the server receives.
 struct Recorder<W> {
@@ -74,7 +56,6 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
     };
     let mut conn =
         Connection::handshake(reader, writer, files.fingerprint().unwrap(), None).unwrap();
-    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
     let opts = GenOptions {
         max_new_tokens: n,
         sampling: SamplingParams::GREEDY,
@@ -82,27 +63,10 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
         eos: None,
         prefill_rows: 64,
     };
-    let (tokens, _) = generate_private(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        MaskKey::from_bytes([key; 32]),
-        prompt,
-        &opts,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (tokens, _) = generate_online(&files, &mut conn, key, prompt, &opts);
     conn.bye();
     rt.block_on(server).unwrap().unwrap();
-    let want = generate_reference(
-        files.client().unwrap(),
-        &files.linear().unwrap().unwrap(),
-        prompt,
-        &opts,
-        &mut |_| {},
-    )
-    .unwrap()
-    .0;
+    let want = reference(&files, prompt, &opts);
     assert_eq!(
         tokens, want,
         "private generation over the pipe differs from the reference"

@@ -2,79 +2,25 @@
 //! for bit: golden model and a distilgpt2-size synthetic model, greedy and seeded sampling, online
 //! and pool mask sources; several clients at once; slots never reused across client restarts.
 
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
 
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+
+use common::{
+    connect, generate_online, golden_model, handshake, quantize_dir, reference, shared,
+    start_server,
+};
 use veil_client::files::ModelFiles;
 use veil_client::generate::{
-    generate_private, generate_private_checked, generate_reference, GenError, GenOptions,
-    Verification,
+    generate_private, generate_private_checked, GenError, GenOptions, Verification,
 };
 use veil_client::pool::PoolSource;
 use veil_client::transport::Connection;
 use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
 use veil_core::session::OnlineUnmask;
-
-fn shared() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-    assert!(
-        p.join("golden/tiny/model.safetensors").is_file(),
-        "../shared/golden/tiny is missing beside the repository"
-    );
-    p
-}
-
-/// Quantizes a Hugging Face checkpoint directory into `out` (no calibration).
-fn quantize_dir(model: &Path, out: &Path) {
-    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
-    let q =
-        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
-    let prov = veil_tools::quantize::Provenance {
-        source: model.display().to_string(),
-        smooth_alpha: None,
-        calibration: None,
-    };
-    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
-}
-
-struct Server {
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
-
-fn start_server(dir: &Path) -> Server {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let weights = Arc::new(veil_server::ServerWeights::open_dir(dir).unwrap());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(veil_server::serve(
-        listener,
-        weights,
-        Default::default(),
-        std::future::pending::<()>(),
-    ));
-    Server { addr, _rt: rt }
-}
-
-fn connect(addr: SocketAddr, files: &ModelFiles) -> Connection<TcpStream, TcpStream> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    Connection::handshake(
-        s.try_clone().unwrap(),
-        s,
-        files.fingerprint().unwrap(),
-        None,
-    )
-    .unwrap()
-}
+use veil_server::ServerConfig;
 
 fn opts(sampling: SamplingParams, n: usize) -> GenOptions {
     GenOptions {
@@ -84,13 +30,6 @@ fn opts(sampling: SamplingParams, n: usize) -> GenOptions {
         eos: None,
         prefill_rows: 64,
     }
-}
-
-fn reference(files: &ModelFiles, prompt: &[u32], o: &GenOptions) -> Vec<u32> {
-    let linear = files.linear().unwrap().unwrap();
-    generate_reference(files.client().unwrap(), &linear, prompt, o, &mut |_| {})
-        .unwrap()
-        .0
 }
 
 fn online(
@@ -159,7 +98,7 @@ fn pooled(
 
 fn check_model(dir: &Path, prompt: &[u32], n: usize) {
     let files = ModelFiles::open(dir, true).unwrap();
-    let server = start_server(dir);
+    let server = start_server(dir, ServerConfig::default());
     let sampled = SamplingParams {
         temperature_q16: 58982,
         top_k: 40,
@@ -208,8 +147,7 @@ fn check_model(dir: &Path, prompt: &[u32], n: usize) {
 fn pool_slots_claimed_ahead_are_skipped_after_a_crash_and_given_back_on_close() {
     use veil_core::session::UnmaskSource;
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let dir = golden_model(tmp.path());
     let files = ModelFiles::open(&dir, true).unwrap();
     let cfg = *files.client().unwrap().config();
     let fp = files.fingerprint().unwrap();
@@ -246,8 +184,7 @@ fn pool_slots_claimed_ahead_are_skipped_after_a_crash_and_given_back_on_close() 
 #[test]
 fn private_equals_reference_on_golden_tiny() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
+    let dir = golden_model(tmp.path());
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let prompt = tok
         .encode("Global climate change is primarily caused by", false)
@@ -277,9 +214,8 @@ fn private_equals_reference_on_synthetic_distilgpt2() {
 #[test]
 fn four_clients_at_once_get_their_own_tokens() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
-    let server = start_server(&dir);
+    let dir = golden_model(tmp.path());
+    let server = start_server(&dir, ServerConfig::default());
     let prompts: [&[u32]; 4] = [
         &[464, 3290],
         &[1544, 373, 4642, 287],
@@ -321,16 +257,9 @@ fn server_with_other_weights_is_refused() {
     let last = lin.len() - 1;
     lin[last] ^= 1;
     std::fs::write(b.join("linear.veil"), lin).unwrap();
-    let server = start_server(&b);
+    let server = start_server(&b, ServerConfig::default());
     let files = ModelFiles::open(&a, true).unwrap();
-    let s = TcpStream::connect(server.addr).unwrap();
-    let err = Connection::handshake(
-        s.try_clone().unwrap(),
-        s,
-        files.fingerprint().unwrap(),
-        None,
-    )
-    .unwrap_err();
+    let err = handshake(server.addr, &files, None).unwrap_err();
     assert!(
         matches!(
             err,
@@ -343,25 +272,14 @@ fn server_with_other_weights_is_refused() {
 #[test]
 fn traffic_per_token_is_constant_in_sequence_length() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
-    let server = start_server(&dir);
+    let dir = golden_model(tmp.path());
+    let server = start_server(&dir, ServerConfig::default());
     let files = ModelFiles::open(&dir, true).unwrap();
     let cfg = *files.client().unwrap().config();
     let per_token = |n: usize| {
         let mut conn = connect(server.addr, &files);
-        let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
         let o = opts(SamplingParams::GREEDY, n);
-        let (_, s) = generate_private(
-            files.client().unwrap(),
-            &mut conn,
-            &mut src,
-            MaskKey::from_bytes([9; 32]),
-            &[464, 3290],
-            &o,
-            &mut |_| {},
-        )
-        .unwrap();
+        let (_, s) = generate_online(&files, &mut conn, 9, &[464, 3290], &o);
         (
             s.bytes_up_per_token,
             s.bytes_down_per_token,
@@ -449,9 +367,8 @@ fn tamper_proxy(
 #[test]
 fn tampered_replies_are_always_detected() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
-    let server = start_server(&dir);
+    let dir = golden_model(tmp.path());
+    let server = start_server(&dir, ServerConfig::default());
     let files = ModelFiles::open(&dir, true).unwrap();
     let prompt = [464u32, 3290, 286];
     let o = opts(SamplingParams::GREEDY, 4);
@@ -540,9 +457,8 @@ fn cutting_proxy(server: SocketAddr, frames: usize) -> SocketAddr {
 fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
     use veil_client::generate::{generate_private_resumable, Resume};
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
-    let server = start_server(&dir);
+    let dir = golden_model(tmp.path());
+    let server = start_server(&dir, ServerConfig::default());
     let files = ModelFiles::open(&dir, true).unwrap();
     let cfg = *files.client().unwrap().config();
     let prompt = [464u32, 3290, 286];
@@ -640,9 +556,8 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
 fn local_lm_head_gives_identical_tokens_with_one_round_trip_less() {
     use veil_client::generate::generate_private_resumable;
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    quantize_dir(&shared().join("golden/tiny"), &dir);
-    let server = start_server(&dir);
+    let dir = golden_model(tmp.path());
+    let server = start_server(&dir, ServerConfig::default());
     let files = ModelFiles::open(&dir, true).unwrap();
     let prompt = [464u32, 3290, 286];
     let sampled = SamplingParams {

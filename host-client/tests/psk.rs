@@ -3,23 +3,24 @@
 //! wrong key, or skipping the proof is refused in the hello and the server computes nothing; a
 //! client with a key refuses a server that has none or proves a different one.
 
-use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+mod common;
 
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{generate_online, handshake, quantize_dir, reference, shared, start_server, Server};
 use embedded_io_adapters::std::FromStd;
 use veil_client::files::ModelFiles;
-use veil_client::generate::{generate_private, generate_reference, GenOptions};
-use veil_client::transport::{read_psk_file, Connection, TransportError};
-use veil_core::mask::MaskKey;
+use veil_client::generate::GenOptions;
+use veil_client::transport::{read_psk_file, TransportError};
 use veil_core::model::{LinearId, LinearKind, SamplingParams};
-use veil_core::session::OnlineUnmask;
 use veil_core::wire::{
     encode_frame, read_frame, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_FRAME_BODY,
     PROTOCOL_VERSION,
 };
-use veil_server::{Psk, ServerConfig, ServerWeights};
+use veil_server::{Psk, ServerConfig};
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -27,68 +28,21 @@ const KEY: [u8; 32] = [0x5a; 32];
 fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/tiny");
-        assert!(
-            src.join("model.safetensors").is_file(),
-            "../shared/golden/tiny is missing beside the repository"
-        );
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("psk-golden-tiny");
-        let ckpt = veil_tools::hf::Checkpoint::load(&src).unwrap();
-        let q = veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {})
-            .unwrap();
-        let prov = veil_tools::quantize::Provenance {
-            source: src.display().to_string(),
-            smooth_alpha: None,
-            calibration: None,
-        };
-        veil_tools::quantize::write_model_dir(&out, &q, &src.join("tokenizer.json"), &prov)
-            .unwrap();
+        quantize_dir(&shared().join("golden/tiny"), &out);
         out
     })
 }
 
-struct Server {
-    addr: SocketAddr,
-    weights: Arc<ServerWeights>,
-    _rt: tokio::runtime::Runtime,
-}
-
-fn start_server(psk: Option<Psk>) -> Server {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let weights = Arc::new(ServerWeights::open_dir(model_dir()).unwrap());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = ServerConfig {
-        psk,
-        ..ServerConfig::default()
-    };
-    rt.spawn(veil_server::serve(
-        listener,
-        weights.clone(),
-        config,
-        std::future::pending::<()>(),
-    ));
-    Server {
-        addr,
-        weights,
-        _rt: rt,
-    }
-}
-
-fn handshake(
-    addr: SocketAddr,
-    files: &ModelFiles,
-    psk: Option<&[u8]>,
-) -> Result<Connection<TcpStream, TcpStream>, TransportError> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap(), psk)
+/// A server for the golden tiny model that requires `psk` (or no key).
+fn start_psk_server(psk: Option<Psk>) -> Server {
+    start_server(
+        model_dir(),
+        ServerConfig {
+            psk,
+            ..ServerConfig::default()
+        },
+    )
 }
 
 fn write_key_file(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
@@ -103,7 +57,7 @@ fn same_key_on_both_sides_generates_like_the_reference() {
     // The same hex key file (with a trailing newline, as `openssl rand -hex` writes) for both.
     let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
     let file = write_key_file(tmp.path(), "veil.psk", format!("{hex}\n").as_bytes());
-    let server = start_server(Some(Psk::from_file(&file).unwrap()));
+    let server = start_psk_server(Some(Psk::from_file(&file).unwrap()));
     let key = read_psk_file(&file).unwrap();
     assert_eq!(&key[..], &KEY[..]);
 
@@ -116,25 +70,12 @@ fn same_key_on_both_sides_generates_like_the_reference() {
         eos: None,
         prefill_rows: 64,
     };
-    let linear = files.linear().unwrap().unwrap();
-    let expected = generate_reference(files.client().unwrap(), &linear, &prompt, &o, &mut |_| {})
-        .unwrap()
-        .0;
+    let expected = reference(&files, &prompt, &o);
 
     let mut conn = handshake(server.addr, &files, Some(&key)).unwrap();
     // Hello/Challenge and Proof/ServerProof+Welcome.
     assert_eq!(conn.stats.round_trips, 2);
-    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
-    let (tokens, _) = generate_private(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        MaskKey::from_bytes([3; 32]),
-        &prompt,
-        &o,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (tokens, _) = generate_online(&files, &mut conn, 3, &prompt, &o);
     conn.bye();
     assert_eq!(tokens, expected);
     assert!(server.weights.computed_requests() > 0);
@@ -142,7 +83,7 @@ fn same_key_on_both_sides_generates_like_the_reference() {
 
 #[test]
 fn client_without_the_key_is_refused_before_any_compute() {
-    let server = start_server(Some(Psk::new(KEY.to_vec()).unwrap()));
+    let server = start_psk_server(Some(Psk::new(KEY.to_vec()).unwrap()));
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let err = handshake(server.addr, &files, None).unwrap_err();
     assert!(matches!(err, TransportError::PskRequired), "{err}");
@@ -155,7 +96,7 @@ fn client_without_the_key_is_refused_before_any_compute() {
 
 #[test]
 fn wrong_key_is_refused_unauthorized() {
-    let server = start_server(Some(Psk::new(KEY.to_vec()).unwrap()));
+    let server = start_psk_server(Some(Psk::new(KEY.to_vec()).unwrap()));
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let mut wrong = KEY;
     wrong[31] ^= 1;
@@ -177,7 +118,7 @@ fn wrong_key_is_refused_unauthorized() {
 
 #[test]
 fn client_with_a_key_refuses_a_server_without_one() {
-    let server = start_server(None);
+    let server = start_psk_server(None);
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let err = handshake(server.addr, &files, Some(&KEY)).unwrap_err();
     assert!(matches!(err, TransportError::PskNotRequired), "{err}");
@@ -218,7 +159,7 @@ impl Raw {
 
 #[test]
 fn compute_without_a_proof_is_refused_and_not_computed() {
-    let server = start_server(Some(Psk::new(KEY.to_vec()).unwrap()));
+    let server = start_psk_server(Some(Psk::new(KEY.to_vec()).unwrap()));
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let cfg = *files.client().unwrap().config();
     let linear = LinearId {

@@ -5,6 +5,7 @@
 //! `host-server/fuzz/src/lib.rs`, shared with the cargo-fuzz targets, so that the fuzzer and these
 //! tests check the same thing.
 
+mod common;
 #[path = "../fuzz/src/lib.rs"]
 mod fuzz_model;
 
@@ -13,19 +14,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+use common::{expected, spawn_server, Rng};
 use fuzz_model::{
     check_outcome, converse, frame, model_bytes, predict, seeds, server_config, weights, End, CFG,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use veil_core::kernels::matmul_u32_i8;
-use veil_core::model::{LinearId, LinearKind, LinearWeights};
+use veil_core::model::{LinearId, LinearKind};
 use veil_core::wire::{
     decode_body, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES, MAX_FRAME_BODY,
     PROTOCOL_VERSION,
 };
-use veil_server::{serve, Ending, ServerConfig};
+use veil_server::{Ending, ServerConfig};
 
 /// The flood measures the process RSS: no other test of this file may run beside it.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -47,27 +48,6 @@ fn count_panics() {
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// xorshift64*: deterministic test randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len() as u64) as usize]
-    }
 }
 
 /// A `/proc/self/status` field in KiB (the server runs in this process).
@@ -485,7 +465,6 @@ struct Tally {
 
 /// A well-behaved session over TCP: every layer kind, products equal to `matmul_u32_i8`.
 async fn good_session(addr: SocketAddr, fp: [u8; 32], bytes: &[u8]) {
-    let lin = LinearWeights::parse(bytes).unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut rng = Rng(77);
     let mut script = hello(fp);
@@ -499,11 +478,10 @@ async fn good_session(addr: SocketAddr, fp: [u8; 32], bytes: &[u8]) {
             },
             kind,
         };
-        let (i, o) = linear.dims(&CFG);
+        let i = linear.dims(&CFG).0;
         let rows = 1 + rng.below(4) as usize;
         let x: Vec<u32> = (0..rows * i).map(|_| rng.next() as u32).collect();
-        let mut y = vec![0u32; rows * o];
-        matmul_u32_i8(&x, lin.matrix(linear), i, o, &mut y);
+        let y = expected(bytes, linear, &x);
         script.extend(frame(&Message::Compute {
             request: n as u32,
             linear,
@@ -576,17 +554,10 @@ async fn flood() {
         max_connections: 128,
         idle_timeout: Duration::from_secs(2),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let w = weights();
     let fp = w.fingerprint();
     let max_rows = config.max_rows;
-    let server = tokio::spawn(serve(
-        listener,
-        w.clone(),
-        config,
-        std::future::pending::<()>(),
-    ));
+    let (addr, server) = spawn_server(w.clone(), config, None, std::future::pending::<()>()).await;
 
     // Warm up (runtime, blocking pool, allocator arenas) before the baseline.
     good_session(addr, fp, &bytes).await;

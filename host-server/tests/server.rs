@@ -1,24 +1,26 @@
 //! End-to-end tests of veil-server over real sockets (and one over `tokio::io::duplex`).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{expected, random_linear, random_weights, read_frame_body, spawn_server, Rng};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use veil_core::kernels::matmul_u32_i8;
-use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
 use veil_core::model::{LinearId, LinearKind, LinearWeights, ModelConfig};
 use veil_core::wire::{
     decode_body, encode_frame, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES,
     MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
-use veil_server::{handle_connection, serve, ConnError, Ending, ServerConfig, ServerWeights};
+use veil_server::{handle_connection, ConnError, Ending, ServerConfig, ServerWeights};
 
 const CFG: ModelConfig = ModelConfig {
     n_layer: 2,
@@ -28,46 +30,6 @@ const CFG: ModelConfig = ModelConfig {
     vocab_size: 100,
     n_inner: 64,
 };
-
-/// xorshift64*: deterministic test randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn words(&mut self, n: usize) -> Vec<u32> {
-        (0..n).map(|_| (self.next() >> 32) as u32).collect()
-    }
-}
-
-/// A `linear.veil` with random int8 weights (full range, including -128).
-fn random_linear(seed: u64) -> Vec<u8> {
-    let layout = LinearLayout::new(&CFG);
-    let mut bytes = vec![0u8; layout.total_len];
-    let mut h = [0u8; HEADER_LEN];
-    encode_linear_header(&CFG, &mut h);
-    bytes[..HEADER_LEN].copy_from_slice(&h);
-    let mut rng = Rng(seed | 1);
-    for id in CFG.linears() {
-        for b in &mut bytes[layout.matrix(id)] {
-            *b = rng.next() as u8;
-        }
-    }
-    LinearWeights::parse(&bytes).expect("test model parses");
-    bytes
-}
-
-fn expected(bytes: &[u8], id: LinearId, x: &[u32]) -> Vec<u32> {
-    let w = LinearWeights::parse(bytes).unwrap();
-    let (i, o) = id.dims(&CFG);
-    let mut y = vec![0u32; x.len() / i * o];
-    matmul_u32_i8(x, w.matrix(id), i, o, &mut y);
-    y
-}
 
 fn id(layer: u16, kind: LinearKind) -> LinearId {
     LinearId { layer, kind }
@@ -103,19 +65,18 @@ impl Server {
 
 /// Writes a random model to disk, loads it the way `main` does, and serves it on 127.0.0.1:0.
 async fn start(config: ServerConfig) -> Server {
-    let bytes = random_linear(0x5eed);
+    let bytes = random_linear(&CFG, 0x5eed);
     let dir = temp_dir("model");
     std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
     let weights = ServerWeights::open_dir(&dir).unwrap();
     // The map stays valid after the unlink (where the OS allows it; elsewhere the dir just stays).
     let _ = std::fs::remove_dir_all(&dir);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let fingerprint = weights.fingerprint();
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, Arc::new(weights), config, async {
+    let (addr, task) = spawn_server(Arc::new(weights), config, None, async {
         let _ = rx.await;
-    }));
+    })
+    .await;
     Server {
         addr,
         bytes,
@@ -187,34 +148,26 @@ impl Client {
 
     /// The next message, or `None` when the server closed (or reset) the connection.
     async fn recv(&mut self) -> Option<Reply> {
-        let read = async {
-            let mut prefix = [0u8; 4];
-            self.s.read_exact(&mut prefix).await.ok()?;
-            let n = u32::from_le_bytes(prefix) as usize;
-            assert!(n <= MAX_FRAME_BODY, "server sent an oversized frame");
-            let mut body = vec![0u8; n];
-            self.s.read_exact(&mut body).await.ok()?;
-            Some(match decode_body(&body).expect("server frames decode") {
-                Message::Welcome {
-                    protocol,
+        let body = tokio::time::timeout(Duration::from_secs(10), read_frame_body(&mut self.s))
+            .await
+            .expect("server answers within 10 s")?;
+        Some(match decode_body(&body).expect("server frames decode") {
+            Message::Welcome {
+                protocol,
+                fingerprint,
+                max_rows,
+            } => {
+                assert_eq!(protocol, PROTOCOL_VERSION);
+                Reply::Welcome {
                     fingerprint,
                     max_rows,
-                } => {
-                    assert_eq!(protocol, PROTOCOL_VERSION);
-                    Reply::Welcome {
-                        fingerprint,
-                        max_rows,
-                    }
                 }
-                Message::Result { request, rows } => Reply::Result { request, rows },
-                Message::Data { words } => Reply::Data(words.iter().collect()),
-                Message::Error { code } => Reply::Error(code),
-                _ => Reply::Other,
-            })
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .expect("server answers within 10 s")
+            }
+            Message::Result { request, rows } => Reply::Result { request, rows },
+            Message::Data { words } => Reply::Data(words.iter().collect()),
+            Message::Error { code } => Reply::Error(code),
+            _ => Reply::Other,
+        })
     }
 
     /// Sends words as Data frames of `chunk_bytes` payload.
@@ -591,7 +544,7 @@ async fn test_idle_client_times_out() {
 /// The handler alone, over an in-memory pipe: its outcome is typed.
 #[tokio::test]
 async fn test_handler_over_duplex_reports_outcomes() {
-    let weights = Arc::new(ServerWeights::from_bytes(random_linear(3)).unwrap());
+    let weights = random_weights(&CFG, 3);
     let fp = weights.fingerprint();
     let mut buf = vec![0u8; MAX_FRAME_BODY + LEN_PREFIX];
 
@@ -706,7 +659,7 @@ fn test_load_errors_name_the_file() {
     let err = format!("{:#}", ServerWeights::open_dir(&dir).unwrap_err());
     assert!(err.contains("linear.veil"), "{err}");
 
-    let mut bytes = random_linear(1);
+    let mut bytes = random_linear(&CFG, 1);
     bytes.pop();
     std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
     let err = format!("{:#}", ServerWeights::open_dir(&dir).unwrap_err());
@@ -726,7 +679,7 @@ fn test_load_errors_name_the_file() {
 
 #[test]
 fn test_weights_expose_shape_and_matrices() {
-    let bytes = random_linear(9);
+    let bytes = random_linear(&CFG, 9);
     let w = ServerWeights::from_bytes(bytes.clone()).unwrap();
     assert_eq!(*w.config(), CFG);
     assert_eq!(w.max_in_dim(), 64);

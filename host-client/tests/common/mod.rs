@@ -1,0 +1,135 @@
+// Each test binary compiles this module on its own and uses only a subset of these helpers.
+#![allow(dead_code)]
+//! Helpers shared by the veil-client integration tests: the golden model beside the repository,
+//! quantizing it with veil-tools, an in-process `veil-server` on loopback, connecting to it, and
+//! the reference and online-masked generations the tests compare.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use veil_client::files::ModelFiles;
+use veil_client::generate::{generate_private, generate_reference, GenOptions, GenStats};
+use veil_client::transport::{Connection, TransportError};
+use veil_core::mask::MaskKey;
+use veil_core::session::OnlineUnmask;
+use veil_server::{ServerConfig, ServerWeights};
+
+/// `../shared` beside the repository, where the golden checkpoints live. Asserts that
+/// `golden/tiny` is there, so a missing checkout fails with a message that says so rather than
+/// with an obscure load error later.
+pub fn shared() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    assert!(
+        p.join("golden/tiny/model.safetensors").is_file(),
+        "../shared/golden/tiny is missing beside the repository"
+    );
+    p
+}
+
+/// Quantizes a Hugging Face checkpoint directory into `out` (no calibration), as
+/// `veil-tools quantize` writes it: `linear.veil`, `client.veil`, manifest and tokenizer.
+pub fn quantize_dir(model: &Path, out: &Path) {
+    let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
+    let q =
+        veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
+    let prov = veil_tools::quantize::Provenance {
+        source: model.display().to_string(),
+        smooth_alpha: None,
+        calibration: None,
+    };
+    veil_tools::quantize::write_model_dir(out, &q, &model.join("tokenizer.json"), &prov).unwrap();
+}
+
+/// The golden tiny checkpoint quantized into `parent/tiny`; returns that directory. Most tests
+/// run on this model: small enough to quantize per test, real enough to generate text.
+pub fn golden_model(parent: &Path) -> PathBuf {
+    let out = parent.join("tiny");
+    quantize_dir(&shared().join("golden/tiny"), &out);
+    out
+}
+
+/// A `veil-server` serving in this process on 127.0.0.1 (an OS-chosen port), on a runtime of its
+/// own; it serves until this is dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    /// The served weights, for the server's counters (`computed_requests`).
+    pub weights: Arc<ServerWeights>,
+    _rt: tokio::runtime::Runtime,
+}
+
+/// Serves the model in `dir` with `config` (e.g. `ServerConfig::default()`, or one with a
+/// pre-shared key). Two worker threads of its own, so the test's threads are free to be clients.
+pub fn start_server(dir: &Path, config: ServerConfig) -> Server {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let weights = Arc::new(ServerWeights::open_dir(dir).unwrap());
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(veil_server::serve(
+        listener,
+        weights.clone(),
+        config,
+        std::future::pending::<()>(),
+    ));
+    Server {
+        addr,
+        weights,
+        _rt: rt,
+    }
+}
+
+/// Connects to `addr` over TCP (Nagle off: one small frame per round trip, which Nagle and
+/// delayed ACKs would slow by 40 ms each) and says hello with the fingerprint of `files`, with
+/// `psk` when given. Returns the handshake's outcome, so tests can check refusals.
+pub fn handshake(
+    addr: SocketAddr,
+    files: &ModelFiles,
+    psk: Option<&[u8]>,
+) -> Result<Connection<TcpStream, TcpStream>, TransportError> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap(), psk)
+}
+
+/// [`handshake`] without a pre-shared key, which must succeed.
+pub fn connect(addr: SocketAddr, files: &ModelFiles) -> Connection<TcpStream, TcpStream> {
+    handshake(addr, files, None).unwrap()
+}
+
+/// The local reference generation (no server, plaintext): what every private generation of the
+/// same prompt and options must equal, bit for bit.
+pub fn reference(files: &ModelFiles, prompt: &[u32], o: &GenOptions) -> Vec<u32> {
+    let linear = files.linear().unwrap().unwrap();
+    generate_reference(files.client().unwrap(), &linear, prompt, o, &mut |_| {})
+        .unwrap()
+        .0
+}
+
+/// Generates privately over `conn` with online masks (mask key `[key; 32]`, replies not
+/// verified); returns the tokens and the generation's figures. The connection stays open.
+pub fn generate_online<R: Read, W: Write>(
+    files: &ModelFiles,
+    conn: &mut Connection<R, W>,
+    key: u8,
+    prompt: &[u32],
+    o: &GenOptions,
+) -> (Vec<u32>, GenStats) {
+    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
+    generate_private(
+        files.client().unwrap(),
+        conn,
+        &mut src,
+        MaskKey::from_bytes([key; 32]),
+        prompt,
+        o,
+        &mut |_| {},
+    )
+    .unwrap()
+}
