@@ -9,7 +9,7 @@ use rand_chacha::ChaCha20Rng;
 use veil_core::mask::MaskKey;
 use veil_core::model::{
     sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearWeights, LogitRows,
-    SamplingParams, StepState, Workspace, WorkspaceSizes,
+    SampleError, SamplingParams, StepState, Workspace, WorkspaceSizes,
 };
 use veil_core::model::{LinearId, LinearKind};
 use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource, Verifier};
@@ -84,6 +84,9 @@ pub enum GenError<E: std::fmt::Debug> {
         /// Tokens generated before it.
         generated: usize,
     },
+    /// No token could be picked (no logits, or a sampling buffer too small).
+    #[error("picking the next token: {0}")]
+    Sample(SampleError),
     /// The server connection failed after `generated` tokens.
     #[error("{source} (after {generated} generated tokens)")]
     Transport {
@@ -198,7 +201,7 @@ fn drive<E: std::fmt::Debug>(
     opts: &GenOptions,
     capacity: usize,
     step: &mut StepFn<'_, E>,
-    pick: &mut dyn FnMut(u32) -> u32,
+    pick: &mut dyn FnMut(u32) -> Result<u32, SampleError>,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<(Vec<u32>, GenStats), GenError<E>> {
     let mut stats = GenStats {
@@ -215,7 +218,7 @@ fn drive<E: std::fmt::Debug>(
     let (t1, c1) = (Instant::now(), cpu_ms());
     let mut decode_steps = 0usize;
     loop {
-        let t = pick(rng.next_u32());
+        let t = pick(rng.next_u32()).map_err(GenError::Sample)?;
         out.push(t);
         on_token(t);
         if out.len() >= opts.max_new_tokens
@@ -255,7 +258,7 @@ pub fn generate_reference(
             .map_err(GenError::Forward)
     };
     let sampling = opts.sampling;
-    let mut pick = |u: u32| sample(fwd.borrow().logits().unwrap_or(&[0]), &sampling, u, scratch);
+    let mut pick = |u: u32| sample(fwd.borrow().logits().unwrap_or(&[]), &sampling, u, scratch);
     drive(prompt, opts, capacity, &mut step, &mut pick, on_token)
 }
 
@@ -443,7 +446,7 @@ pub fn generate_private_resumable<S: UnmaskSource, R: Read, W: Write>(
     let mut pick = |u: u32| {
         generated.set(generated.get() + 1);
         sample(
-            pf.borrow().forward().logits().unwrap_or(&[0]),
+            pf.borrow().forward().logits().unwrap_or(&[]),
             &sampling,
             u,
             scratch,

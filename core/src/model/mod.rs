@@ -16,4 +16,4 @@ pub use forward::{
     MAX_HEAD_DIM,
 };
 pub use kv::{KvCache, KvSizes};
-pub use sample::{argmax, sample, SamplingParams};
+pub use sample::{argmax, sample, SampleError, SamplingParams};

@@ -32,6 +32,35 @@ impl SamplingParams {
     }
 }
 
+/// Why no token could be picked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SampleError {
+    /// There are no logits (no finished step to pick from).
+    NoLogits,
+    /// Sampling needs one scratch entry per logit.
+    ScratchTooShort {
+        /// Entries needed (the vocabulary size).
+        needed: usize,
+        /// Entries given.
+        got: usize,
+    },
+}
+
+impl core::fmt::Display for SampleError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            SampleError::NoLogits => f.write_str("no logits to sample from"),
+            SampleError::ScratchTooShort { needed, got } => write!(
+                f,
+                "sampling scratch holds {got} entries, the vocabulary needs {needed}"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for SampleError {}
+
 /// Index of the largest logit (the lowest index among ties). `logits` must not be empty.
 pub fn argmax(logits: &[i32]) -> u32 {
     let mut best = 0usize;
@@ -43,11 +72,25 @@ pub fn argmax(logits: &[i32]) -> u32 {
     best as u32
 }
 
-/// Picks a token. `scratch` holds at least `logits.len()` entries (candidate ids); `uniform` is a
-/// fresh uniform `u32` (ignored when greedy).
-pub fn sample(logits: &[i32], params: &SamplingParams, uniform: u32, scratch: &mut [u32]) -> u32 {
-    if params.is_greedy() || logits.is_empty() || scratch.len() < logits.len() {
-        return argmax(logits);
+/// Picks a token. Unless greedy, `scratch` must hold at least `logits.len()` entries (candidate
+/// ids); `uniform` is a fresh uniform `u32` (ignored when greedy).
+pub fn sample(
+    logits: &[i32],
+    params: &SamplingParams,
+    uniform: u32,
+    scratch: &mut [u32],
+) -> Result<u32, SampleError> {
+    if logits.is_empty() {
+        return Err(SampleError::NoLogits);
+    }
+    if params.is_greedy() {
+        return Ok(argmax(logits));
+    }
+    if scratch.len() < logits.len() {
+        return Err(SampleError::ScratchTooShort {
+            needed: logits.len(),
+            got: scratch.len(),
+        });
     }
     let n = logits.len();
     let ids = &mut scratch[..n];
@@ -89,10 +132,10 @@ pub fn sample(logits: &[i32], params: &SamplingParams, uniform: u32, scratch: &m
     for &id in &ids[..keep.min(ids.len())] {
         cum += weight(id);
         if cum > target {
-            return id;
+            return Ok(id);
         }
     }
-    ids[0]
+    Ok(ids[0])
 }
 
 #[cfg(test)]
@@ -102,8 +145,26 @@ mod tests {
     #[test]
     fn test_greedy_is_argmax_lowest_tie() {
         assert_eq!(
-            sample(&[1, 5, 5, 2], &SamplingParams::GREEDY, 0, &mut [0; 4]),
-            1
+            sample(&[1, 5, 5, 2], &SamplingParams::GREEDY, 0, &mut []),
+            Ok(1)
+        );
+    }
+
+    #[test]
+    fn test_missing_logits_and_short_scratch_are_errors() {
+        let p = SamplingParams {
+            temperature_q16: 65536,
+            top_k: 0,
+            top_p_q16: 0,
+        };
+        assert_eq!(sample(&[], &p, 0, &mut [0; 4]), Err(SampleError::NoLogits));
+        assert_eq!(
+            sample(&[], &SamplingParams::GREEDY, 0, &mut []),
+            Err(SampleError::NoLogits)
+        );
+        assert_eq!(
+            sample(&[1, 2, 3], &p, 0, &mut [0; 2]),
+            Err(SampleError::ScratchTooShort { needed: 3, got: 2 })
         );
     }
 
@@ -115,7 +176,7 @@ mod tests {
             top_p_q16: 0,
         };
         for u in [0u32, 1 << 31, u32::MAX] {
-            assert_eq!(sample(&[3, 9 << 16, 1, 7], &p, u, &mut [0; 4]), 1);
+            assert_eq!(sample(&[3, 9 << 16, 1, 7], &p, u, &mut [0; 4]), Ok(1));
         }
     }
 
@@ -132,7 +193,7 @@ mod tests {
         let steps = 4096u64;
         for i in 0..steps {
             let u = ((i << 32) / steps) as u32;
-            if sample(&logits, &p, u, &mut [0; 2]) == 0 {
+            if sample(&logits, &p, u, &mut [0; 2]) == Ok(0) {
                 count0 += 1;
             }
         }
@@ -153,7 +214,7 @@ mod tests {
             top_p_q16: 32768,
         };
         for u in [0u32, 1 << 30, u32::MAX] {
-            assert_eq!(sample(&logits, &p, u, &mut [0; 3]), 0);
+            assert_eq!(sample(&logits, &p, u, &mut [0; 3]), Ok(0));
         }
     }
 }
