@@ -28,6 +28,15 @@ pub struct BenchArgs {
     /// The server binary (default: `veil-server` next to this executable).
     #[arg(long, value_name = "PATH")]
     pub server_bin: Option<PathBuf>,
+    /// The client executable the measured runs use (default: this executable). With
+    /// `--client-runner`, e.g. an aarch64 build run under qemu to approximate the Pi.
+    #[arg(long, value_name = "PATH")]
+    pub client_bin: Option<PathBuf>,
+    /// A command prefix for the measured client runs, split on whitespace, e.g.
+    /// "qemu-aarch64 -cpu cortex-a72" (times and peak RSS are then the emulator's: a proxy for
+    /// relative costs on that CPU, not a measurement of one).
+    #[arg(long, value_name = "CMD")]
+    pub client_runner: Option<String>,
     /// Prompt length in tokens (exactly).
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: usize,
@@ -60,10 +69,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--prompt-tokens must be at least 1");
     }
     let new_tokens = args.new_tokens.max(1);
-    let client_bin = std::env::current_exe().context("locating the veil-client executable")?;
+    let this_exe = std::env::current_exe().context("locating the veil-client executable")?;
+    let client_bin = args.client_bin.clone().unwrap_or_else(|| this_exe.clone());
+    if !client_bin.is_file() {
+        bail!("client binary {} not found", client_bin.display());
+    }
+    let runner: Vec<String> = args
+        .client_runner
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    // The measured client: `runner... client_bin` or `client_bin`.
+    let client_cmd = || -> Command {
+        match runner.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&client_bin);
+                c
+            }
+            None => Command::new(&client_bin),
+        }
+    };
     let server_bin = match &args.server_bin {
         Some(p) => p.clone(),
-        None => client_bin
+        None => this_exe
             .parent()
             .context("the veil-client executable has no parent directory")?
             .join(format!("veil-server{}", std::env::consts::EXE_SUFFIX)),
@@ -119,7 +150,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let addr = server.addr.to_string();
 
     let base = |extra: &[&str]| -> Command {
-        let mut c = Command::new(&client_bin);
+        let mut c = client_cmd();
         c.arg("--weights")
             .arg(dir)
             .arg("--prompt")
@@ -155,7 +186,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Two pool runs (with and without verification), each prompt + new tokens slots.
     let slots = (2 * (args.prompt_tokens + new_tokens) + 8) as u64;
-    let mut pre = Command::new(&client_bin);
+    let mut pre = client_cmd();
     pre.arg("precompute")
         .arg("--weights")
         .arg(dir)
@@ -220,6 +251,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let out = json!({
+        "client": {
+            "bin": client_bin.display().to_string(),
+            "runner": args.client_runner.clone(),
+        },
         "model": model,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": new_tokens,
