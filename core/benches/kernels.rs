@@ -17,9 +17,9 @@ const SHAPES: [(&str, usize, usize); 5] = [
     ("lm_head", 768, 50257),
 ];
 
-/// Rows per product: one decoded token, and a 32-token prefill (not for the LM head, which only
-/// ever sees the last row).
-const ROWS: [usize; 2] = [1, 32];
+/// Rows per product: one decoded token, a server batch of 8 clients' rows, and a 32-token prefill
+/// (not for the LM head, which only ever sees the last row).
+const ROWS: [usize; 3] = [1, 8, 32];
 
 fn pseudo_random(len: usize, seed: u32) -> impl Iterator<Item = u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9) | 1;

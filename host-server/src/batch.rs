@@ -2,14 +2,22 @@
 //! in one matrix product, so a layer's weights are read once per batch instead of once per client.
 //!
 //! Connection handlers [`Batcher::submit`] one job per `Compute` request (its already validated,
-//! still masked rows) and await the products. A few compute threads share one queue; whenever a
-//! thread is free it takes the oldest job and every other queued job for the same layer (up to
-//! [`BatchConfig::max_rows`] rows and [`BatchConfig::max_input_words`] words), concatenates their
-//! rows into one input matrix, runs one [`matmul_u32_i8`] (weight row outer, input row inner: each
-//! weight row is read once for all rows of the batch), and hands every job exactly the products of
-//! its own rows. There is no artificial delay by default: a batch is whatever was waiting when a
-//! thread became free, so a lone client is served as fast as before, and under load the batches
-//! grow by themselves.
+//! still masked rows) and await the products. A few compute threads share one queue. A free thread
+//! first helps with a running batch (below); otherwise it forms a batch: the oldest job and every
+//! queued job for the same layer (with convoys: see below), up to
+//! [`BatchConfig::max_rows`] rows and [`BatchConfig::max_input_words`] words. There is no
+//! artificial delay by default: a batch is whatever was waiting, so a lone client is served at
+//! once, and under load the batches grow by themselves.
+//!
+//! - Shares: a batch of at least [`BatchConfig::share_min_macs`] multiply-adds is cut into one
+//!   range of output channels per thread; idle threads take the shares, and whoever finishes the
+//!   last one answers the jobs. A lone client's LM head and a convoy's batches use every core.
+//! - Convoys ([`BatchConfig::hold`], off by default): clients walk the same cycle of layers, but
+//!   at random phases they rarely meet (measured: 1.3 to 1.5 jobs per batch for 8 clients of
+//!   distilgpt2). With a hold, a client just answered is expected at its next layer for a
+//!   moment, and queued jobs at that layer or up to half a cycle ahead of it wait for it; of the
+//!   rest, the jobs nearest behind other clients go first. Stragglers catch up and clients fall
+//!   into step (measured: 7.9 jobs per batch).
 //!
 //! The queue is bounded ([`BatchConfig::max_queued`]): a handler whose job does not fit waits (it
 //! reads nothing more from its client meanwhile), which is the backpressure.
@@ -23,13 +31,9 @@ use std::{fmt, io, thread};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use veil_core::kernels::matmul_u32_i8;
-use veil_core::model::LinearId;
+use veil_core::model::{LinearId, LinearKind};
 
 use crate::ServerWeights;
-
-/// Output channels multiplied per kernel call inside a batch of several jobs: bounds the batch's
-/// scratch output to `rows · OUT_TILE` words while each weight row is still read once.
-const OUT_TILE: usize = 256;
 
 /// How the batcher forms batches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +52,18 @@ pub struct BatchConfig {
     /// ([`Batcher::register`]): a lone client never waits. Zero (the default) means take whatever
     /// is waiting, never wait.
     pub window: Duration,
+    /// Convoys: after answering a job, expect its client back at its next layer for up to this
+    /// long, and hold queued jobs of that layer (or of layers up to half a decode step ahead)
+    /// until it arrives, so that clients drift into step and their rows share passes over the
+    /// weights. A lone client never waits (its own arrival is the one expected), but a client
+    /// ahead of others may wait up to this long per step: throughput under load for latency. Zero
+    /// (the default) turns it off.
+    pub hold: Duration,
+    /// Batches of at least this many multiply-adds (rows · in · out) are cut into one share of
+    /// output channels per compute thread, so that every core works on them (a lone client's LM
+    /// head, or a convoy's batches); smaller ones run on one thread, where handing out shares
+    /// would cost more than it saves.
+    pub share_min_macs: usize,
 }
 
 impl Default for BatchConfig {
@@ -59,6 +75,10 @@ impl Default for BatchConfig {
             max_input_words: 1 << 16,
             max_queued: 1024,
             window: Duration::ZERO,
+            hold: Duration::ZERO,
+            // distilgpt2: the LM head (38.6 M) and 8-row batches of every layer; not one row of
+            // a 768 x 2304 layer (1.8 M), measured slower when shared.
+            share_min_macs: 1 << 21,
         }
     }
 }
@@ -122,13 +142,25 @@ struct Job {
     /// `rows · out_dim` words, overwritten with the products.
     output: Vec<u32>,
     reply: oneshot::Sender<(Vec<u32>, Vec<u32>)>,
+    /// When it was queued (a convoy never keeps a job waiting much longer than its hold).
+    queued_at: Instant,
     /// The job's place in the bounded queue, given back once it is answered.
     _slot: OwnedSemaphorePermit,
 }
 
 struct Queue {
     jobs: VecDeque<Job>,
+    /// Shares of running batches waiting for a thread.
+    parts: VecDeque<(Arc<BatchWork>, usize)>,
+    /// Clients answered a moment ago and the step position they are expected at next.
+    expected: Vec<Expected>,
     closed: bool,
+}
+
+/// A client expected back at `position` (see [`BatchConfig::hold`]) until `until`.
+struct Expected {
+    position: usize,
+    until: Instant,
 }
 
 #[derive(Default)]
@@ -201,6 +233,8 @@ impl Batcher {
             connections: AtomicUsize::new(0),
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
+                parts: VecDeque::new(),
+                expected: Vec::new(),
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -279,6 +313,21 @@ impl Batcher {
             if q.closed {
                 return Err(JobFailed);
             }
+            // This arrival is one expected at this position: one client back. A client with a
+            // local LM head goes from the last block straight to block 0, so an arrival at block
+            // 0 may also be the one expected at the LM head. Any other arrival (a new client, a
+            // prefill) matches nothing; a client that never comes back only times out.
+            let n_layer = shared.weights.config().n_layer as usize;
+            let p = step_position(linear, n_layer);
+            let lm_head = 4 * n_layer;
+            let hit = q.expected.iter().position(|e| e.position == p).or_else(|| {
+                (p == 0)
+                    .then(|| q.expected.iter().position(|e| e.position == lm_head))
+                    .flatten()
+            });
+            if let Some(i) = hit {
+                q.expected.swap_remove(i);
+            }
             q.jobs.push_back(Job {
                 linear,
                 in_dim,
@@ -287,70 +336,177 @@ impl Batcher {
                 input,
                 output,
                 reply,
+                queued_at: Instant::now(),
                 _slot: slot,
             });
         }
-        shared.ready.notify_one();
+        // A thread may be waiting for this very arrival (a hold), not just for any job.
+        shared.ready.notify_all();
         answer.await.map_err(|_| JobFailed)
     }
 }
 
-/// One compute thread: take a batch, multiply, answer; until the queue is closed and empty.
+/// What a compute thread does next.
+enum Task {
+    /// A new batch to split and start.
+    Batch(Vec<Job>),
+    /// A share of a batch that another thread started.
+    Part(Arc<BatchWork>, usize),
+}
+
+/// One compute thread: take a share of a running batch, or form a new batch (and share it out);
+/// until the queue is closed and empty.
 fn worker(shared: &Shared) {
-    let mut scratch = Scratch::default();
-    while let Some(batch) = next_batch(shared) {
-        let rows: usize = batch.iter().map(|j| j.rows).sum();
-        // A panicking kernel drops the batch's reply senders: those handlers see `JobFailed`,
-        // the thread lives on.
-        let done = catch_unwind(AssertUnwindSafe(|| {
-            let mut batch = batch;
-            run_batch(&shared.weights, &mut batch, &mut scratch);
-            batch
-        }));
-        let Ok(batch) = done else {
-            scratch = Scratch::default();
-            continue;
-        };
-        let c = &shared.counters;
-        c.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        c.batches.fetch_add(1, Ordering::Relaxed);
-        c.rows.fetch_add(rows as u64, Ordering::Relaxed);
-        c.max_batch_rows.fetch_max(rows as u64, Ordering::Relaxed);
-        c.max_batch_jobs
-            .fetch_max(batch.len() as u64, Ordering::Relaxed);
-        for job in batch {
-            // The handler may have gone (its client vanished): nothing to do.
-            let _ = job.reply.send((job.input, job.output));
+    while let Some(task) = next_task(shared) {
+        match task {
+            Task::Part(work, k) => run_part(shared, &work, k),
+            Task::Batch(jobs) => {
+                let cfg = &shared.config;
+                let Some(work) =
+                    BatchWork::new(&shared.weights, jobs, cfg.threads, cfg.share_min_macs)
+                else {
+                    continue; // no such matrix: the jobs drop, their handlers see JobFailed
+                };
+                let work = Arc::new(work);
+                if work.parts.len() > 1 {
+                    let mut q = shared.lock();
+                    for k in 1..work.parts.len() {
+                        q.parts.push_back((work.clone(), k));
+                    }
+                    drop(q);
+                    shared.ready.notify_all();
+                }
+                run_part(shared, &work, 0);
+            }
         }
     }
 }
 
-/// Waits for work and takes the oldest job plus every queued job for the same layer that fits.
-/// `None` once the queue is closed and empty.
-fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
-    let cfg = &shared.config;
+/// Shares of started batches come first (they finish batches whose clients are waiting); then a
+/// new batch; otherwise wait. `None` once the queue is closed and empty.
+fn next_task(shared: &Shared) -> Option<Task> {
     let mut q = shared.lock();
-    let first = loop {
-        if let Some(job) = q.jobs.pop_front() {
-            break job;
+    loop {
+        if let Some((work, k)) = q.parts.pop_front() {
+            return Some(Task::Part(work, k));
         }
+        match next_batch(shared, q) {
+            Ok(batch) => return Some(Task::Batch(batch)),
+            Err(None) => return None,
+            Err(Some(guard)) => q = guard,
+        }
+    }
+}
+
+/// A layer's position in one decode step's sequence of requests: `4 · layer + kind`, the LM head
+/// last. Clients walk it in a cycle, which is what lets a convoy form.
+fn step_position(linear: LinearId, n_layer: usize) -> usize {
+    match linear.kind {
+        LinearKind::LmHead => 4 * n_layer,
+        kind => 4 * linear.layer as usize + kind as usize,
+    }
+}
+
+/// Takes the next batch: the oldest job's layer (without convoys, or once it has waited four
+/// holds), else among the layers with queued jobs not held for a convoy the one nearest behind
+/// another client (then the most rows, then the oldest), plus every queued job for it that fits
+/// the limits,
+/// plus (with a window) what arrives within it. `Err(Some(guard))`: a share of a batch arrived
+/// while waiting, or held jobs' hold ran out, look again; `Err(None)`: closed and empty.
+fn next_batch<'a>(
+    shared: &'a Shared,
+    mut q: MutexGuard<'a, Queue>,
+) -> Result<Vec<Job>, Option<MutexGuard<'a, Queue>>> {
+    let cfg = &shared.config;
+    let n_layer = shared.weights.config().n_layer as usize;
+    let cycle = 4 * n_layer + 1;
+    let now = Instant::now();
+    q.expected.retain(|e| e.until > now);
+    if q.jobs.is_empty() {
         if q.closed {
-            return None;
+            return Err(None);
         }
-        q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        let q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        return Err(Some(q));
+    }
+    // Rows queued per layer, in order of first arrival.
+    let mut layers: Vec<(LinearId, usize)> = Vec::new();
+    for j in &q.jobs {
+        match layers.iter_mut().find(|(l, _)| *l == j.linear) {
+            Some((_, rows)) => *rows += j.rows,
+            None => layers.push((j.linear, j.rows)),
+        }
+    }
+    // A layer is held while a client answered a moment ago is expected to arrive at it or at a
+    // layer up to half a cycle behind it: waiting lets that client catch up and join the batch
+    // (one pass over the weights for both) instead of both streaming the weights separately.
+    let held = |l: LinearId| {
+        let p = step_position(l, n_layer);
+        q.expected
+            .iter()
+            .any(|e| (p + cycle - e.position) % cycle <= cycle / 2)
     };
-    let linear = first.linear;
-    let mut rows = first.rows;
-    let mut words = first.input.len();
-    let mut batch = vec![first];
-    let deadline = Instant::now() + cfg.window;
+    let oldest = q
+        .jobs
+        .front()
+        .map(|j| (j.linear, now.duration_since(j.queued_at)));
+    let pick = match oldest {
+        // No convoys: first come, first served.
+        Some((l, _)) if cfg.hold.is_zero() => Some(l),
+        // A job that has waited four holds goes next, held or not: holds cannot starve it.
+        Some((l, age)) if age >= 4 * cfg.hold => Some(l),
+        _ => {
+            // The layer nearest behind another queued or expected client goes first: it closes
+            // the gap, and the one ahead waits for it (serving the one ahead, even with more
+            // rows, would keep the distance forever). Then more rows, then the oldest.
+            let gap = |l: LinearId| {
+                let p = step_position(l, n_layer);
+                let queued = layers.iter().map(|(o, _)| step_position(*o, n_layer));
+                let expected = q.expected.iter().map(|e| e.position);
+                queued
+                    .chain(expected)
+                    .map(|o| (o + cycle - p) % cycle)
+                    .filter(|&d| d > 0)
+                    .min()
+                    .unwrap_or(cycle)
+            };
+            let mut pick: Option<(LinearId, usize, usize)> = None;
+            for &(l, rows) in &layers {
+                if held(l) {
+                    continue;
+                }
+                let g = gap(l);
+                // Strictly better to replace: among full ties the oldest stays.
+                if pick.is_none_or(|(_, best, bg)| g < bg || (g == bg && rows > best)) {
+                    pick = Some((l, rows, g));
+                }
+            }
+            pick.map(|(l, _, _)| l)
+        }
+    };
+    let Some(linear) = pick else {
+        // Everything queued is held: wait for an arrival or the first hold to run out.
+        let until = q.expected.iter().map(|e| e.until).min().unwrap_or(now);
+        let q = shared
+            .ready
+            .wait_timeout(q, until.saturating_duration_since(now))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        return Err(Some(q));
+    };
+    let mut rows = 0;
+    let mut words = 0;
+    let mut batch = Vec::new();
+    let deadline = now + cfg.window;
     loop {
         let mut k = 0;
         while k < q.jobs.len() && rows < cfg.max_rows {
             let j = &q.jobs[k];
+            // The first job always fits (a single larger job runs alone).
             if j.linear == linear
-                && rows + j.rows <= cfg.max_rows
-                && words + j.input.len() <= cfg.max_input_words
+                && (batch.is_empty()
+                    || (rows + j.rows <= cfg.max_rows
+                        && words + j.input.len() <= cfg.max_input_words))
             {
                 let j = q.jobs.remove(k).unwrap_or_else(|| unreachable!());
                 rows += j.rows;
@@ -378,52 +534,139 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
         // Jobs of other layers (or beyond the limits) are left: another thread may take them.
         shared.ready.notify_one();
     }
-    Some(batch)
+    Ok(batch)
 }
 
-/// A compute thread's reusable buffers for batches of several jobs: at most
-/// `max_input_words` and `max_rows · OUT_TILE` words (single jobs use their own buffers).
-#[derive(Default)]
-struct Scratch {
+/// A batch being computed: its rows side by side, its output channels cut into one share per
+/// compute thread (each share's weights read once for all rows), the shares' products, and the
+/// jobs to answer once the last share is done.
+struct BatchWork {
+    linear: LinearId,
+    in_dim: usize,
+    out_dim: usize,
+    rows: usize,
     input: Vec<u32>,
-    output: Vec<u32>,
+    /// Output channel range of each share.
+    parts: Vec<std::ops::Range<usize>>,
+    /// Products of each share, `[rows][range]`.
+    products: Vec<Mutex<Vec<u32>>>,
+    jobs: Mutex<Vec<Job>>,
+    /// Shares not yet done; whoever finishes the last one answers the jobs.
+    remaining: AtomicUsize,
+    /// A share panicked: the jobs are dropped unanswered (their handlers see `JobFailed`).
+    failed: std::sync::atomic::AtomicBool,
 }
 
-/// Multiplies every job of one batch (all for the same layer) with one pass over the weights.
-fn run_batch(weights: &ServerWeights, batch: &mut [Job], scratch: &mut Scratch) {
-    let Some(first) = batch.first() else { return };
-    let (linear, in_dim, out_dim) = (first.linear, first.in_dim, first.out_dim);
-    let Some(w) = weights.matrix(linear) else {
-        return;
-    };
-    if let [job] = batch {
-        matmul_u32_i8(&job.input, w, in_dim, out_dim, &mut job.output);
-        return;
-    }
-    // Several jobs: their rows side by side in one input matrix, then the output channels in
-    // tiles (each tile's weights read once for all rows), scattered back to each job's rows.
-    let rows: usize = batch.iter().map(|j| j.rows).sum();
-    scratch.input.clear();
-    for job in batch.iter() {
-        scratch.input.extend_from_slice(&job.input);
-    }
-    for j0 in (0..out_dim).step_by(OUT_TILE) {
-        let tile = OUT_TILE.min(out_dim - j0);
-        scratch.output.clear();
-        scratch.output.resize(rows * tile, 0);
-        matmul_u32_i8(
-            &scratch.input,
-            &w[j0 * in_dim..(j0 + tile) * in_dim],
+impl BatchWork {
+    /// `None` if the layer has no matrix (the handler validated it, so never in practice).
+    fn new(
+        weights: &ServerWeights,
+        jobs: Vec<Job>,
+        threads: usize,
+        share_min_macs: usize,
+    ) -> Option<BatchWork> {
+        let first = jobs.first()?;
+        let (linear, in_dim, out_dim) = (first.linear, first.in_dim, first.out_dim);
+        weights.matrix(linear)?;
+        let rows: usize = jobs.iter().map(|j| j.rows).sum();
+        let mut input = Vec::with_capacity(rows * in_dim);
+        for job in &jobs {
+            input.extend_from_slice(&job.input);
+        }
+        let shares = if rows * in_dim * out_dim >= share_min_macs {
+            threads.clamp(1, out_dim.max(1))
+        } else {
+            1
+        };
+        // Shares of whole groups of 8 channels (the kernels' vector width) where possible.
+        let unit = out_dim.div_ceil(shares).next_multiple_of(8);
+        let parts: Vec<_> = (0..out_dim)
+            .step_by(unit.max(1))
+            .map(|j0| j0..(j0 + unit).min(out_dim))
+            .collect();
+        Some(BatchWork {
+            linear,
             in_dim,
-            tile,
-            &mut scratch.output,
+            out_dim,
+            rows,
+            input,
+            products: parts.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            remaining: AtomicUsize::new(parts.len()),
+            parts,
+            jobs: Mutex::new(jobs),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+/// Computes share `k` of `work`; the thread finishing the last share answers every job.
+fn run_part(shared: &Shared, work: &BatchWork, k: usize) {
+    let range = work.parts[k].clone();
+    let done = catch_unwind(AssertUnwindSafe(|| {
+        let w = shared
+            .weights
+            .matrix(work.linear)
+            .unwrap_or_else(|| unreachable!("checked in BatchWork::new"));
+        let mut out = vec![0u32; work.rows * range.len()];
+        matmul_u32_i8(
+            &work.input,
+            &w[range.start * work.in_dim..range.end * work.in_dim],
+            work.in_dim,
+            range.len(),
+            &mut out,
         );
-        let mut products = scratch.output.chunks_exact(tile);
-        for job in batch.iter_mut() {
+        *work.products[k].lock().unwrap_or_else(|p| p.into_inner()) = out;
+    }));
+    if done.is_err() {
+        work.failed.store(true, Ordering::Relaxed);
+    }
+    if work.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        finish(shared, work);
+    }
+}
+
+/// Scatters every share's products to the jobs' rows and answers them (or, if a share failed,
+/// drops them), counts the batch, and expects each client back at its next layer.
+fn finish(shared: &Shared, work: &BatchWork) {
+    let jobs = std::mem::take(&mut *work.jobs.lock().unwrap_or_else(|p| p.into_inner()));
+    if work.failed.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut jobs = jobs;
+    for (range, products) in work.parts.iter().zip(&work.products) {
+        let products = products.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows = products.chunks_exact(range.len().max(1));
+        for job in jobs.iter_mut() {
             for r in 0..job.rows {
-                let dst = &mut job.output[r * out_dim + j0..r * out_dim + j0 + tile];
-                dst.copy_from_slice(products.next().unwrap_or_else(|| unreachable!()));
+                let at = r * work.out_dim;
+                if let Some(src) = rows.next() {
+                    job.output[at + range.start..at + range.end].copy_from_slice(src);
+                }
             }
         }
+    }
+    let c = &shared.counters;
+    c.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    c.batches.fetch_add(1, Ordering::Relaxed);
+    c.rows.fetch_add(work.rows as u64, Ordering::Relaxed);
+    c.max_batch_rows
+        .fetch_max(work.rows as u64, Ordering::Relaxed);
+    c.max_batch_jobs
+        .fetch_max(jobs.len() as u64, Ordering::Relaxed);
+    if !shared.config.hold.is_zero() {
+        let n_layer = shared.weights.config().n_layer as usize;
+        let next = (step_position(work.linear, n_layer) + 1) % (4 * n_layer + 1);
+        let until = Instant::now() + shared.config.hold;
+        let mut q = shared.lock();
+        for _ in &jobs {
+            q.expected.push(Expected {
+                position: next,
+                until,
+            });
+        }
+    }
+    for job in jobs {
+        // The handler may have gone (its client vanished): nothing to do.
+        let _ = job.reply.send((job.input, job.output));
     }
 }

@@ -63,6 +63,14 @@ struct Args {
     #[arg(long, value_name = "MICROS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     batch_window_us: u64,
+
+    /// Convoys (for many busy clients): microseconds to hold a layer's queued rows for a client
+    /// answered a moment ago that is expected at that layer or just behind it, so that clients
+    /// fall into step and share passes over the weights. Raises throughput with many clients; a
+    /// client ahead of the others may wait up to this long per request. 0 (default): off.
+    #[arg(long, value_name = "MICROS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    batch_hold_us: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +113,7 @@ fn main() -> anyhow::Result<()> {
                 .map_or(defaults.threads, |n| n as usize),
             max_rows: args.batch_max_rows as usize,
             window: Duration::from_micros(args.batch_window_us),
+            hold: Duration::from_micros(args.batch_hold_us),
             ..defaults
         };
         let batcher = Batcher::new(weights.clone(), batch).context("cannot start batching")?;

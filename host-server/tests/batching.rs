@@ -1,20 +1,21 @@
 //! Continuous batching: concurrent clients' rows for the same layer share one product, and every
 //! job still gets exactly the products of its own rows.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{expected, random_weights, read_frame_body, spawn_server, Rng};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use veil_core::kernels::matmul_u32_i8;
-use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
-use veil_core::model::{LinearId, LinearKind, LinearWeights, ModelConfig};
+use veil_core::model::{LinearId, LinearKind, ModelConfig};
 use veil_core::wire::{
     decode_body, encode_frame, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES,
     MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
-use veil_server::{serve_with, BatchConfig, Batcher, ServerConfig, ServerWeights};
+use veil_server::{BatchConfig, Batcher, ServerConfig, ServerWeights};
 
 /// Small: many layers of different shapes, cheap products.
 const SMALL: ModelConfig = ModelConfig {
@@ -35,46 +36,6 @@ const WIDE: ModelConfig = ModelConfig {
     vocab_size: 8192,
     n_inner: 256,
 };
-
-/// xorshift64*: deterministic test randomness without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn words(&mut self, n: usize) -> Vec<u32> {
-        (0..n).map(|_| (self.next() >> 32) as u32).collect()
-    }
-}
-
-/// In-memory weights of `cfg` with random int8 values (full range).
-fn weights(cfg: &ModelConfig, seed: u64) -> Arc<ServerWeights> {
-    let layout = LinearLayout::new(cfg);
-    let mut bytes = vec![0u8; layout.total_len];
-    let mut h = [0u8; HEADER_LEN];
-    encode_linear_header(cfg, &mut h);
-    bytes[..HEADER_LEN].copy_from_slice(&h);
-    let mut rng = Rng(seed | 1);
-    for id in cfg.linears() {
-        for b in &mut bytes[layout.matrix(id)] {
-            *b = rng.next() as u8;
-        }
-    }
-    Arc::new(ServerWeights::from_bytes(bytes).unwrap())
-}
-
-/// The product computed alone, the reference for every batched job.
-fn expected(w: &ServerWeights, id: LinearId, x: &[u32]) -> Vec<u32> {
-    let lin = LinearWeights::parse(w.bytes()).unwrap();
-    let (i, o) = id.dims(w.config());
-    let mut y = vec![0u32; x.len() / i * o];
-    matmul_u32_i8(x, lin.matrix(id), i, o, &mut y);
-    y
-}
 
 fn random_layer(rng: &mut Rng, cfg: &ModelConfig) -> LinearId {
     let kinds = [
@@ -131,16 +92,7 @@ impl Client {
     }
 
     async fn recv_raw(&mut self) -> Option<Vec<u8>> {
-        let read = async {
-            let mut prefix = [0u8; 4];
-            self.s.read_exact(&mut prefix).await.ok()?;
-            let n = u32::from_le_bytes(prefix) as usize;
-            assert!(n <= MAX_FRAME_BODY, "server sent an oversized frame");
-            let mut body = vec![0u8; n];
-            self.s.read_exact(&mut body).await.ok()?;
-            Some(body)
-        };
-        tokio::time::timeout(Duration::from_secs(20), read)
+        tokio::time::timeout(Duration::from_secs(20), read_frame_body(&mut self.s))
             .await
             .expect("server answers within 20 s")
     }
@@ -202,15 +154,8 @@ impl Client {
 
 /// Serves `w` on loopback with `batcher` until the test's runtime ends.
 async fn start(w: &Arc<ServerWeights>, config: ServerConfig, batcher: &Batcher) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve_with(
-        listener,
-        w.clone(),
-        config,
-        Some(batcher.clone()),
-        std::future::pending::<()>(),
-    ));
+    let forever = std::future::pending::<()>();
+    let (addr, _task) = spawn_server(w.clone(), config, Some(batcher.clone()), forever).await;
     addr
 }
 
@@ -218,7 +163,7 @@ async fn start(w: &Arc<ServerWeights>, config: ServerConfig, batcher: &Batcher) 
 /// batched across jobs, and each gets exactly its own rows' products.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_concurrent_jobs_of_mixed_layers_each_get_their_own_products() {
-    let w = weights(&SMALL, 1);
+    let w = random_weights(&SMALL, 1);
     let batcher = Batcher::new(
         w.clone(),
         BatchConfig {
@@ -252,7 +197,7 @@ async fn test_concurrent_jobs_of_mixed_layers_each_get_their_own_products() {
                 assert_eq!(input, x, "job {k}: input handed back unchanged");
                 assert_eq!(
                     y,
-                    expected(&w, linear, &x),
+                    expected(w.bytes(), linear, &x),
                     "job {k}: {linear:?} x {rows} rows"
                 );
             })
@@ -272,7 +217,7 @@ async fn test_concurrent_jobs_of_mixed_layers_each_get_their_own_products() {
 /// once: every reply equals that client's own product.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_many_clients_get_exact_products_through_the_batched_server() {
-    let w = weights(&SMALL, 2);
+    let w = random_weights(&SMALL, 2);
     let batcher = Batcher::new(
         w.clone(),
         BatchConfig {
@@ -296,7 +241,11 @@ async fn test_many_clients_get_exact_products_through_the_batched_server() {
                     let x = rng.words(rows * linear.dims(&SMALL).0);
                     let chunk = [MAX_CHUNK_BYTES, 64, 4][(rng.next() % 3) as usize];
                     let y = c.compute(request, linear, &x, chunk).await;
-                    assert_eq!(y, expected(&w, linear, &x), "client {k} request {request}");
+                    assert_eq!(
+                        y,
+                        expected(w.bytes(), linear, &x),
+                        "client {k} request {request}"
+                    );
                 }
                 c.bye().await;
             })
@@ -314,7 +263,7 @@ async fn test_many_clients_get_exact_products_through_the_batched_server() {
 /// requests queue up and the next batch takes them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_batches_form_when_eight_clients_hammer_one_layer() {
-    let w = weights(&WIDE, 3);
+    let w = random_weights(&WIDE, 3);
     let batcher = Batcher::new(
         w.clone(),
         BatchConfig {
@@ -342,7 +291,7 @@ async fn test_batches_form_when_eight_clients_hammer_one_layer() {
                     let y = c
                         .compute(request, LinearId::LM_HEAD, &x, MAX_CHUNK_BYTES)
                         .await;
-                    assert_eq!(y, expected(&w, LinearId::LM_HEAD, &x), "client {k}");
+                    assert_eq!(y, expected(w.bytes(), LinearId::LM_HEAD, &x), "client {k}");
                 }
                 c.bye().await;
             })
@@ -365,7 +314,7 @@ async fn test_batches_form_when_eight_clients_hammer_one_layer() {
 /// never disturbs the others' batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_batched_server_refuses_bad_requests_with_the_same_codes() {
-    let w = weights(&SMALL, 4);
+    let w = random_weights(&SMALL, 4);
     let batcher = Batcher::new(w.clone(), BatchConfig::default()).unwrap();
     let config = ServerConfig {
         max_rows: 4,
@@ -431,7 +380,7 @@ async fn test_batched_server_refuses_bad_requests_with_the_same_codes() {
     let mut c = Client::hello(addr, &w).await;
     let x = Rng(9).words(3 * SMALL.n_embd as usize);
     let y = c.compute(5, LinearId::LM_HEAD, &x, MAX_CHUNK_BYTES).await;
-    assert_eq!(y, expected(&w, LinearId::LM_HEAD, &x));
+    assert_eq!(y, expected(w.bytes(), LinearId::LM_HEAD, &x));
     c.bye().await;
     assert_eq!(
         batcher.stats().jobs,
@@ -443,7 +392,7 @@ async fn test_batched_server_refuses_bad_requests_with_the_same_codes() {
 /// A client that vanishes while its job is queued does not stall the batch or the thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_abandoned_jobs_do_not_stall_the_batcher() {
-    let w = weights(&WIDE, 5);
+    let w = random_weights(&WIDE, 5);
     let batcher = Batcher::new(
         w.clone(),
         BatchConfig {
@@ -466,5 +415,133 @@ async fn test_abandoned_jobs_do_not_stall_the_batcher() {
     .await
     .expect("answered")
     .unwrap();
-    assert_eq!(y, expected(&w, LinearId::LM_HEAD, &x));
+    assert_eq!(y, expected(w.bytes(), LinearId::LM_HEAD, &x));
+}
+
+/// One decode step's requests in order: every block's four layers, then the LM head.
+fn decode_step(cfg: &ModelConfig) -> Vec<LinearId> {
+    let mut v: Vec<LinearId> = (0..cfg.n_layer as u16)
+        .flat_map(|layer| LinearKind::BLOCK.map(|kind| LinearId { layer, kind }))
+        .collect();
+    v.push(LinearId::LM_HEAD);
+    v
+}
+
+/// Batches above the sharing size are cut into one share of output channels per thread; every
+/// job still gets exactly its own products (shares of different batches interleave freely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_batches_shared_among_threads_give_exact_products() {
+    let w = random_weights(&SMALL, 7);
+    let batcher = Batcher::new(
+        w.clone(),
+        BatchConfig {
+            threads: 3,
+            max_rows: 8,
+            share_min_macs: 0, // share every batch, even one row of the smallest layer
+            window: Duration::from_millis(5),
+            ..BatchConfig::default()
+        },
+    )
+    .unwrap();
+    let _connections: Vec<_> = (0..48).map(|_| batcher.register()).collect();
+    let tasks: Vec<_> = (0..48u64)
+        .map(|k| {
+            let (w, batcher) = (w.clone(), batcher.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng(0x5A4E + k);
+                for _ in 0..4 {
+                    let linear = random_layer(&mut rng, &SMALL);
+                    let rows = 1 + (rng.next() % 5) as usize;
+                    let x = rng.words(rows * linear.dims(&SMALL).0);
+                    let (_, y) = batcher.submit(linear, x.clone(), Vec::new()).await.unwrap();
+                    assert_eq!(y, expected(w.bytes(), linear, &x), "job {k}: {linear:?}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(batcher.stats().jobs, 48 * 4);
+}
+
+/// With a convoy hold, a lone client is never held for its own expected arrival: a hold of
+/// seconds per request would show at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_lone_client_is_never_held() {
+    let w = random_weights(&SMALL, 8);
+    let batcher = Batcher::new(
+        w.clone(),
+        BatchConfig {
+            hold: Duration::from_secs(5),
+            ..BatchConfig::default()
+        },
+    )
+    .unwrap();
+    let _me = batcher.register();
+    let steps = decode_step(&SMALL);
+    let mut rng = Rng(0x10E);
+    let run = async {
+        for _ in 0..3 {
+            for &linear in &steps {
+                let x = rng.words(linear.dims(&SMALL).0);
+                let (_, y) = batcher.submit(linear, x.clone(), Vec::new()).await.unwrap();
+                assert_eq!(y, expected(w.bytes(), linear, &x));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(4), run)
+        .await
+        .expect("a lone client waited on its own hold");
+}
+
+/// Clients that start at different points of the decode step fall into step under a hold: most
+/// of their requests end up in batches with others (without it, the chance meetings of random
+/// phases leave them mostly alone), and every product is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_clients_fall_into_a_convoy_under_a_hold() {
+    let w = random_weights(&SMALL, 9);
+    let batcher = Batcher::new(
+        w.clone(),
+        BatchConfig {
+            threads: 1,
+            // Generous for a loaded machine; a client that has finished is only timed out.
+            hold: Duration::from_millis(100),
+            ..BatchConfig::default()
+        },
+    )
+    .unwrap();
+    const CLIENTS: u64 = 4;
+    let _connections: Vec<_> = (0..CLIENTS).map(|_| batcher.register()).collect();
+    let steps = decode_step(&SMALL);
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|k| {
+            let (w, batcher, steps) = (w.clone(), batcher.clone(), steps.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng(0xC0 + k);
+                // Start k/4 of the way through a step: the clients begin out of phase.
+                let start = k as usize * steps.len() / CLIENTS as usize;
+                for i in 0..6 * steps.len() {
+                    let linear = steps[(start + i) % steps.len()];
+                    let x = rng.words(linear.dims(&SMALL).0);
+                    let (_, y) = batcher.submit(linear, x.clone(), Vec::new()).await.unwrap();
+                    assert_eq!(y, expected(w.bytes(), linear, &x), "client {k}: {linear:?}");
+                }
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+    .await
+    .expect("the convoy stalled");
+    let s = batcher.stats();
+    assert_eq!(s.jobs, CLIENTS * 6 * steps.len() as u64);
+    let mean = s.jobs as f64 / s.batches as f64;
+    assert!(
+        mean >= 2.0,
+        "mean batch of {mean:.2} jobs: no convoy formed ({s:?})"
+    );
 }

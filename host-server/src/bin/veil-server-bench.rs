@@ -4,7 +4,7 @@
 //! own thread and connection: per token the 25 (for distilgpt2) requests of one decode step, every
 //! block's Qkv, AttnOut, MlpUp and MlpDown then the LM head, one row of random words each (the
 //! server cannot tell them from masked rows). Prints one JSON line per run:
-//! `{"batching", "clients", "tokens_per_s_total", "tokens_per_s_per_client", "speedup_vs_1",
+//! `{"batching", "hold_us", "clients", "tokens_per_s_total", "tokens_per_s_per_client", "speedup_vs_1",
 //! "batches", "jobs", ...}`; `speedup_vs_1` compares with the first run (of the same batching
 //! mode) in the `--clients` list.
 
@@ -56,6 +56,10 @@ struct Args {
     #[arg(long, value_name = "MICROS", default_value_t = 0)]
     window_us: u64,
 
+    /// Convoy hold in microseconds (see `veil-server --batch-hold-us`; 0: off).
+    #[arg(long, value_name = "MICROS", default_value_t = 0)]
+    hold_us: u64,
+
     /// Async runtime worker threads of the server (default: one per CPU).
     #[arg(long, value_name = "N")]
     runtime_threads: Option<usize>,
@@ -94,6 +98,7 @@ fn main() -> anyhow::Result<()> {
             let config = BatchConfig {
                 threads: args.compute_threads.unwrap_or(defaults.threads),
                 window: Duration::from_micros(args.window_us),
+                hold: Duration::from_micros(args.hold_us),
                 ..defaults
             };
             Some(Batcher::new(weights.clone(), config)?)
@@ -134,8 +139,9 @@ fn main() -> anyhow::Result<()> {
             } else {
                 jobs
             };
+            let hold_us = if batching { args.hold_us } else { 0 };
             println!(
-                "{{\"batching\":{batching},\"clients\":{clients},\"secs\":{:.2},\"tokens\":{},\
+                "{{\"batching\":{batching},\"hold_us\":{hold_us},\"clients\":{clients},\"secs\":{:.2},\"tokens\":{},\
                  \"tokens_per_s_total\":{total:.3},\"tokens_per_s_per_client\":{:.3},\
                  \"speedup_vs_1\":{:.3},\"batches\":{batches},\"jobs\":{jobs},\
                  \"max_batch_rows\":{},\"ms_per_token_p50\":{:.2}}}",
