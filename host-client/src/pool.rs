@@ -90,6 +90,11 @@ pub struct PoolSource {
     pub reserved_log: Vec<(u64, u64)>,
     /// Read buffer, kept between calls so the online phase does not allocate per token.
     io_buf: Vec<u8>,
+    /// The whole record of one slot (every layer's terms), read with one `pread` when a decode
+    /// step (one row) first needs it: one system call per token instead of one per layer.
+    record: Vec<u8>,
+    /// The slot whose record `record` holds.
+    record_slot: Option<u64>,
 }
 
 fn read_u64(f: &File, at: u64, path: &Path) -> Result<u64, PoolError> {
@@ -146,6 +151,8 @@ impl PoolSource {
             durable: next,
             reserved_log: vec![],
             io_buf: Vec::new(),
+            record: Vec::new(),
+            record_slot: None,
         })
     }
 
@@ -312,16 +319,31 @@ impl UnmaskSource for PoolSource {
     ) -> Result<(), PoolError> {
         let o = linear.dims(&self.cfg).1;
         let off = pool_record_offset(&self.cfg, linear);
+        let io = |source| PoolError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if rows == 1 {
+            if self.record_slot != Some(first_slot) {
+                self.record_slot = None;
+                self.record.resize(self.record_words * 4, 0);
+                let at = self.record_at(first_slot, 0);
+                self.file.read_exact_at(&mut self.record, at).map_err(io)?;
+                self.record_slot = Some(first_slot);
+            }
+            for (w, b) in out[..o]
+                .iter_mut()
+                .zip(self.record[off * 4..(off + o) * 4].chunks_exact(4))
+            {
+                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            return Ok(());
+        }
         let mut bytes = std::mem::take(&mut self.io_buf);
         bytes.resize(o * 4, 0);
         for row in 0..rows {
             let at = self.record_at(first_slot + row as u64, off);
-            self.file
-                .read_exact_at(&mut bytes, at)
-                .map_err(|source| PoolError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
+            self.file.read_exact_at(&mut bytes, at).map_err(io)?;
             for (w, b) in out[row * o..(row + 1) * o]
                 .iter_mut()
                 .zip(bytes.chunks_exact(4))
