@@ -621,7 +621,9 @@ fn run_part(shared: &Shared, work: &BatchWork, k: usize) {
         work.failed.store(true, Ordering::Relaxed);
     }
     if work.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-        finish(shared, work);
+        // A panic while answering drops the unanswered replies (their handlers see `JobFailed`);
+        // the thread lives on.
+        let _ = catch_unwind(AssertUnwindSafe(|| finish(shared, work)));
     }
 }
 
