@@ -48,6 +48,31 @@ fn map(path: &Path) -> Result<Mmap, FilesError> {
     unsafe { Mmap::map(&file) }.map_err(io)
 }
 
+/// Marks `range` of a mapping of `path` as read a row here and there (the embedding table): its
+/// cached pages are dropped and the range is advised random-access, so a fault brings in one page
+/// rather than a neighbourhood. Without this, a freshly written `client.veil` sits in the page
+/// cache in large folios that the kernel (6.18 here) maps whole on a fault, and touching a few
+/// hundred embedding rows made 27 MiB resident instead of 2 (measured, memory.md). Hints only:
+/// where refused, the mapping works the same. The rest of the file (LayerNorm, biases, scales,
+/// read in full every step) keeps its cache and read-ahead.
+fn hint_scattered(path: &Path, mapped: &Mmap, range: std::ops::Range<usize>) {
+    #[cfg(target_os = "linux")]
+    if let Ok(file) = File::open(path) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an advisory call on a descriptor we own for the duration of the call; it reads
+        // and writes no memory of ours.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                range.start as libc::off_t,
+                range.len() as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+    }
+    let _ = mapped.advise_range(memmap2::Advice::Random, range.start, range.len());
+}
+
 /// A model directory, memory-mapped: only the pages actually touched become resident (embedding
 /// rows of the tokens used, for instance).
 #[derive(Debug)]
@@ -73,6 +98,8 @@ impl ModelFiles {
             linear,
         };
         let cw = files.client()?;
+        let layout = veil_core::model::format::ClientLayout::new(cw.config());
+        hint_scattered(&dir.join(CLIENT_FILE), &files.client, layout.wte);
         if let Some(lw) = files.linear()? {
             check_pair(&cw, &lw).map_err(|source| FilesError::Format {
                 path: dir.join(LINEAR_FILE),
