@@ -18,7 +18,7 @@ use crate::kernels::{self, matmul_i8_i8};
 use crate::nonlinear::{gelu, layer_norm, softmax};
 use crate::quant::{quantize_row, rescale, ActScale, BlockI16};
 
-/// Largest attention head width supported (a stack buffer of this many `i64` per head).
+/// Largest attention head width supported (stack buffers of this many `i16` and `i32` per head).
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Why a forward step cannot proceed.
@@ -536,11 +536,12 @@ impl<'w, 'a> Forward<'w, 'a> {
     /// Causal multi-head attention of every row over the cache; the output rows are quantized into
     /// the request buffer for `attn.c_proj`.
     ///
-    /// All in 16-bit vectors so the inner loops run as SIMD ([`kernels::dot_i16_i16`],
-    /// [`kernels::axpy_i16`]): the query head is block-encoded like the cached keys, the scores are
-    /// exact `i64` dot products, and the weighted sum of values accumulates in `i32` with Q15
-    /// probabilities and every value brought to the head's largest shift `S` over the context.
-    /// `Σ p ≤ 2^15 + n` and `|v| ≤ 2^15` keep that sum below 2^31 for every `n ≤ 2^14` (the configuration's limit, [`super::config::MAX_POSITIONS`]);
+    /// All in 16-bit vectors so the inner loops run as SIMD, one kernel call per head
+    /// ([`kernels::dot_i16_rows`], [`kernels::axpy_i16_rows`]): the query head is block-encoded
+    /// like the cached keys, the scores are exact `i64` dot products, and the weighted sum of
+    /// values accumulates in `i32` with Q15 probabilities and every value brought to the head's
+    /// largest shift `S` over the context. `Σ p ≤ 2^15 + n` and `|v| ≤ 2^15` keep that sum below
+    /// 2^31 for every `n ≤ 2^14` (the configuration's limit, [`super::config::MAX_POSITIONS`]);
     /// bringing a value to shift `S` costs at most half a step of `2^S`, the same bound as the
     /// cache's own encoding at that shift.
     fn attention(&mut self, layer: usize) {
