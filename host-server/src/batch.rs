@@ -117,17 +117,26 @@ impl From<JobFailed> for io::Error {
 }
 
 /// A connection counted by [`Batcher::register`]; uncounted on drop.
-pub struct Registration(Arc<Shared>);
+pub struct Registration {
+    shared: Arc<Shared>,
+    /// Tells this connection's jobs and convoy expectations apart from others'.
+    id: u64,
+}
 
 impl fmt::Debug for Registration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Registration")
+        write!(f, "Registration({})", self.id)
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        // A client that has gone is not waited for.
+        let mut q = self.shared.lock();
+        q.expected.retain(|e| e.conn != Some(self.id));
+        drop(q);
+        self.shared.ready.notify_all();
     }
 }
 
@@ -144,6 +153,8 @@ struct Job {
     reply: oneshot::Sender<(Vec<u32>, Vec<u32>)>,
     /// When it was queued (a convoy never keeps a job waiting much longer than its hold).
     queued_at: Instant,
+    /// The submitting connection ([`Batcher::submit_as`]), if known.
+    conn: Option<u64>,
     /// The job's place in the bounded queue, given back once it is answered.
     _slot: OwnedSemaphorePermit,
 }
@@ -159,6 +170,8 @@ struct Queue {
 
 /// A client expected back at `position` (see [`BatchConfig::hold`]) until `until`.
 struct Expected {
+    /// The connection, when its jobs came through [`Batcher::submit_as`].
+    conn: Option<u64>,
     position: usize,
     until: Instant,
 }
@@ -176,6 +189,8 @@ struct Shared {
     weights: Arc<ServerWeights>,
     /// Connections registered as able to submit (the window waits only for them).
     connections: AtomicUsize,
+    /// The next [`Registration`] id.
+    next_conn: AtomicU64,
     config: BatchConfig,
     queue: Mutex<Queue>,
     ready: Condvar,
@@ -231,6 +246,7 @@ impl Batcher {
         let shared = Arc::new(Shared {
             weights,
             connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(0),
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 parts: VecDeque::new(),
@@ -261,8 +277,12 @@ impl Batcher {
     /// Counts a connection as a possible member of batches until the guard drops (the window,
     /// if any, waits for at most this many jobs).
     pub fn register(&self) -> Registration {
-        self.0.shared.connections.fetch_add(1, Ordering::Relaxed);
-        Registration(self.0.shared.clone())
+        let shared = &self.0.shared;
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        Registration {
+            shared: shared.clone(),
+            id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// Counters of the batches formed so far.
@@ -285,6 +305,29 @@ impl Batcher {
     /// validates both before submitting.
     pub async fn submit(
         &self,
+        linear: LinearId,
+        input: Vec<u32>,
+        output: Vec<u32>,
+    ) -> Result<(Vec<u32>, Vec<u32>), JobFailed> {
+        self.submit_from(None, linear, input, output).await
+    }
+
+    /// [`Batcher::submit`] on behalf of a registered connection: convoys then expect exactly
+    /// this connection back, whatever layer it comes with next, and stop waiting for it as soon
+    /// as its registration drops.
+    pub async fn submit_as(
+        &self,
+        who: &Registration,
+        linear: LinearId,
+        input: Vec<u32>,
+        output: Vec<u32>,
+    ) -> Result<(Vec<u32>, Vec<u32>), JobFailed> {
+        self.submit_from(Some(who.id), linear, input, output).await
+    }
+
+    async fn submit_from(
+        &self,
+        conn: Option<u64>,
         linear: LinearId,
         input: Vec<u32>,
         mut output: Vec<u32>,
@@ -313,18 +356,29 @@ impl Batcher {
             if q.closed {
                 return Err(JobFailed);
             }
-            // This arrival is one expected at this position: one client back. A client with a
-            // local LM head goes from the last block straight to block 0, so an arrival at block
-            // 0 may also be the one expected at the LM head. Any other arrival (a new client, a
-            // prefill) matches nothing; a client that never comes back only times out.
+            // This arrival is the one expected of its connection. Without one, guess: one
+            // expected at this position (a client with a local LM head goes from the last block
+            // straight to block 0, so an arrival at block 0 may also be the one expected at the
+            // LM head); a new client or a prefill matches nothing.
             let n_layer = shared.weights.config().n_layer as usize;
             let p = step_position(linear, n_layer);
             let lm_head = 4 * n_layer;
-            let hit = q.expected.iter().position(|e| e.position == p).or_else(|| {
-                (p == 0)
-                    .then(|| q.expected.iter().position(|e| e.position == lm_head))
-                    .flatten()
-            });
+            let hit = match conn {
+                Some(c) => q.expected.iter().position(|e| e.conn == Some(c)),
+                None => q
+                    .expected
+                    .iter()
+                    .position(|e| e.conn.is_none() && e.position == p)
+                    .or_else(|| {
+                        (p == 0)
+                            .then(|| {
+                                q.expected
+                                    .iter()
+                                    .position(|e| e.conn.is_none() && e.position == lm_head)
+                            })
+                            .flatten()
+                    }),
+            };
             if let Some(i) = hit {
                 q.expected.swap_remove(i);
             }
@@ -337,6 +391,7 @@ impl Batcher {
                 output,
                 reply,
                 queued_at: Instant::now(),
+                conn,
                 _slot: slot,
             });
         }
@@ -660,8 +715,9 @@ fn finish(shared: &Shared, work: &BatchWork) {
         let next = (step_position(work.linear, n_layer) + 1) % (4 * n_layer + 1);
         let until = Instant::now() + shared.config.hold;
         let mut q = shared.lock();
-        for _ in &jobs {
+        for job in &jobs {
             q.expected.push(Expected {
+                conn: job.conn,
                 position: next,
                 until,
             });

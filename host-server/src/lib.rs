@@ -514,7 +514,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limit = config.idle_timeout;
-    let _registration = batcher.as_ref().map(Batcher::register);
     let mut conn = Conn::new(weights, config, batcher);
     let result = conn.run(&mut stream).await;
     match &result {
@@ -574,8 +573,9 @@ async fn drain<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) {
 struct Conn {
     weights: Arc<ServerWeights>,
     config: ServerConfig,
-    /// Where products are computed: shared batches, or alone on the blocking pool.
-    batcher: Option<Batcher>,
+    /// Where products are computed: shared batches (this connection registered with them for as
+    /// long as it lives), or alone on the blocking pool.
+    batcher: Option<(Batcher, Registration)>,
     rbuf: Box<[u8]>,
     wbuf: Box<[u8]>,
     /// Masked rows of the current request (≤ max_rows · max_in words).
@@ -608,7 +608,10 @@ impl Conn {
         Conn {
             weights,
             config,
-            batcher,
+            batcher: batcher.map(|b| {
+                let r = b.register();
+                (b, r)
+            }),
             rbuf: vec![0u8; MAX_FRAME_BODY].into_boxed_slice(),
             wbuf: vec![0u8; MAX_FRAME_BODY + LEN_PREFIX].into_boxed_slice(),
             input: Vec::new(),
@@ -818,8 +821,8 @@ impl Conn {
         let input = std::mem::take(&mut self.input);
         let output = std::mem::take(&mut self.output);
         let (input, output) = match &self.batcher {
-            Some(batcher) => batcher
-                .submit(linear, input, output)
+            Some((batcher, me)) => batcher
+                .submit_as(me, linear, input, output)
                 .await
                 .map_err(|e| io::Error::other(format!("request {request}: {e}")))?,
             None => {

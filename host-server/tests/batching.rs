@@ -512,19 +512,22 @@ async fn test_clients_fall_into_a_convoy_under_a_hold() {
     )
     .unwrap();
     const CLIENTS: u64 = 4;
-    let _connections: Vec<_> = (0..CLIENTS).map(|_| batcher.register()).collect();
     let steps = decode_step(&SMALL);
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|k| {
             let (w, batcher, steps) = (w.clone(), batcher.clone(), steps.clone());
             tokio::spawn(async move {
+                let me = batcher.register();
                 let mut rng = Rng(0xC0 + k);
                 // Start k/4 of the way through a step: the clients begin out of phase.
                 let start = k as usize * steps.len() / CLIENTS as usize;
                 for i in 0..6 * steps.len() {
                     let linear = steps[(start + i) % steps.len()];
                     let x = rng.words(linear.dims(&SMALL).0);
-                    let (_, y) = batcher.submit(linear, x.clone(), Vec::new()).await.unwrap();
+                    let (_, y) = batcher
+                        .submit_as(&me, linear, x.clone(), Vec::new())
+                        .await
+                        .unwrap();
                     assert_eq!(y, expected(w.bytes(), linear, &x), "client {k}: {linear:?}");
                 }
             })
@@ -544,4 +547,41 @@ async fn test_clients_fall_into_a_convoy_under_a_hold() {
         mean >= 2.0,
         "mean batch of {mean:.2} jobs: no convoy formed ({s:?})"
     );
+}
+
+/// A client that leaves is not waited for: once its registration drops, the jobs its expected
+/// return held run at once (with a 5 s hold, a wait would show).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_departed_client_is_not_waited_for() {
+    let w = random_weights(&SMALL, 10);
+    let batcher = Batcher::new(
+        w.clone(),
+        BatchConfig {
+            hold: Duration::from_secs(5),
+            ..BatchConfig::default()
+        },
+    )
+    .unwrap();
+    let steps = decode_step(&SMALL);
+    let mut rng = Rng(0xDE9);
+    // A is answered at step 0, so it is expected at step 1 ...
+    let a = batcher.register();
+    let x = rng.words(steps[0].dims(&SMALL).0);
+    batcher
+        .submit_as(&a, steps[0], x, Vec::new())
+        .await
+        .unwrap();
+    // ... and B, at step 2 (just ahead of A), would wait for it; but A leaves.
+    drop(a);
+    let b = batcher.register();
+    let linear = steps[2];
+    let x = rng.words(linear.dims(&SMALL).0);
+    let (_, y) = tokio::time::timeout(
+        Duration::from_secs(3),
+        batcher.submit_as(&b, linear, x.clone(), Vec::new()),
+    )
+    .await
+    .expect("held for a client that had left")
+    .unwrap();
+    assert_eq!(y, expected(w.bytes(), linear, &x));
 }
