@@ -83,20 +83,6 @@ pub fn matmul_i8_i8(x: &[i8], w: &[u8], in_dim: usize, out_dim: usize, y: &mut [
     Kernel::best().matmul_i8_i8(x, w, in_dim, out_dim, y);
 }
 
-/// `Σ_i a[i] · b[i]` over `i16`, exact in `i64` (the attention scores `q · k`). Panics if the
-/// lengths differ.
-#[inline]
-pub fn dot_i16_i16(a: &[i16], b: &[i16]) -> i64 {
-    Kernel::best().dot_i16_i16(a, b)
-}
-
-/// `acc[i] += p · round(v[i] / 2^shift)` in wrapping `i32` (the attention's weighted sum of
-/// values), `shift ≤ 31`, ties rounded up. Panics if the lengths differ.
-#[inline]
-pub fn axpy_i16(acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
-    Kernel::best().axpy_i16(acc, p, v, shift)
-}
-
 /// `out[t] = Σ_i q[i] · keys[t · stride + i]` (exact `i64`): one attention query against
 /// `out.len()` cached keys `stride` apart. Panics if `keys` is too short.
 #[inline]
@@ -233,29 +219,11 @@ impl Kernel {
     }
 
     #[inline]
-    fn dot_i16_i16(self, a: &[i16], b: &[i16]) -> i64 {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(t) => t.dot_i16_i16(a, b),
-            // NEON is aarch64's baseline: the portable body already vectorises with it.
-            _ => scalar::dot_i16_i16(a, b),
-        }
-    }
-
-    #[inline]
-    fn axpy_i16(self, acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(t) => t.axpy_i16(acc, p, v, shift),
-            _ => scalar::axpy_i16(acc, p, v, shift),
-        }
-    }
-
-    #[inline]
     fn dot_i16_rows(self, q: &[i16], keys: &[i16], stride: usize, out: &mut [i64]) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(t) => t.dot_i16_rows(q, keys, stride, out),
+            // NEON is aarch64's baseline: the portable body already vectorises with it.
             _ => scalar::dot_i16_rows(q, keys, stride, out),
         }
     }
@@ -461,6 +429,18 @@ mod tests {
         dot_u32_i8(&[1; 17], &[1; 16]);
     }
 
+    /// One key through the per-head kernels.
+    fn dot1(kernel: Kernel, a: &[i16], b: &[i16]) -> i64 {
+        let mut out = [0i64];
+        kernel.dot_i16_rows(a, b, b.len(), &mut out);
+        out[0]
+    }
+
+    /// One value through the per-head kernels.
+    fn axpy1(kernel: Kernel, acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
+        kernel.axpy_i16_rows(acc, &[p], &[shift as i32], v, v.len());
+    }
+
     #[test]
     fn test_i16_kernels_exact_at_the_extremes() {
         // Every product at ±2^15·2^15 (the i32 pair sum of two would overflow): the i64 dot stays
@@ -471,12 +451,12 @@ mod tests {
             let c = vec![i16::MAX; len];
             for kernel in Kernel::all() {
                 assert_eq!(
-                    kernel.dot_i16_i16(&a, &b),
+                    dot1(kernel, &a, &b),
                     len as i64 * (1i64 << 30),
                     "{kernel:?}"
                 );
                 assert_eq!(
-                    kernel.dot_i16_i16(&a, &c),
+                    dot1(kernel, &a, &c),
                     -(len as i64) * 32768 * 32767,
                     "{kernel:?}"
                 );
@@ -489,7 +469,7 @@ mod tests {
                     .chain([i16::MIN, i16::MAX])
                     .collect();
                 let mut acc = vec![5i32; v.len()];
-                kernel.axpy_i16(&mut acc, -32768, &v, shift);
+                axpy1(kernel, &mut acc, -32768, &v, shift);
                 for (a, &x) in acc.iter().zip(&v) {
                     let r = crate::fixed::round_shift_i64(x as i64, shift);
                     assert_eq!(*a as i64, 5 - 32768 * r, "{kernel:?} shift {shift} x {x}");
@@ -538,9 +518,9 @@ mod tests {
             let (a, b): (Vec<i16>, Vec<i16>) = v.into_iter().unzip();
             let dot: i64 = a.iter().zip(&b).map(|(&x, &y)| x as i64 * y as i64).sum();
             for kernel in Kernel::all() {
-                prop_assert_eq!(kernel.dot_i16_i16(&a, &b), dot, "{:?}", kernel);
+                prop_assert_eq!(dot1(kernel, &a, &b), dot, "{:?}", kernel);
                 let mut acc = vec![start; a.len()];
-                kernel.axpy_i16(&mut acc, p, &b, shift);
+                axpy1(kernel, &mut acc, p, &b, shift);
                 for (&got, &x) in acc.iter().zip(&b) {
                     let r = crate::fixed::round_shift_i64(x as i64, shift);
                     let want = (start as i64 + p as i64 * r) as i32; // wrapping, like the kernel

@@ -75,12 +75,6 @@ impl Avx2 {
 
 impl Avx2 {
     #[inline]
-    pub(super) fn dot_i16_i16(self, a: &[i16], b: &[i16]) -> i64 {
-        // SAFETY: `self` exists only if `detect` found AVX2 (CPU and OS).
-        unsafe { dot_i16_i16(a, b) }
-    }
-
-    #[inline]
     pub(super) fn dot_i16_rows(self, q: &[i16], keys: &[i16], stride: usize, out: &mut [i64]) {
         // SAFETY: `self` exists only if `detect` found AVX2 (CPU and OS).
         unsafe { dot_i16_rows(q, keys, stride, out) }
@@ -98,34 +92,11 @@ impl Avx2 {
         // SAFETY: `self` exists only if `detect` found AVX2 (CPU and OS).
         unsafe { axpy_i16_rows(acc, p, shift, values, stride) }
     }
-
-    #[inline]
-    pub(super) fn axpy_i16(self, acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
-        // SAFETY: `self` exists only if `detect` found AVX2 (CPU and OS).
-        unsafe { axpy_i16(acc, p, v, shift) }
-    }
 }
 
-/// The portable body compiled for AVX2: plain integer code that LLVM vectorises 256 bits wide
-/// here (the baseline build only gets SSE2, which has no widening 32-bit multiply).
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[target_feature(enable = "avx2")]
-unsafe fn dot_i16_i16(a: &[i16], b: &[i16]) -> i64 {
-    super::scalar::dot_i16_i16(a, b)
-}
-
-/// As [`dot_i16_i16`]: the portable body, vectorised for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[target_feature(enable = "avx2")]
-unsafe fn axpy_i16(acc: &mut [i32], p: i32, v: &[i16], shift: u32) {
-    super::scalar::axpy_i16(acc, p, v, shift)
-}
-
-/// As [`dot_i16_i16`], over many keys (one call per attention head, not per position).
+/// The portable [`super::scalar::dot_i16_rows`] compiled for AVX2: plain integer code that LLVM
+/// vectorises 256 bits wide here (the baseline build only gets SSE2, which has no widening 32-bit
+/// multiply). One call per attention head, not per position.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -134,7 +105,7 @@ unsafe fn dot_i16_rows(q: &[i16], keys: &[i16], stride: usize, out: &mut [i64]) 
     super::scalar::dot_i16_rows(q, keys, stride, out)
 }
 
-/// As [`axpy_i16`], over many values (one call per attention head, not per position).
+/// The portable [`super::scalar::axpy_i16_rows`] compiled for AVX2, as [`dot_i16_rows`].
 ///
 /// # Safety
 /// The CPU must support AVX2.
