@@ -168,21 +168,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     modes.insert("reference".into(), v);
     tokens.push(("reference", t));
 
-    let (v, t, _) = run_mode(
-        "online",
-        base(&["--server", &addr, "--mask-source", "online"]),
-        &server,
-    )?;
-    modes.insert("online".into(), v);
-    tokens.push(("online", t));
-
-    let (v, t, _) = run_mode(
+    // One measured mode: its stats go into `modes`, its tokens into `tokens`.
+    let mut record = |name: &'static str, extra: &[&str]| -> anyhow::Result<()> {
+        let (v, t, _) = run_mode(name, base(extra), &server)?;
+        modes.insert(name.into(), v);
+        tokens.push((name, t));
+        Ok(())
+    };
+    let online = ["--server", &addr, "--mask-source", "online"];
+    record("online", &online)?;
+    record(
         "online_no_verify",
-        base(&["--server", &addr, "--mask-source", "online", "--no-verify"]),
-        &server,
+        &[&online[..], &["--no-verify"]].concat(),
     )?;
-    modes.insert("online_no_verify".into(), v);
-    tokens.push(("online_no_verify", t));
 
     // Two pool runs (with and without verification), each prompt + new tokens slots.
     let slots = (2 * (args.prompt_tokens + new_tokens) + 8) as u64;
@@ -196,19 +194,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .arg(slots.to_string());
     let pre = run_child(pre).context("veil-client precompute")?;
     let pool_str = pool_path.to_string_lossy().into_owned();
-    let (mut v, t, _) = run_mode(
+    let pool = [
+        "--server",
+        &addr,
+        "--mask-source",
         "pool",
-        base(&[
-            "--server",
-            &addr,
-            "--mask-source",
-            "pool",
-            "--pool",
-            &pool_str,
-        ]),
-        &server,
-    )?;
-    if let Value::Object(m) = &mut v {
+        "--pool",
+        &pool_str,
+    ];
+    record("pool", &pool)?;
+    record("pool_no_verify", &[&pool[..], &["--no-verify"]].concat())?;
+    if let Some(Value::Object(m)) = modes.get_mut("pool") {
         m.insert("precompute_slots".into(), json!(slots));
         m.insert(
             "precompute_ms_per_token".into(),
@@ -220,23 +216,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         m.insert("precompute_peak_rss_kib".into(), json!(pre.peak_rss_kib));
     }
-    modes.insert("pool".into(), v);
-    tokens.push(("pool", t));
-    let (v, t, _) = run_mode(
-        "pool_no_verify",
-        base(&[
-            "--server",
-            &addr,
-            "--mask-source",
-            "pool",
-            "--pool",
-            &pool_str,
-            "--no-verify",
-        ]),
-        &server,
-    )?;
-    modes.insert("pool_no_verify".into(), v);
-    tokens.push(("pool_no_verify", t));
     drop(server);
 
     let identical = tokens.iter().all(|(_, t)| *t == tokens[0].1);
