@@ -29,6 +29,7 @@ use veil_core::model::{LinearId, LinearWeights, ModelConfig};
 use veil_core::session::{
     compute_pool_record, pool_record_offset, pool_record_words, UnmaskSource,
 };
+use veil_core::wire::WordBytes;
 
 const MAGIC: &[u8; 8] = b"VEILPOOL";
 const VERSION: u32 = 2;
@@ -331,11 +332,9 @@ impl UnmaskSource for PoolSource {
                 self.file.read_exact_at(&mut self.record, at).map_err(io)?;
                 self.record_slot = Some(first_slot);
             }
-            for (w, b) in out[..o]
-                .iter_mut()
-                .zip(self.record[off * 4..(off + o) * 4].chunks_exact(4))
-            {
-                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let words = WordBytes(&self.record[off * 4..(off + o) * 4]);
+            for (w, v) in out[..o].iter_mut().zip(words.iter()) {
+                *w = v;
             }
             return Ok(());
         }
@@ -344,11 +343,11 @@ impl UnmaskSource for PoolSource {
         for row in 0..rows {
             let at = self.record_at(first_slot + row as u64, off);
             self.file.read_exact_at(&mut bytes, at).map_err(io)?;
-            for (w, b) in out[row * o..(row + 1) * o]
+            for (w, v) in out[row * o..(row + 1) * o]
                 .iter_mut()
-                .zip(bytes.chunks_exact(4))
+                .zip(WordBytes(&bytes).iter())
             {
-                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                *w = v;
             }
         }
         self.io_buf = bytes;
