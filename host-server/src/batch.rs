@@ -360,9 +360,8 @@ impl Batcher {
             // expected at this position (a client with a local LM head goes from the last block
             // straight to block 0, so an arrival at block 0 may also be the one expected at the
             // LM head); a new client or a prefill matches nothing.
-            let n_layer = shared.weights.config().n_layer as usize;
-            let p = step_position(linear, n_layer);
-            let lm_head = 4 * n_layer;
+            let cycle = StepCycle::of(&shared.weights);
+            let p = cycle.position(linear);
             let hit = match conn {
                 Some(c) => q.expected.iter().position(|e| e.conn == Some(c)),
                 None => q
@@ -374,7 +373,7 @@ impl Batcher {
                             .then(|| {
                                 q.expected
                                     .iter()
-                                    .position(|e| e.conn.is_none() && e.position == lm_head)
+                                    .position(|e| e.conn.is_none() && e.position == cycle.lm_head())
                             })
                             .flatten()
                     }),
@@ -453,28 +452,60 @@ fn next_task(shared: &Shared) -> Option<Task> {
     }
 }
 
-/// A layer's position in one decode step's sequence of requests: `4 · layer + kind`, the LM head
-/// last. Clients walk it in a cycle, which is what lets a convoy form.
-fn step_position(linear: LinearId, n_layer: usize) -> usize {
-    match linear.kind {
-        LinearKind::LmHead => 4 * n_layer,
-        kind => 4 * linear.layer as usize + kind as usize,
+/// The cycle of requests a decoding client walks: every block's four layers, then the LM head.
+/// That every client walks the same cycle is what lets a convoy form.
+#[derive(Clone, Copy)]
+struct StepCycle {
+    n_layer: usize,
+}
+
+impl StepCycle {
+    fn of(weights: &ServerWeights) -> Self {
+        StepCycle {
+            n_layer: weights.config().n_layer as usize,
+        }
+    }
+
+    /// Positions in the cycle.
+    fn len(self) -> usize {
+        4 * self.n_layer + 1
+    }
+
+    /// The LM head's position, the last.
+    fn lm_head(self) -> usize {
+        4 * self.n_layer
+    }
+
+    /// A layer's position: `4 · layer + kind`, the LM head last.
+    fn position(self, linear: LinearId) -> usize {
+        match linear.kind {
+            LinearKind::LmHead => self.lm_head(),
+            kind => 4 * linear.layer as usize + kind as usize,
+        }
+    }
+
+    /// The position after `linear`'s.
+    fn next(self, linear: LinearId) -> usize {
+        (self.position(linear) + 1) % self.len()
+    }
+
+    /// How far position `from` is behind position `to`, walking forward (0: the same place).
+    fn behind(self, from: usize, to: usize) -> usize {
+        (to + self.len() - from) % self.len()
     }
 }
 
 /// Takes the next batch: the oldest job's layer (without convoys, or once it has waited four
 /// holds), else among the layers with queued jobs not held for a convoy the one nearest behind
 /// another client (then the most rows, then the oldest), plus every queued job for it that fits
-/// the limits,
-/// plus (with a window) what arrives within it. `Err(Some(guard))`: a share of a batch arrived
+/// the limits, plus (with a window) what arrives within it. `Err(Some(guard))`: a share of a batch arrived
 /// while waiting, or held jobs' hold ran out, look again; `Err(None)`: closed and empty.
 fn next_batch<'a>(
     shared: &'a Shared,
     mut q: MutexGuard<'a, Queue>,
 ) -> Result<Vec<Job>, Option<MutexGuard<'a, Queue>>> {
     let cfg = &shared.config;
-    let n_layer = shared.weights.config().n_layer as usize;
-    let cycle = 4 * n_layer + 1;
+    let cycle = StepCycle::of(&shared.weights);
     let now = Instant::now();
     q.expected.retain(|e| e.until > now);
     if q.jobs.is_empty() {
@@ -496,10 +527,10 @@ fn next_batch<'a>(
     // layer up to half a cycle behind it: waiting lets that client catch up and join the batch
     // (one pass over the weights for both) instead of both streaming the weights separately.
     let held = |l: LinearId| {
-        let p = step_position(l, n_layer);
+        let p = cycle.position(l);
         q.expected
             .iter()
-            .any(|e| (p + cycle - e.position) % cycle <= cycle / 2)
+            .any(|e| cycle.behind(e.position, p) <= cycle.len() / 2)
     };
     let oldest = q
         .jobs
@@ -515,15 +546,15 @@ fn next_batch<'a>(
             // the gap, and the one ahead waits for it (serving the one ahead, even with more
             // rows, would keep the distance forever). Then more rows, then the oldest.
             let gap = |l: LinearId| {
-                let p = step_position(l, n_layer);
-                let queued = layers.iter().map(|(o, _)| step_position(*o, n_layer));
+                let p = cycle.position(l);
+                let queued = layers.iter().map(|(o, _)| cycle.position(*o));
                 let expected = q.expected.iter().map(|e| e.position);
                 queued
                     .chain(expected)
-                    .map(|o| (o + cycle - p) % cycle)
+                    .map(|o| cycle.behind(p, o))
                     .filter(|&d| d > 0)
                     .min()
-                    .unwrap_or(cycle)
+                    .unwrap_or(cycle.len())
             };
             let mut pick: Option<(LinearId, usize, usize)> = None;
             for &(l, rows) in &layers {
@@ -711,8 +742,7 @@ fn finish(shared: &Shared, work: &BatchWork) {
     c.max_batch_jobs
         .fetch_max(jobs.len() as u64, Ordering::Relaxed);
     if !shared.config.hold.is_zero() {
-        let n_layer = shared.weights.config().n_layer as usize;
-        let next = (step_position(work.linear, n_layer) + 1) % (4 * n_layer + 1);
+        let next = StepCycle::of(&shared.weights).next(work.linear);
         let until = Instant::now() + shared.config.hold;
         let mut q = shared.lock();
         for job in &jobs {
