@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::{
     connect, generate_online, golden_model, handshake, quantize_dir, reference, shared,
-    start_server,
+    splice_client, start_server,
 };
 use veil_client::files::ModelFiles;
 use veil_client::generate::{
@@ -315,18 +315,7 @@ fn tamper_proxy(
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = std::thread::spawn(move || {
-        let (client, _) = listener.accept().unwrap();
-        let upstream = TcpStream::connect(server).unwrap();
-        // One small frame per round trip: without this, Nagle and delayed ACKs add 40 ms to each.
-        client.set_nodelay(true).unwrap();
-        upstream.set_nodelay(true).unwrap();
-        let (mut c_read, mut u_write) =
-            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut c_read, &mut u_write);
-            let _ = u_write.shutdown(std::net::Shutdown::Write);
-        });
-        let (mut u_read, mut c_write) = (upstream, client);
+        let (mut u_read, mut c_write) = splice_client(listener, server);
         let mut seen = 0u64;
         loop {
             let mut prefix = [0u8; 4];
@@ -423,16 +412,7 @@ fn cutting_proxy(server: SocketAddr, frames: usize) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let (client, _) = listener.accept().unwrap();
-        let upstream = TcpStream::connect(server).unwrap();
-        client.set_nodelay(true).unwrap();
-        upstream.set_nodelay(true).unwrap();
-        let (mut c_read, mut u_write) =
-            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut c_read, &mut u_write);
-        });
-        let (mut u_read, mut c_write) = (upstream, client);
+        let (mut u_read, mut c_write) = splice_client(listener, server);
         for _ in 0..frames {
             let mut prefix = [0u8; 4];
             if u_read.read_exact(&mut prefix).is_err() {

@@ -133,3 +133,23 @@ pub fn generate_online<R: Read, W: Write>(
     )
     .unwrap()
 }
+
+/// The common half of a test proxy: accepts one client on `listener`, connects it to `server`
+/// (without Nagle on either side: one small frame per round trip would otherwise wait 40 ms for
+/// delayed ACKs), forwards everything the client sends in a thread, and returns the server's
+/// read side and the client's write side for the caller to relay (and tamper with, or cut).
+pub fn splice_client(
+    listener: std::net::TcpListener,
+    server: SocketAddr,
+) -> (TcpStream, TcpStream) {
+    let (client, _) = listener.accept().unwrap();
+    let upstream = TcpStream::connect(server).unwrap();
+    client.set_nodelay(true).unwrap();
+    upstream.set_nodelay(true).unwrap();
+    let (mut c_read, mut u_write) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c_read, &mut u_write);
+        let _ = u_write.shutdown(std::net::Shutdown::Write);
+    });
+    (upstream, client)
+}
