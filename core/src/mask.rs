@@ -32,6 +32,73 @@ impl core::fmt::Debug for MaskKey {
     }
 }
 
+/// Masked input rows `m = x_q + r (mod 2^32)`: uniform in Z_2^32 whatever the rows are, the only
+/// form in which a row leaves the client. Only [`crate::session::PrivateForward`] makes them from
+/// real rows; the wire takes nothing else, so the pad [`MaskWords`] cannot be sent by mistake.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskedRows<'a>(&'a [u32]);
+
+impl<'a> MaskedRows<'a> {
+    /// Rows masked by [`mask_row`].
+    pub(crate) fn masked(words: &'a [u32]) -> Self {
+        MaskedRows(words)
+    }
+
+    /// Words that are uniformly random already and hide nothing (benchmarks and protocol tests
+    /// that send random rows). Never wrap a mask or a plaintext row with this.
+    pub fn from_random_words(words: &'a [u32]) -> Self {
+        MaskedRows(words)
+    }
+
+    /// The masked words.
+    pub fn words(&self) -> &'a [u32] {
+        self.0
+    }
+}
+
+/// The pad `r` of some rows: secret, never sent (there is no conversion to [`MaskedRows`]). Used
+/// by unmasking sources that compute `r · W`.
+#[derive(Clone, Copy)]
+pub struct MaskWords<'a>(&'a [u32]);
+
+impl<'a> MaskWords<'a> {
+    pub(crate) fn new(words: &'a [u32]) -> Self {
+        MaskWords(words)
+    }
+
+    /// The secret words, to compute with (never to send).
+    pub fn expose_secret(&self) -> &'a [u32] {
+        self.0
+    }
+}
+
+impl core::fmt::Debug for MaskWords<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "MaskWords(<{} secret words>)", self.0.len())
+    }
+}
+
+/// Where an unmasking source writes the terms `u = r · W` of some rows (secret like the masks:
+/// with `y`, they reveal the product).
+pub struct UnmaskTerms<'a>(&'a mut [u32]);
+
+impl<'a> UnmaskTerms<'a> {
+    pub(crate) fn new(words: &'a mut [u32]) -> Self {
+        UnmaskTerms(words)
+    }
+
+    /// The words to fill.
+    pub fn words_mut(&mut self) -> &mut [u32] {
+        self.0
+    }
+}
+
+impl core::fmt::Debug for UnmaskTerms<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "UnmaskTerms(<{} secret words>)", self.0.len())
+    }
+}
+
 /// What a stream of mask words is for; distinct domains never share a word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

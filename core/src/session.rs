@@ -1,38 +1,46 @@
 //! The private forward pass: [`Forward`] with every linear layer offloaded under a one-time pad.
 //!
 //! For each pending linear layer the session masks the int8 rows with fresh ChaCha20 words
-//! (`m = x_q + r`), hands them to the host to send ([`PrivateForward::outgoing`]), takes the
-//! server's wrapping products `y = m · W` back ([`PrivateForward::reply_mut`]), and recovers the
-//! exact products `acc = y − r · W` with the unmasking terms from an [`UnmaskSource`]. The forward
-//! pass then continues exactly as in the plaintext reference: same integers, same tokens.
+//! (`m = x_q + r`), hands them to the host to send ([`PrivateForward::outgoing`], typed
+//! [`MaskedRows`]: the pad itself has another type and cannot be sent), takes the server's
+//! wrapping products `y = m · W` back ([`PrivateForward::reply_mut`]), and recovers the exact
+//! products `acc = y − r · W` with the unmasking terms from an [`UnmaskSource`]
+//! ([`PrivateForward::prepare_unmask`], which a host calls while the server computes, so the
+//! online source's `r · W` overlaps the round trip). The forward pass then continues exactly as in
+//! the plaintext reference: same integers, same tokens. The LM head can run on the client instead
+//! ([`PrivateForward::set_local_lm_head`]): then it is never offered to the host at all.
 //!
 //! Slots: each row of a step takes a fresh slot from the source ([`UnmaskSource::reserve`]) before
 //! any of its masked words exist; the mask of (slot, layer) is used for exactly one message.
 
 use crate::kernels::matmul_u32_i8;
-use crate::mask::{fill_mask, mask_row, unmask_row, MaskAddress, MaskDomain, MaskKey};
+use crate::mask::{
+    fill_mask, mask_row, unmask_row, MaskAddress, MaskDomain, MaskKey, MaskWords, MaskedRows,
+    UnmaskTerms,
+};
 use crate::model::{
     Forward, ForwardError, LinearId, LinearKind, LinearWeights, ModelConfig, StepState,
 };
 
 /// Where the unmasking terms `u = r · W` come from.
 pub trait UnmaskSource {
-    /// The source's failure (file IO for a pool).
-    type Error: core::fmt::Debug;
+    /// The source's failure (file IO for a pool), readable by a person.
+    type Error: core::fmt::Debug + core::fmt::Display;
 
     /// Reserves `rows` never-used slots and returns the first (slots are consecutive). A source
     /// that persists slots (a pool) must have recorded them as used before returning.
     fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error>;
 
     /// Writes `u = r · W_linear` for `rows` consecutive slots from `first_slot` into `out`
-    /// (`rows · out_dim`). `r` holds those rows' masks (`rows · in_dim`), for sources that compute.
+    /// (`rows · out_dim` words). `r` holds those rows' masks (`rows · in_dim`), for sources that
+    /// compute.
     fn unmask_terms(
         &mut self,
         linear: LinearId,
         first_slot: u64,
         rows: usize,
-        r: &[u32],
-        out: &mut [u32],
+        r: MaskWords<'_>,
+        out: UnmaskTerms<'_>,
     ) -> Result<(), Self::Error>;
 }
 
@@ -68,16 +76,16 @@ impl UnmaskSource for OnlineUnmask<'_> {
         linear: LinearId,
         _first_slot: u64,
         rows: usize,
-        r: &[u32],
-        out: &mut [u32],
+        r: MaskWords<'_>,
+        mut out: UnmaskTerms<'_>,
     ) -> Result<(), Self::Error> {
         let (i, o) = linear.dims(self.weights.config());
         matmul_u32_i8(
-            &r[..rows * i],
+            &r.expose_secret()[..rows * i],
             self.weights.matrix(linear),
             i,
             o,
-            &mut out[..rows * o],
+            &mut out.words_mut()[..rows * o],
         );
         Ok(())
     }
@@ -142,6 +150,10 @@ pub enum SessionError<E> {
     /// The server's product for this layer failed its Freivalds check: the server (or the
     /// network) altered it. The step is aborted; nothing computed from the reply is kept.
     IntegrityFailure(LinearId),
+    /// A reply was offered for a layer whose masked rows were never drawn
+    /// ([`PrivateForward::outgoing`] was not called for it): nothing was sent, so there is
+    /// nothing to unmask.
+    MasksNotDrawn(LinearId),
 }
 
 impl<E> From<ForwardError> for SessionError<E> {
@@ -150,18 +162,25 @@ impl<E> From<ForwardError> for SessionError<E> {
     }
 }
 
-impl<E: core::fmt::Debug> core::fmt::Display for SessionError<E> {
+impl<E: core::fmt::Display> core::fmt::Display for SessionError<E> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             SessionError::Forward(e) => write!(f, "{e}"),
-            SessionError::Source(e) => write!(f, "mask source: {e:?}"),
+            SessionError::Source(e) => write!(f, "{e}"),
             SessionError::BufferTooSmall => f.write_str("a caller buffer is too small"),
-            SessionError::IntegrityFailure(id) => {
-                write!(f, "the server's reply for layer {} {:?} failed its integrity check (altered result)", id.layer, id.kind)
-            }
+            SessionError::IntegrityFailure(id) => write!(
+                f,
+                "the server's reply for {id} failed its integrity check (the result was altered)"
+            ),
+            SessionError::MasksNotDrawn(id) => write!(
+                f,
+                "a reply for {id} was offered before its masked rows were drawn"
+            ),
         }
     }
 }
+
+impl<E: core::fmt::Debug + core::fmt::Display> core::error::Error for SessionError<E> {}
 
 /// Lengths of the buffers of a [`PrivateForward`], in `u32` words each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +215,7 @@ pub struct Outgoing<'b> {
     /// Output width (words per row the reply must carry).
     pub out_dim: usize,
     /// `rows · in_dim` masked words: uniform in Z_2^32.
-    pub masked: &'b [u32],
+    pub masked: MaskedRows<'b>,
 }
 
 /// Freivalds check data of every layer: secret check vectors and weight projections mod p, laid
@@ -220,7 +239,12 @@ pub struct PrivateForward<'w, 'a> {
     y: &'a mut [u32],
     u: &'a mut [u32],
     first_slot: u64,
-    prepared: bool,
+    /// The pending layer's masks are drawn and its rows masked.
+    masked_ready: bool,
+    /// The pending layer's unmasking terms are in `u`.
+    terms_ready: bool,
+    /// Computes the LM head here instead of offloading it.
+    local_lm_head: Option<LinearWeights<'w>>,
 }
 
 impl<'w, 'a> PrivateForward<'w, 'a> {
@@ -251,8 +275,33 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
             y,
             u,
             first_slot: 0,
-            prepared: false,
+            masked_ready: false,
+            terms_ready: false,
+            local_lm_head: None,
         })
+    }
+
+    /// Computes the LM head on the client with `weights` (when that is cheaper than unmasking a
+    /// vocabulary-wide reply): it is then never offered to the host, and nothing is masked or sent
+    /// for it.
+    pub fn set_local_lm_head(&mut self, weights: LinearWeights<'w>) {
+        self.local_lm_head = Some(weights);
+    }
+
+    /// Whether the LM head runs here.
+    pub fn lm_head_is_local(&self) -> bool {
+        self.local_lm_head.is_some()
+    }
+
+    /// Runs the pending layer here when it is the LM head and that is the placement.
+    fn settle(&mut self) -> Result<StepState, ForwardError> {
+        match (&self.local_lm_head, self.fwd.request()) {
+            (Some(w), Some(req)) if req.id.kind == LinearKind::LmHead => {
+                self.fwd.complete_locally(w)
+            }
+            (_, Some(_)) => Ok(StepState::Pending),
+            (_, None) => Ok(StepState::Done),
+        }
     }
 
     /// Checks every reply with Freivalds' test before using it (see [`crate::integrity`]).
@@ -286,14 +335,16 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
                 return Err(SessionError::Source(e));
             }
         }
-        self.prepared = false;
+        self.masked_ready = false;
+        self.terms_ready = false;
         Ok(())
     }
 
     /// Abandons the step in progress (the slots it reserved stay used).
     pub fn abort_step(&mut self) {
         self.fwd.abort_step();
-        self.prepared = false;
+        self.masked_ready = false;
+        self.terms_ready = false;
     }
 
     /// First slot of the rows of the pending request (the LM head runs on the last rows only).
@@ -310,7 +361,7 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
     pub fn outgoing(&mut self) -> Option<Outgoing<'_>> {
         let req = self.fwd.request()?;
         let (linear, rows, in_dim, out_dim) = (req.id, req.rows, req.in_dim, req.out_dim);
-        if !self.prepared {
+        if !self.masked_ready {
             let cfg = *self.fwd.config();
             let slot0 = self.request_slot(linear, rows);
             for row in 0..rows {
@@ -328,35 +379,15 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
                     &mut self.masked[span],
                 );
             }
-            self.prepared = true;
+            self.masked_ready = true;
         }
         Some(Outgoing {
             linear,
             rows,
             in_dim,
             out_dim,
-            masked: &self.masked[..rows * in_dim],
+            masked: MaskedRows::masked(&self.masked[..rows * in_dim]),
         })
-    }
-
-    /// Masks the pending layer (if not done yet) and hands its masked rows and the reply buffer to
-    /// `exchange` together, so a host can send one and fill the other without copying either.
-    pub fn exchange<E>(
-        &mut self,
-        exchange: impl FnOnce(&Outgoing<'_>, &mut [u32]) -> Result<(), E>,
-    ) -> Option<Result<(), E>> {
-        let (linear, rows, in_dim, out_dim) = {
-            let o = self.outgoing()?;
-            (o.linear, o.rows, o.in_dim, o.out_dim)
-        };
-        let out = Outgoing {
-            linear,
-            rows,
-            in_dim,
-            out_dim,
-            masked: &self.masked[..rows * in_dim],
-        };
-        Some(exchange(&out, &mut self.y[..rows * out_dim]))
     }
 
     /// Where the server's products for the pending layer go (`rows · out_dim` words).
@@ -371,42 +402,55 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         self.fwd.request().map(|r| r.id)
     }
 
-    /// Computes the pending layer on the client instead of offloading it (the LM head, when local
-    /// is cheaper than unmasking a vocabulary-wide reply). Nothing is masked or sent for it.
-    pub fn complete_locally<E>(
-        &mut self,
-        weights: &LinearWeights<'_>,
-    ) -> Result<StepState, SessionError<E>> {
-        self.prepared = false;
-        Ok(self.fwd.complete_locally(weights)?)
-    }
-
-    /// Unmasks the reply and runs the client's work up to the next layer.
-    pub fn complete<S: UnmaskSource>(
+    /// Fetches or computes the pending layer's unmasking terms `u = r · W` (at most once per
+    /// layer). Call it after sending the masked rows and before the reply arrives, so the source's
+    /// work (the online source's product, a pool read) overlaps the round trip;
+    /// [`PrivateForward::complete`] calls it itself otherwise.
+    pub fn prepare_unmask<S: UnmaskSource>(
         &mut self,
         source: &mut S,
-    ) -> Result<StepState, SessionError<S::Error>> {
+    ) -> Result<(), SessionError<S::Error>> {
         let req = self
             .fwd
             .request()
             .ok_or(SessionError::Forward(ForwardError::NoPendingRequest))?;
         let (linear, rows, in_dim, out_dim) = (req.id, req.rows, req.in_dim, req.out_dim);
-        if !self.prepared {
-            return Err(SessionError::Forward(ForwardError::NoPendingRequest));
+        if !self.masked_ready {
+            return Err(SessionError::MasksNotDrawn(linear));
+        }
+        if self.terms_ready {
+            return Ok(());
         }
         let slot0 = self.request_slot(linear, rows);
-        let n = rows * out_dim;
         source
             .unmask_terms(
                 linear,
                 slot0,
                 rows,
-                &self.r[..rows * in_dim],
-                &mut self.u[..n],
+                MaskWords::new(&self.r[..rows * in_dim]),
+                UnmaskTerms::new(&mut self.u[..rows * out_dim]),
             )
             .map_err(SessionError::Source)?;
+        self.terms_ready = true;
+        Ok(())
+    }
+
+    /// Unmasks the reply, checks it (with a verifier), and runs the client's work up to the next
+    /// offloaded layer (the LM head runs here first when it is local).
+    pub fn complete<S: UnmaskSource>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<StepState, SessionError<S::Error>> {
+        self.prepare_unmask(source)?;
+        let req = self
+            .fwd
+            .request()
+            .ok_or(SessionError::Forward(ForwardError::NoPendingRequest))?;
+        let (linear, in_dim, out_dim) = (req.id, req.in_dim, req.out_dim);
+        let n = req.rows * out_dim;
         unmask_row(&self.y[..n], &self.u[..n], self.fwd.reply_mut()?);
-        self.prepared = false;
+        self.masked_ready = false;
+        self.terms_ready = false;
         if let Some(v) = self.verifier {
             let cfg = *self.fwd.config();
             let (so, wo) = crate::integrity::offsets(&cfg, linear);
@@ -426,14 +470,29 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
                 return Err(SessionError::IntegrityFailure(linear));
             }
         }
-        Ok(self.fwd.complete()?)
+        match self.fwd.complete()? {
+            StepState::Done => Ok(StepState::Done),
+            StepState::Pending => Ok(self.settle()?),
+        }
+    }
+
+    /// Runs a whole step on the client with the plaintext weights (the reference the private path
+    /// reproduces, over the same buffers): no masks, no slots.
+    pub fn step_locally(
+        &mut self,
+        weights: &LinearWeights<'_>,
+        tokens: &[u32],
+    ) -> Result<(), SessionError<core::convert::Infallible>> {
+        self.masked_ready = false;
+        self.terms_ready = false;
+        Ok(self.fwd.step_locally(weights, tokens)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testutil::RandomModel;
+    use crate::model::testutil::{bufs, forward, greedy_local as generate_local, RandomModel};
     use crate::model::*;
     use std::vec;
     use std::vec::Vec;
@@ -463,9 +522,10 @@ mod tests {
             linear: LinearId,
             first_slot: u64,
             rows: usize,
-            _r: &[u32],
-            out: &mut [u32],
+            _r: MaskWords<'_>,
+            mut out: UnmaskTerms<'_>,
         ) -> Result<(), Self::Error> {
+            let out = out.words_mut();
             let o = linear.dims(&self.cfg).1;
             let off = pool_record_offset(&self.cfg, linear);
             for row in 0..rows {
@@ -475,57 +535,6 @@ mod tests {
             }
             Ok(())
         }
-    }
-
-    struct Bufs {
-        i32s: Vec<i32>,
-        i8s: Vec<i8>,
-        k: Vec<i16>,
-        v: Vec<i16>,
-        ks: Vec<u8>,
-        vs: Vec<u8>,
-        w: [Vec<u32>; 4],
-    }
-
-    fn bufs(cfg: &ModelConfig, rows: usize) -> Bufs {
-        let cap = cfg.n_positions as usize;
-        let ws = WorkspaceSizes::new(cfg, rows, LogitRows::Last, cap);
-        let kv = KvSizes::new(cfg, cap);
-        let s = SessionSizes::new(cfg, rows);
-        Bufs {
-            i32s: vec![0; ws.i32_len],
-            i8s: vec![0; ws.i8_len],
-            k: vec![0; kv.values],
-            v: vec![0; kv.values],
-            ks: vec![0; kv.shifts],
-            vs: vec![0; kv.shifts],
-            w: [
-                vec![0; s.input_words],
-                vec![0; s.input_words],
-                vec![0; s.output_words],
-                vec![0; s.output_words],
-            ],
-        }
-    }
-
-    fn forward<'w, 'a>(
-        m: &'w RandomModel,
-        b: &'a mut Bufs,
-        rows: usize,
-    ) -> (Forward<'w, 'a>, [&'a mut Vec<u32>; 4]) {
-        let cw = ClientWeights::parse(&m.client).unwrap();
-        let cfg = *cw.config();
-        let cap = cfg.n_positions as usize;
-        let ws = Workspace::new(
-            &cfg,
-            WorkspaceSizes::new(&cfg, rows, LogitRows::Last, cap),
-            &mut b.i32s,
-            &mut b.i8s,
-        )
-        .unwrap();
-        let kv = KvCache::new(&cfg, cap, &mut b.k, &mut b.v, &mut b.ks, &mut b.vs).unwrap();
-        let [a, bb, c, d] = &mut b.w;
-        (Forward::new(cw, ws, kv).unwrap(), [a, bb, c, d])
     }
 
     /// Greedy generation through a "server" that only sees masked rows equals local generation,
@@ -571,7 +580,7 @@ mod tests {
             loop {
                 let o = pf.outgoing().unwrap();
                 let (linear, rows, i, od) = (o.linear, o.rows, o.in_dim, o.out_dim);
-                let sent = o.masked.to_vec();
+                let sent = o.masked.words().to_vec();
                 seen.extend_from_slice(&sent);
                 let mut prod = vec![0u32; rows * od];
                 matmul_u32_i8(&sent, lin.matrix(linear), i, od, &mut prod);
@@ -610,21 +619,6 @@ mod tests {
                 "trial {trial}: {got:?}"
             );
         }
-    }
-
-    fn generate_local(m: &RandomModel, prompt: &[u32], n: usize) -> Vec<u32> {
-        let lin = LinearWeights::parse(&m.linear).unwrap();
-        let mut b = bufs(&m.cfg, prompt.len());
-        let (mut fwd, _) = forward(m, &mut b, prompt.len());
-        let mut out = vec![];
-        let mut next: Vec<u32> = prompt.to_vec();
-        for _ in 0..n {
-            fwd.step_locally(&lin, &next).unwrap();
-            let t = argmax(fwd.logits().unwrap());
-            out.push(t);
-            next = vec![t];
-        }
-        out
     }
 
     #[test]

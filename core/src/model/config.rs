@@ -206,3 +206,17 @@ impl LinearId {
         cfg.linear_dims(self.kind)
     }
 }
+
+impl core::fmt::Display for LinearId {
+    /// As in the checkpoint: `block 3 mlp.c_proj`, `the LM head`.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let name = match self.kind {
+            LinearKind::Qkv => "attn.c_attn",
+            LinearKind::AttnOut => "attn.c_proj",
+            LinearKind::MlpUp => "mlp.c_fc",
+            LinearKind::MlpDown => "mlp.c_proj",
+            LinearKind::LmHead => return f.write_str("the LM head"),
+        };
+        write!(f, "block {} {name}", self.layer)
+    }
+}

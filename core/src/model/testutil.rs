@@ -122,3 +122,75 @@ impl RandomModel {
         }
     }
 }
+
+/// Host-side buffers of one private forward pass over a test model.
+pub(crate) struct Bufs {
+    i32s: Vec<i32>,
+    i8s: Vec<i8>,
+    k: Vec<i16>,
+    v: Vec<i16>,
+    ks: Vec<u8>,
+    vs: Vec<u8>,
+    w: [Vec<u32>; 4],
+}
+
+/// Buffers for steps of up to `rows` rows over the model's whole context.
+pub(crate) fn bufs(cfg: &ModelConfig, rows: usize) -> Bufs {
+    use super::{KvSizes, LogitRows, WorkspaceSizes};
+    let cap = cfg.n_positions as usize;
+    let ws = WorkspaceSizes::new(cfg, rows, LogitRows::Last, cap);
+    let kv = KvSizes::new(cfg, cap);
+    let s = crate::session::SessionSizes::new(cfg, rows);
+    Bufs {
+        i32s: vec![0; ws.i32_len],
+        i8s: vec![0; ws.i8_len],
+        k: vec![0; kv.values],
+        v: vec![0; kv.values],
+        ks: vec![0; kv.shifts],
+        vs: vec![0; kv.shifts],
+        w: [
+            vec![0; s.input_words],
+            vec![0; s.input_words],
+            vec![0; s.output_words],
+            vec![0; s.output_words],
+        ],
+    }
+}
+
+/// A forward pass over `b` and the four session word buffers (masked, r, y, u).
+pub(crate) fn forward<'w, 'a>(
+    m: &'w RandomModel,
+    b: &'a mut Bufs,
+    rows: usize,
+) -> (super::Forward<'w, 'a>, [&'a mut Vec<u32>; 4]) {
+    use super::{ClientWeights, Forward, KvCache, LogitRows, Workspace, WorkspaceSizes};
+    let cw = ClientWeights::parse(&m.client).unwrap();
+    let cfg = *cw.config();
+    let cap = cfg.n_positions as usize;
+    let ws = Workspace::new(
+        &cfg,
+        WorkspaceSizes::new(&cfg, rows, LogitRows::Last, cap),
+        &mut b.i32s,
+        &mut b.i8s,
+    )
+    .unwrap();
+    let kv = KvCache::new(&cfg, cap, &mut b.k, &mut b.v, &mut b.ks, &mut b.vs).unwrap();
+    let [a, bb, c, d] = &mut b.w;
+    (Forward::new(cw, ws, kv).unwrap(), [a, bb, c, d])
+}
+
+/// Greedy tokens of the plaintext integer pipeline: what every private path must reproduce.
+pub(crate) fn greedy_local(m: &RandomModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let lin = super::LinearWeights::parse(&m.linear).unwrap();
+    let mut b = bufs(&m.cfg, prompt.len());
+    let (mut fwd, _) = forward(m, &mut b, prompt.len());
+    let mut out = vec![];
+    let mut next: Vec<u32> = prompt.to_vec();
+    for _ in 0..n {
+        fwd.step_locally(&lin, &next).unwrap();
+        let t = super::argmax(fwd.logits().unwrap());
+        out.push(t);
+        next = vec![t];
+    }
+    out
+}

@@ -4,7 +4,9 @@ use crate::model::LinearId;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol; peers with another version refuse each other in the hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: an empty `Data` frame is refused by both sides, and [`ErrorCode::ComputeFailed`] exists.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest `Data` payload in bytes (a multiple of 4).
 pub const MAX_CHUNK_BYTES: usize = 32 * 1024;
 /// Largest frame body (a `Data` frame with a full chunk plus postcard overhead).
@@ -78,6 +80,9 @@ pub enum ErrorCode {
     Timeout,
     /// Authentication failed.
     Unauthorized,
+    /// The server could not compute a request it had accepted (an internal fault, not the
+    /// client's); the client may retry on a new connection.
+    ComputeFailed,
 }
 
 impl core::fmt::Display for ErrorCode {
@@ -93,9 +98,12 @@ impl core::fmt::Display for ErrorCode {
             ErrorCode::Busy => "server busy",
             ErrorCode::Timeout => "timed out",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ComputeFailed => "the server failed to compute the request",
         })
     }
 }
+
+impl core::error::Error for ErrorCode {}
 
 /// One protocol message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,4 +177,22 @@ pub enum Message<'a> {
         /// The server's MAC.
         mac: [u8; 32],
     },
+}
+
+impl Message<'_> {
+    /// The variant's name, for error messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Compute { .. } => "Compute",
+            Message::Result { .. } => "Result",
+            Message::Data { .. } => "Data",
+            Message::Error { .. } => "Error",
+            Message::Bye => "Bye",
+            Message::Challenge { .. } => "Challenge",
+            Message::Proof { .. } => "Proof",
+            Message::ServerProof { .. } => "ServerProof",
+        }
+    }
 }

@@ -24,17 +24,34 @@
 //! Every word the server sees in `Data` is a one-time-padded value: uniform in Z_2^32.
 //!
 //! The optional pre-shared key check (HMAC-SHA256 over both nonces and the fingerprint, one label
-//! per direction) lives in the hosts; this crate only carries its messages. It authenticates the
-//! hello only: later frames carry no MAC, so it keeps strangers off the server's compute, not an
-//! attacker who can rewrite the connection.
+//! per direction, [`auth`]) authenticates the hello only: later frames carry no MAC, so it keeps
+//! strangers off the server's compute, not an attacker who can rewrite the connection.
+//!
+//! The whole conversation exists once, as two sans-IO state machines in the shape of quinn-proto:
+//! [`ServerConnection`] and [`ClientConnection`]. They take received bytes (any split: partial
+//! reads, many frames per read), end of stream and timer events from the host, and encode their
+//! frames into the host's buffers; they own the handshake, every limit and refusal, request and
+//! result pairing and chunking. Hosts only move bytes, run kernels and keep the clock.
 
 pub mod auth;
+mod chunks;
+mod client;
 mod frame;
 mod message;
+mod server;
+#[cfg(test)]
+mod tests;
 
+pub use chunks::{DataLengthError, CHUNK_WORDS};
+pub use client::{ClientConnection, ClientError, ClientEvent, ClientSettings, Waiting};
 pub use frame::{
-    decode_body, encode_frame, read_frame, write_frame, FrameError, FrameHeader, LEN_PREFIX,
+    decode_body, encode_data_frame, encode_frame, FrameDecoder, FrameError, FrameHeader,
+    LEN_PREFIX, MAX_FRAME,
 };
 pub use message::{
     ErrorCode, Message, WordBytes, MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
+};
+pub use server::{
+    busy_frame, ComputeJob, Ending, JobHeader, ServerConnection, ServerError, ServerSettings,
+    SetupError,
 };
