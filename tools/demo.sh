@@ -40,14 +40,22 @@ if [[ ! -f $WEIGHTS/client.veil ]]; then
     fi
 fi
 
-echo "== starting veil-server on 127.0.0.1:$PORT"
-$BIN/veil-server --weights "$WEIGHTS" --listen "127.0.0.1:$PORT" &
+# The server logs every connection; in a file, its lines do not land in the middle of the text.
+SERVER_LOG=target/demo-server.log
+echo "== starting veil-server on 127.0.0.1:$PORT (log: $SERVER_LOG)"
+$BIN/veil-server --weights "$WEIGHTS" --listen "127.0.0.1:$PORT" >"$SERVER_LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
     if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then break; fi
+    if ! kill -0 $SERVER 2>/dev/null; then
+        echo "veil-server exited; its log ($SERVER_LOG):" >&2
+        cat "$SERVER_LOG" >&2
+        exit 1
+    fi
     sleep 0.1
 done
 
 echo "== private generation (the server sees only one-time-padded numbers)"
 $BIN/veil-client --weights "$WEIGHTS" --server "127.0.0.1:$PORT" --prompt "$PROMPT" --max-new-tokens 32
+echo "== server log: $SERVER_LOG"
