@@ -9,7 +9,9 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::PathBuf;
 
-/// GELU table: inputs in [-GELU_RANGE, GELU_RANGE] (real units) with 2^GELU_STEP_LOG2 entries per unit.
+/// GELU table: inputs in [-GELU_RANGE, GELU_RANGE] (real units) with GELU_STEPS_PER_UNIT entries
+/// per unit; `GELU_STEP_SHIFT` in `src/nonlinear.rs` (`FRAC_BITS - 6`) indexes the table assuming
+/// 64 = 2^6, so the two change together.
 const GELU_RANGE: i64 = 8;
 const GELU_STEPS_PER_UNIT: i64 = 64;
 /// exp table: 2^(-i/256) for i in 0..=256, in Q31.

@@ -8,7 +8,7 @@
 //! | bytes     | field |
 //! |-----------|-------|
 //! | 0..8      | magic `VEILPOOL` |
-//! | 8..12     | version (1) |
+//! | 8..12     | version (2) |
 //! | 12..16    | words per record |
 //! | 16..48    | weights fingerprint (SHA-256 of `linear.veil`) |
 //! | 48..80    | mask key (secret: the file is created 0600) |
