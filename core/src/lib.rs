@@ -31,6 +31,7 @@ pub mod mask;
 pub mod model;
 pub mod nonlinear;
 pub mod quant;
+pub mod rlwe;
 pub mod session;
 pub mod wire;
 

@@ -1,0 +1,631 @@
+//! Secret-key RLWE for the blind offline phase: the server computes the unmasking terms
+//! `u = r·W (mod 2^32)` from encryptions of the masks, without learning them.
+//!
+//! # Scheme
+//!
+//! Ring `R_q = Z_q[X]/(X^N + 1)` with `N = 4096` ([`N`]) and `q = 2^64`: every ciphertext word is a
+//! `u64` and every server operation is wrapping `u64` arithmetic. Plaintexts live in `Z_2^32`
+//! (the ring of the online masks) and are scaled by `Δ = 2^32`, so decryption lands in `Z_2^32`
+//! exactly, with no rounding of the message itself.
+//!
+//! - Secret key `s ∈ R` with uniform ternary coefficients in `{-1, 0, 1}` ([`SecretKey`]), fresh per
+//!   batch, zeroized on drop, never serialised.
+//! - Encryption of `m ∈ Z_2^32[X]/(X^N + 1)` under a public seed and an index ([`encrypt`]):
+//!   `a = expand(seed, index)` uniform in `R_q` ([`expand_a`]), `e` with independent centred
+//!   binomial coefficients of parameter `η = 21` ([`ETA`]), and
+//!   `b = -a·s + e + Δ·m (mod 2^64)`. Only `b` is sent (8 bytes per coefficient); the server expands
+//!   `a` itself from the 32-byte seed.
+//! - Decryption of `(a, b)` ([`decrypt`]): `b + a·s = Δ·m + e (mod 2^64)`, so
+//!   `m = round((b + a·s) / Δ) mod 2^32` whenever the accumulated noise satisfies `|e| < 2^31`.
+//!
+//! # Layout: slots in coefficients
+//!
+//! A batch holds `N` future mask slots. For each input index `i` of a layer, ciphertext `C_i`
+//! encrypts `m_i(X) = Σ_slot r[slot][i] · X^slot`: coefficient `slot` of the message is the mask of
+//! input `i` in that slot. The server computes, for every output `j`,
+//! `C_out[j] = Σ_i W[j][i] · C_i` (both halves, wrapping `u64`: [`gemm_i8_u64`], weights in Veil's
+//! `[out][in]` int8 layout), which encrypts `Σ_i W[j][i] · m_i(X)`, whose coefficient `slot` is
+//! `u[slot][j] = Σ_i W[j][i] · r[slot][i] (mod 2^32)`: one decryption yields output `j`'s unmasking
+//! term for all `N` slots at once. No polynomial product is needed on the server because the
+//! weights are scalars; the only products, `a·s`, are the client's.
+//!
+//! # Parameters and security
+//!
+//! Source: the Homomorphic Encryption Standard (M. Albrecht, M. Chase, H. Chen, J. Ding,
+//! S. Goldwasser, S. Gorbunov, S. Halevi, J. Hoffstein, K. Laine, K. Lauter, S. Lokam,
+//! D. Micciancio, D. Moody, T. Morrison, A. Sahai, V. Vaikuntanathan; HomomorphicEncryption.org,
+//! November 21, 2018; also IACR ePrint 2019/939), its tables of maximal `log2 q` per ring dimension
+//! for a uniform ternary secret and error standard deviation `σ ≈ 3.2`, estimated with the lattice
+//! estimator against the primal (uSVP, decoding) and dual attacks. For `n = 4096`, ternary secret:
+//!
+//! | security | max `log2 q` |
+//! |---|---|
+//! | 128-bit classical | 109 |
+//! | 192-bit classical | 75 |
+//! | 256-bit classical | 58 |
+//! | 128-bit quantum | 101 |
+//!
+//! (For `n = 2048` the 128-bit classical bound is 54, so `q = 2^64` needs `n = 4096` at this `σ`.)
+//! These figures are as transcribed from the standard by two independent libraries: Microsoft
+//! SEAL's `native/src/seal/util/hestdparms.h` ("Largest allowed bit counts for coeff_modulus based
+//! on the security estimates from HomomorphicEncryption.org security standard. Microsoft SEAL samples
+//! the secret key from a ternary {-1, 0, 1} distribution", `SEAL_HE_STD_PARMS_128_TC(4096) = 109`,
+//! `..._192_TC(4096) = 75`, `..._256_TC(4096) = 58`, `..._128_TQ(4096) = 101`, error standard
+//! deviation 3.20) and OpenFHE's `src/core/lib/lattice/stdlatticeparms.cpp`
+//! (`StdLatticeParm(HEStd_ternary, 4096, HEStd_128_classic, 109)`, `... HEStd_192_classic, 75`,
+//! `... HEStd_256_classic, 58`). `log2 q = 64` is far inside the 128-bit bound (109) and inside the
+//! 192-bit one (75); a smaller modulus at fixed `n` and `σ` only makes the estimated attacks harder.
+//! The estimates model generic LWE attacks, which do not use the factorisation of `q`; RLWE with a
+//! power-of-two modulus over `X^N + 1` is also what TFHE-style libraries deploy.
+//!
+//! Error distribution: a centred binomial `ψ_η`, `e = Σ_{k<η} (x_k - y_k)` with `2η` independent
+//! fair bits, as NewHope (Alkim, Ducas, Pöppelmann, Schwabe, USENIX Security 2016; NIST submission,
+//! §4.1.1 "Binomial noise distribution") uses in place of a discrete Gaussian. With `η = 21` its
+//! variance is `η/2 = 10.5` (`σ ≈ 3.24`), slightly above the standard's `σ = 8/√(2π) ≈ 3.19`
+//! (variance 10.19): the lattice estimator models the error only through its standard deviation,
+//! and a larger one makes the attacks harder. It is sampled with two popcounts, with no table and
+//! no branch, and its support is bounded (`|e| ≤ 21`), which gives the rigorous tail bound of
+//! [`noise`].
+//!
+//! Ternary secret: `t = floor(3x / 2^128)` for 128 uniform bits `x`, mapped to `t - 1`: rejection-
+//! and branch-free; each value has probability within `2^-128` of `1/3`, so `s` is within
+//! statistical distance `N · 2^-128 = 2^-116` of uniform ternary.
+//!
+//! Rules for the caller (the protocol):
+//! - A (seed, index) pair is used at most once per key: two encryptions with the same `a` and `s`
+//!   differ by `e - e' + Δ(m - m')`, which reveals `m - m'`. Draw a fresh seed per key (or per
+//!   layer) from the client's CSPRNG and give every ciphertext its own index.
+//! - The seed is chosen by the client, never by the server (a chosen `a`, e.g. zero, would reveal
+//!   `m`).
+//! - A key encrypts about `Σ in` ciphertexts per batch (5 376 for distilgpt2's blocks); the
+//!   estimates above allow any polynomial number of RLWE samples.
+//!
+//! # The client's products `a·s` (exact modulo 2^64)
+//!
+//! `a` is uniform modulo 2^64 and `s` ternary, so the integer negacyclic product has coefficients
+//! up to `N · 2^64`. [`SecretKey`] caches `NTT(s)` modulo the 61-bit prime `P` of [`ntt`] (in
+//! Montgomery form). A polynomial with coefficients below `2^bits` is multiplied as one limb when
+//! `N · 2^bits < P/2` (then the centred residue *is* the integer product), else as two 32-bit limbs
+//! (`N · 2^32 = 2^44 ≪ P/2`), recombined modulo 2^64 as `lo + 2^32 · hi`.
+//! Cost per product: encryption (64-bit `a`) two limbs, 4 NTTs (2 forward, 2 inverse);
+//! decryption after modulus switching by `k_a ≥ 17` bits one limb, 2 NTTs (1 forward, 1 inverse).
+//! Each NTT of size 4096 is `12 · 2048` butterflies.
+//!
+//! # Modulus switching
+//!
+//! Before sending `C_out`, the server may round `a` and `b` to their top `64 - k` bits
+//! ([`ModSwitch`], [`mod_switch`]); the client multiplies back by `2^k`. The rounding errors add
+//! `ε_b + ε_a·s` to the noise; [`noise`] bounds it and [`ModSwitch::RECOMMENDED`]
+//! (`k_a = 23, k_b = 28`: 41 + 36 = 77 bits down per coefficient instead of 128) keeps the failure
+//! probability below `2^-59` per term for every int8 layer up to `in = 3072` with all weights at
+//! ±127.
+
+pub mod noise;
+pub mod ntt;
+pub mod server;
+
+pub use noise::{log2_failure_bound, max_column_norm2};
+pub use server::{gemm_i8_u64, mod_switch};
+
+use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use zeroize::Zeroize;
+
+/// Log2 of the ring degree.
+pub const LOG_N: u32 = 12;
+/// Ring degree: coefficients per polynomial, and mask slots per batch.
+pub const N: usize = 1 << LOG_N;
+/// Log2 of the plaintext scale `Δ`: messages are in `Z_2^32`, scaled into the top half of a word.
+pub const DELTA_BITS: u32 = 32;
+/// Parameter of the centred binomial error distribution (variance `η/2`).
+pub const ETA: u32 = 21;
+
+/// The public 32-byte seed from which the server expands the random halves `a` of ciphertexts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seed(pub [u8; 32]);
+
+impl Seed {
+    /// A fresh seed from the client's CSPRNG.
+    pub fn random(rng: &mut (impl CryptoRng + RngCore)) -> Seed {
+        let mut s = [0u8; 32];
+        rng.fill_bytes(&mut s);
+        Seed(s)
+    }
+}
+
+/// Expands coefficients `first..first + out.len()` of the uniform polynomial `a` of ciphertext
+/// `index`: ChaCha20 (rand_chacha's `ChaCha20Rng`) keyed by the seed, stream `index`, coefficient
+/// `l` being the `l`-th `u64` of the keystream (`next_u64`: two little-endian 32-bit words). The
+/// server can expand any coefficient range, e.g. one column tile of its product.
+pub fn expand_a(seed: &Seed, index: u64, first: usize, out: &mut [u64]) {
+    let mut rng = ChaCha20Rng::from_seed(seed.0);
+    rng.set_stream(index);
+    rng.set_word_pos(2 * first as u128);
+    for x in out.iter_mut() {
+        *x = rng.next_u64();
+    }
+}
+
+/// The secret key `s`, held as `NTT(s) mod P` in Montgomery form in a caller-provided buffer of
+/// [`SecretKey::WORDS`] words, which is zeroized when the key is dropped. Its `Debug` shows no
+/// contents.
+pub struct SecretKey<'a> {
+    ntt: &'a mut [u64],
+}
+
+impl<'a> SecretKey<'a> {
+    /// Words of storage a key needs.
+    pub const WORDS: usize = N;
+
+    /// Samples a fresh uniform ternary key into `storage` (length [`SecretKey::WORDS`]) from the
+    /// client's CSPRNG, in time independent of the key.
+    pub fn generate(rng: &mut (impl CryptoRng + RngCore), storage: &'a mut [u64]) -> Self {
+        assert_eq!(storage.len(), Self::WORDS, "secret key storage length");
+        for c in storage.iter_mut() {
+            // t ∈ {0, 1, 2} → P - 1 + t ∈ {P - 1, P, P + 1} → {-1, 0, 1} mod P.
+            *c = ntt::sub_if_ge(ntt::P - 1 + sample_ternary_01_2(rng), ntt::P);
+        }
+        ntt::forward(storage);
+        ntt::to_montgomery(storage);
+        SecretKey { ntt: storage }
+    }
+}
+
+impl Drop for SecretKey<'_> {
+    fn drop(&mut self) {
+        self.ntt.zeroize();
+    }
+}
+
+impl core::fmt::Debug for SecretKey<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("SecretKey(<secret>)")
+    }
+}
+
+/// `buf ← buf · s (mod X^n + 1, 2^64)` for `buf[k] < 2^bits`, where `s_ntt` is `NTT(s)` in
+/// Montgomery form of a ternary `s` and `n = buf.len()`. `tmp` has `n` words and is overwritten with
+/// key-dependent values. One limb (2 NTTs) when `n · 2^bits ≤ P/2`, else two 32-bit limbs (4 NTTs);
+/// either way every limb product is below `P/2` in magnitude, so its centred residue is exact.
+fn mul_ternary_in_place(buf: &mut [u64], bits: u32, s_ntt: &[u64], tmp: &mut [u64]) {
+    let n = buf.len();
+    debug_assert!(s_ntt.len() == n && tmp.len() == n && bits <= 64);
+    if ((n as u128) << bits) <= (ntt::P / 2) as u128 {
+        ntt::forward(buf);
+        ntt::mul_montgomery(buf, s_ntt);
+        ntt::inverse(buf);
+        for x in buf.iter_mut() {
+            *x = ntt::centred(*x);
+        }
+    } else {
+        for (x, hi) in buf.iter_mut().zip(tmp.iter_mut()) {
+            *hi = *x >> 32;
+            *x &= 0xffff_ffff;
+        }
+        for limb in [&mut *buf, &mut *tmp] {
+            ntt::forward(limb);
+            ntt::mul_montgomery(limb, s_ntt);
+            ntt::inverse(limb);
+        }
+        for (x, hi) in buf.iter_mut().zip(tmp.iter()) {
+            *x = ntt::centred(*x).wrapping_add(ntt::centred(*hi) << 32);
+        }
+    }
+}
+
+/// `t ∈ {0, 1, 2}` with `t = floor(3x / 2^128)` for 128 uniform bits `x`: no rejection, no branch.
+fn sample_ternary_01_2(rng: &mut impl RngCore) -> u64 {
+    let (lo, hi) = (rng.next_u64() as u128, rng.next_u64() as u128);
+    let carry = (3 * lo) >> 64;
+    ((3 * hi + carry) >> 64) as u64
+}
+
+/// Caller-provided scratch for [`encrypt`] and [`decrypt`] ([`Workspace::WORDS`] words). It holds
+/// products with the secret key between calls (from which, with the public `a`, the key could be
+/// recomputed), so it is zeroized on drop like the key.
+pub struct Workspace<'a> {
+    words: &'a mut [u64],
+}
+
+impl<'a> Workspace<'a> {
+    /// Words of scratch [`encrypt`] and [`decrypt`] need.
+    pub const WORDS: usize = 2 * N;
+
+    /// Wraps `words` (length [`Workspace::WORDS`]).
+    pub fn new(words: &'a mut [u64]) -> Self {
+        assert_eq!(words.len(), Self::WORDS, "workspace length");
+        Workspace { words }
+    }
+}
+
+impl Drop for Workspace<'_> {
+    fn drop(&mut self) {
+        self.words.zeroize();
+    }
+}
+
+impl core::fmt::Debug for Workspace<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Workspace(<secret>)")
+    }
+}
+
+/// Encrypts the `N` slot values `msg` (`msg[slot] = r[slot][i]`) as ciphertext `index` under
+/// `seed`: writes `b = -a·s + e + 2^32·msg (mod 2^64)` into `b` (`N` words), with `a` from
+/// [`expand_a`] and `e` centred binomial from `rng`. Never use a (seed, index) twice with one key.
+pub fn encrypt(
+    key: &SecretKey<'_>,
+    seed: &Seed,
+    index: u64,
+    msg: &[u32],
+    rng: &mut (impl CryptoRng + RngCore),
+    ws: &mut Workspace<'_>,
+    b: &mut [u64],
+) {
+    assert!(msg.len() == N && b.len() == N, "one polynomial is N words");
+    let (prod, tmp) = ws.words.split_at_mut(N);
+    expand_a(seed, index, 0, prod);
+    mul_ternary_in_place(prod, 64, key.ntt, tmp);
+    for ((out, &p), &m) in b.iter_mut().zip(prod.iter()).zip(msg) {
+        *out = ((m as u64) << DELTA_BITS).wrapping_sub(p);
+    }
+    // Three errors per 128 random bits: 2·21 bits each.
+    for chunk in b.chunks_mut(3) {
+        let x = rng.next_u64() as u128 | (rng.next_u64() as u128) << 64;
+        for (k, out) in chunk.iter_mut().enumerate() {
+            *out = out.wrapping_add(centred_binomial(x >> (2 * ETA as usize * k)));
+        }
+    }
+}
+
+/// `popcount(bits 0..η) - popcount(bits η..2η)` of `x` as a two's-complement word.
+#[inline(always)]
+fn centred_binomial(x: u128) -> u64 {
+    let mask = (1u64 << ETA) - 1;
+    let w = x as u64;
+    ((w & mask).count_ones() as u64).wrapping_sub(((w >> ETA) & mask).count_ones() as u64)
+}
+
+/// How many low bits the server drops from each half of a result ciphertext before sending it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModSwitch {
+    /// Bits dropped from the `a` half (its rounding error is multiplied by `s`).
+    pub drop_a: u32,
+    /// Bits dropped from the `b` half (its rounding error adds directly).
+    pub drop_b: u32,
+}
+
+impl ModSwitch {
+    /// No modulus switching: 128 bits per coefficient.
+    pub const NONE: ModSwitch = ModSwitch {
+        drop_a: 0,
+        drop_b: 0,
+    };
+    /// 41 + 36 = 77 bits per coefficient; failure probability at most `2^-59.9` per term for the
+    /// worst int8 layer of GPT-2 up to `in = 3072` ([`noise`]).
+    pub const RECOMMENDED: ModSwitch = ModSwitch {
+        drop_a: 23,
+        drop_b: 28,
+    };
+
+    /// Bits per coefficient on the wire: `(64 - drop_a) + (64 - drop_b)`.
+    pub const fn bits_per_coefficient(self) -> u32 {
+        128 - self.drop_a - self.drop_b
+    }
+}
+
+/// Decrypts a result ciphertext `(a, b)` (each `N` words, switched by `switch`: only the low
+/// `64 - drop` bits of each word are read) into `out[slot] = m[slot]`, in time independent of the
+/// key and the message.
+pub fn decrypt(
+    key: &SecretKey<'_>,
+    a: &[u64],
+    b: &[u64],
+    switch: ModSwitch,
+    ws: &mut Workspace<'_>,
+    out: &mut [u32],
+) {
+    assert!(
+        a.len() == N && b.len() == N && out.len() == N,
+        "one polynomial is N words"
+    );
+    assert!(
+        switch.drop_a < 64 && switch.drop_b < 64,
+        "drop fewer than 64 bits"
+    );
+    let (prod, tmp) = ws.words.split_at_mut(N);
+    let bits = 64 - switch.drop_a;
+    let mask = u64::MAX >> switch.drop_a;
+    for (p, &x) in prod.iter_mut().zip(a) {
+        *p = x & mask;
+    }
+    mul_ternary_in_place(prod, bits, key.ntt, tmp);
+    for ((o, &p), &y) in out.iter_mut().zip(prod.iter()).zip(b) {
+        let v = (y << switch.drop_b).wrapping_add(p << switch.drop_a);
+        *o = (v.wrapping_add(1 << (DELTA_BITS - 1)) >> DELTA_BITS) as u32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    fn rng(seed: u64) -> ChaCha20Rng {
+        ChaCha20Rng::seed_from_u64(seed)
+    }
+
+    /// The key's ternary coefficients, drawn from a clone of the RNG that generates the key.
+    fn ternary(rng: &ChaCha20Rng, n: usize) -> Vec<i64> {
+        let mut r = rng.clone();
+        (0..n)
+            .map(|_| sample_ternary_01_2(&mut r) as i64 - 1)
+            .collect()
+    }
+
+    /// `NTT(s)` in Montgomery form, as [`SecretKey`] holds it, for any size.
+    fn key_ntt(s: &[i64]) -> Vec<u64> {
+        let mut v: Vec<u64> = s
+            .iter()
+            .map(|&c| (c + ntt::P as i64) as u64 % ntt::P)
+            .collect();
+        ntt::forward(&mut v);
+        ntt::to_montgomery(&mut v);
+        v
+    }
+
+    /// Independent reference: the negacyclic product modulo 2^64 by schoolbook wrapping sums.
+    fn schoolbook_mod_2_64(a: &[u64], s: &[i64]) -> Vec<u64> {
+        let n = a.len();
+        let mut c = vec![0u64; n];
+        for (i, &ai) in a.iter().enumerate() {
+            for (j, &sj) in s.iter().enumerate() {
+                let p = ai.wrapping_mul(sj as u64);
+                if i + j < n {
+                    c[i + j] = c[i + j].wrapping_add(p);
+                } else {
+                    c[i + j - n] = c[i + j - n].wrapping_sub(p);
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn ternary_products_equal_schoolbook_mod_2_64_small_and_full_size() {
+        let mut g = rng(11);
+        for n in [2, 8, 64, 512, N] {
+            let s = ternary(&g, n);
+            g.next_u64();
+            let s_ntt = key_ntt(&s);
+            // 64-bit inputs take two limbs; 41-bit ones (after switching by 23) take one.
+            for bits in [64, 41, 20] {
+                let a: Vec<u64> = (0..n).map(|_| g.next_u64() >> (64 - bits)).collect();
+                let mut buf = a.clone();
+                let mut tmp = vec![0; n];
+                mul_ternary_in_place(&mut buf, bits, &s_ntt, &mut tmp);
+                assert_eq!(buf, schoolbook_mod_2_64(&a, &s), "n={n} bits={bits}");
+            }
+        }
+        // Extremes: all-ones inputs against an all-minus-one key (largest magnitudes).
+        let s = vec![-1i64; 64];
+        let a = vec![u64::MAX; 64];
+        let mut buf = a.clone();
+        mul_ternary_in_place(&mut buf, 64, &key_ntt(&s), &mut vec![0; 64]);
+        assert_eq!(buf, schoolbook_mod_2_64(&a, &s));
+    }
+
+    #[test]
+    fn the_sampled_key_is_uniform_ternary_and_errors_are_centred_binomial() {
+        let g = rng(3);
+        let s = ternary(&g, 3 * N);
+        for v in [-1, 0, 1] {
+            let count = s.iter().filter(|&&c| c == v).count() as f64;
+            assert!(
+                (count / (3 * N) as f64 - 1.0 / 3.0).abs() < 0.02,
+                "{v}: {count}"
+            );
+        }
+        let mut g = rng(4);
+        let e: Vec<i64> = (0..30_000)
+            .map(|_| centred_binomial(g.next_u64() as u128) as i64)
+            .collect();
+        assert!(e.iter().all(|&x| x.abs() <= ETA as i64));
+        let mean = e.iter().sum::<i64>() as f64 / e.len() as f64;
+        let var = e.iter().map(|&x| (x * x) as f64).sum::<f64>() / e.len() as f64;
+        assert!(mean.abs() < 0.1 && (var - 10.5).abs() < 0.5, "{mean} {var}");
+    }
+
+    #[test]
+    fn seeded_expansion_is_deterministic_seekable_and_distinct_per_index_and_seed() {
+        let seed = Seed([7; 32]);
+        let mut a = vec![0u64; N];
+        let mut again = vec![0u64; N];
+        expand_a(&seed, 5, 0, &mut a);
+        expand_a(&seed, 5, 0, &mut again);
+        assert_eq!(a, again);
+        let mut tail = vec![0u64; 100];
+        expand_a(&seed, 5, 1000, &mut tail);
+        assert_eq!(tail[..], a[1000..1100], "a coefficient range expands alone");
+        expand_a(&seed, 6, 0, &mut again);
+        assert!(a.iter().zip(&again).all(|(x, y)| x != y));
+        expand_a(&Seed([8; 32]), 5, 0, &mut again);
+        assert!(a.iter().zip(&again).all(|(x, y)| x != y));
+        // Uniform-looking: about half of all bits set.
+        let ones: u32 = a.iter().map(|x| x.count_ones()).sum();
+        assert!((ones as f64 / (64 * N) as f64 - 0.5).abs() < 0.01);
+    }
+
+    #[test]
+    fn encryption_round_trips_and_its_noise_is_the_binomial_error() {
+        let mut g = rng(21);
+        let s = ternary(&g, N);
+        let mut key_words = vec![0u64; SecretKey::WORDS];
+        let key = SecretKey::generate(&mut g, &mut key_words);
+        let mut ws_words = vec![0u64; Workspace::WORDS];
+        let mut ws = Workspace::new(&mut ws_words);
+        let seed = Seed::random(&mut g);
+        let (mut a, mut b, mut out) = (vec![0u64; N], vec![0u64; N], vec![0u32; N]);
+        for index in 0..3 {
+            let msg: Vec<u32> = (0..N).map(|_| g.next_u32()).collect();
+            encrypt(&key, &seed, index, &msg, &mut g, &mut ws, &mut b);
+            expand_a(&seed, index, 0, &mut a);
+            decrypt(&key, &a, &b, ModSwitch::NONE, &mut ws, &mut out);
+            assert_eq!(out, msg);
+            // The phase b + a·s - Δ·m is the error itself: |e| ≤ η, mean about 0.
+            let a_s = schoolbook_mod_2_64(&a, &s);
+            let e: Vec<i64> = (0..N)
+                .map(|k| {
+                    b[k].wrapping_add(a_s[k])
+                        .wrapping_sub((msg[k] as u64) << 32) as i64
+                })
+                .collect();
+            assert!(e.iter().all(|x| x.abs() <= ETA as i64));
+            assert!(e.iter().any(|&x| x != 0));
+            // Switched fresh ciphertexts decrypt too.
+            let sw = ModSwitch::RECOMMENDED;
+            let (mut a2, mut b2) = (a.clone(), b.clone());
+            mod_switch(&mut a2, sw.drop_a);
+            mod_switch(&mut b2, sw.drop_b);
+            decrypt(&key, &a2, &b2, sw, &mut ws, &mut out);
+            assert_eq!(out, msg);
+        }
+    }
+
+    /// The whole offline path at one layer shape: the client encrypts N slots of random masks per
+    /// input, the server expands the seeds and multiplies by W (in chunks of inputs, to bound
+    /// memory), switches, and every decrypted term equals `r·W mod 2^32` computed directly.
+    fn homomorphic_layer(in_dim: usize, g: &mut ChaCha20Rng) {
+        // Outputs 0-1 uniform int8 (-128 included), 2-4 all ±127 (the worst case), 5 all +127.
+        let out_dim = 6;
+        let mut w = vec![0u8; out_dim * in_dim];
+        for (j, row) in w.chunks_exact_mut(in_dim).enumerate() {
+            for x in row.iter_mut() {
+                let r = g.next_u32();
+                *x = match j {
+                    0 | 1 => r as u8,
+                    2..=4 => {
+                        if r & 1 == 0 {
+                            127
+                        } else {
+                            127u8.wrapping_neg()
+                        }
+                    }
+                    _ => 127,
+                };
+            }
+        }
+        let mut key_words = vec![0u64; SecretKey::WORDS];
+        let key = SecretKey::generate(g, &mut key_words);
+        let mut ws_words = vec![0u64; Workspace::WORDS];
+        let mut ws = Workspace::new(&mut ws_words);
+        let seed = Seed::random(g);
+        // r[i][slot], and the reference u[j][slot] in plain wrapping u32.
+        let mut u_ref = vec![0u32; out_dim * N];
+        let mut acc = vec![0u64; out_dim * 2 * N];
+        const CHUNK: usize = 256;
+        let mut x = vec![0u64; CHUNK * 2 * N];
+        let mut y = vec![0u64; out_dim * 2 * N];
+        let mut msg = vec![0u32; N];
+        for i0 in (0..in_dim).step_by(CHUNK) {
+            let rows = CHUNK.min(in_dim - i0);
+            for r in 0..rows {
+                let i = i0 + r;
+                for m in msg.iter_mut() {
+                    *m = g.next_u32();
+                }
+                for j in 0..out_dim {
+                    let wj = w[j * in_dim + i] as i8 as i32 as u32;
+                    for (u, &m) in u_ref[j * N..(j + 1) * N].iter_mut().zip(&msg) {
+                        *u = u.wrapping_add(m.wrapping_mul(wj));
+                    }
+                }
+                // Client: upload b_i. Server: row i = a_i ‖ b_i.
+                let row = &mut x[r * 2 * N..(r + 1) * 2 * N];
+                let (ra, rb) = row.split_at_mut(N);
+                encrypt(&key, &seed, i as u64, &msg, g, &mut ws, rb);
+                expand_a(&seed, i as u64, 0, ra);
+            }
+            let wc: Vec<u8> = (0..out_dim)
+                .flat_map(|j| w[j * in_dim + i0..j * in_dim + i0 + rows].iter().copied())
+                .collect();
+            let y = &mut y[..];
+            gemm_i8_u64(&x[..rows * 2 * N], &wc, rows, out_dim, 2 * N, y);
+            for (t, &v) in acc.iter_mut().zip(y.iter()) {
+                *t = t.wrapping_add(v);
+            }
+        }
+        let mut out = vec![0u32; N];
+        for sw in [ModSwitch::NONE, ModSwitch::RECOMMENDED] {
+            for j in 0..out_dim {
+                let (mut a, mut b) = (
+                    acc[j * 2 * N..j * 2 * N + N].to_vec(),
+                    acc[j * 2 * N + N..(j + 1) * 2 * N].to_vec(),
+                );
+                mod_switch(&mut a, sw.drop_a);
+                mod_switch(&mut b, sw.drop_b);
+                decrypt(&key, &a, &b, sw, &mut ws, &mut out);
+                assert_eq!(
+                    out[..],
+                    u_ref[j * N..(j + 1) * N],
+                    "in={in_dim} output {j} {sw:?}"
+                );
+            }
+        }
+        if in_dim == 3072 {
+            // Far beyond the bound, the test does see wrong terms: it exercises the noise.
+            let sw = ModSwitch {
+                drop_a: 27,
+                drop_b: 27,
+            };
+            let j = 2;
+            let (mut a, mut b) = (
+                acc[j * 2 * N..j * 2 * N + N].to_vec(),
+                acc[j * 2 * N + N..(j + 1) * 2 * N].to_vec(),
+            );
+            mod_switch(&mut a, sw.drop_a);
+            mod_switch(&mut b, sw.drop_b);
+            decrypt(&key, &a, &b, sw, &mut ws, &mut out);
+            assert_ne!(out[..], u_ref[j * N..(j + 1) * N]);
+        }
+    }
+
+    #[test]
+    fn homomorphic_product_decrypts_to_r_times_w_at_in_768() {
+        homomorphic_layer(768, &mut rng(768));
+    }
+
+    #[test]
+    fn homomorphic_product_decrypts_to_r_times_w_at_in_3072() {
+        homomorphic_layer(3072, &mut rng(3072));
+    }
+
+    #[test]
+    fn the_key_and_the_workspace_are_zeroed_on_drop_and_never_printed() {
+        let mut g = rng(5);
+        let mut key_words = vec![0u64; SecretKey::WORDS];
+        let mut ws_words = vec![0u64; Workspace::WORDS];
+        {
+            let key = SecretKey::generate(&mut g, &mut key_words);
+            let mut ws = Workspace::new(&mut ws_words);
+            let mut b = vec![0u64; N];
+            encrypt(
+                &key,
+                &Seed([1; 32]),
+                0,
+                &vec![9; N],
+                &mut g,
+                &mut ws,
+                &mut b,
+            );
+            let shown = std::format!("{key:?} {ws:?}");
+            assert_eq!(shown, "SecretKey(<secret>) Workspace(<secret>)");
+        }
+        assert!(key_words.iter().all(|&x| x == 0), "key not zeroized");
+        assert!(ws_words.iter().all(|&x| x == 0), "workspace not zeroized");
+        // It did hold something before the drop.
+        let key = SecretKey::generate(&mut g, &mut key_words);
+        assert!(key.ntt.iter().any(|&x| x != 0));
+    }
+}
