@@ -31,7 +31,35 @@ pub extern "C" fn _start() -> ! {
     let mut q = [0i8; 4];
     let scale = veil_core::quant::quantize_row(&row, &mut q);
     black_box((scale, q));
+    rlwe();
     halt()
+}
+
+/// The RLWE offline phase end to end, so its code (NTT tables, ChaCha expansion, the server's
+/// product, the noise bound's `f64` arithmetic) is linked too.
+fn rlwe() {
+    use rand_chacha::rand_core::SeedableRng;
+    use veil_core::rlwe::{self, ModSwitch, SecretKey, Seed, Workspace, N};
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(black_box([1; 32]));
+    let mut key_words = [0u64; SecretKey::WORDS];
+    let key = SecretKey::generate(&mut rng, &mut key_words);
+    let mut ws_words = [0u64; Workspace::WORDS];
+    let mut ws = Workspace::new(&mut ws_words);
+    let seed = Seed::random(&mut rng);
+    let msg = black_box([0u32; N]);
+    let mut ct = [0u64; 2 * N];
+    let (a, b) = ct.split_at_mut(N);
+    rlwe::encrypt(&key, &seed, 0, &msg, &mut rng, &mut ws, b);
+    rlwe::expand_a(&seed, 0, 0, a);
+    let mut out = [0u64; 2 * N];
+    rlwe::gemm_i8_u64(&ct, &[1], 1, 1, 2 * N, &mut out);
+    let sw = ModSwitch::RECOMMENDED;
+    let (a, b) = out.split_at_mut(N);
+    rlwe::mod_switch(a, sw.drop_a);
+    rlwe::mod_switch(b, sw.drop_b);
+    let mut u = [0u32; N];
+    rlwe::decrypt(&key, a, b, sw, &mut ws, &mut u);
+    black_box((u, rlwe::log2_failure_bound(black_box(1 << 20), sw)));
 }
 
 /// Referenced by the unwind tables of the prebuilt `core` (compiled with `panic=unwind`); never
