@@ -161,8 +161,8 @@ pub fn forward(a: &mut [u64]) {
     let (mut t, mut m) = (n, 1);
     while m < n {
         t >>= 1;
-        for (i, block) in a.chunks_exact_mut(2 * t).enumerate() {
-            let (w, ws) = (tw.fwd[m + i], tw.fwd_shoup[m + i]);
+        let twiddles = tw.fwd[m..2 * m].iter().zip(&tw.fwd_shoup[m..2 * m]);
+        for (block, (&w, &ws)) in a.chunks_exact_mut(2 * t).zip(twiddles) {
             let (lo, hi) = block.split_at_mut(t);
             for (x, y) in lo.iter_mut().zip(hi.iter_mut()) {
                 let u = sub_if_ge(*x, TWO_P);
@@ -187,8 +187,8 @@ pub fn inverse(a: &mut [u64]) {
     let (mut t, mut m) = (1, n);
     while m > 1 {
         let h = m >> 1;
-        for (i, block) in a.chunks_exact_mut(2 * t).enumerate() {
-            let (w, ws) = (tw.inv[h + i], tw.inv_shoup[h + i]);
+        let twiddles = tw.inv[h..m].iter().zip(&tw.inv_shoup[h..m]);
+        for (block, (&w, &ws)) in a.chunks_exact_mut(2 * t).zip(twiddles) {
             let (lo, hi) = block.split_at_mut(t);
             for (x, y) in lo.iter_mut().zip(hi.iter_mut()) {
                 let (u, v) = (*x, *y);

@@ -1,0 +1,97 @@
+//! The RLWE offline phase per term: client encryption (one ciphertext holds N slots of one input
+//! index, so ns per encrypted input term = time / N), client decryption (ns per decrypted output
+//! term = time / N), the server's seed expansion, and its int8 × u64 product (elem/s = MAC/s over
+//! ciphertext words).
+//!
+//! `cargo bench -p veil-core --bench rlwe -- --warm-up-time 1 --measurement-time 3`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::hint::black_box;
+use veil_core::rlwe::{self, ntt, ModSwitch, SecretKey, Seed, Workspace, N};
+
+fn bench_client(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let mut key_words = vec![0u64; SecretKey::WORDS];
+    let key = SecretKey::generate(&mut rng, &mut key_words);
+    let mut ws_words = vec![0u64; Workspace::WORDS];
+    let mut ws = Workspace::new(&mut ws_words);
+    let seed = Seed::random(&mut rng);
+    let msg: Vec<u32> = (0..N).map(|_| rng.next_u32()).collect();
+    let mut a = vec![0u64; N];
+    let mut b = vec![0u64; N];
+    let mut out = vec![0u32; N];
+
+    let mut g = c.benchmark_group("rlwe_client");
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("ntt_forward", |bch| {
+        let mut v: Vec<u64> = (0..N as u64).collect();
+        bch.iter(|| ntt::forward(black_box(&mut v)))
+    });
+    g.bench_function("keygen", |bch| {
+        let mut words = vec![0u64; SecretKey::WORDS];
+        bch.iter(|| drop(SecretKey::generate(&mut rng, &mut words)))
+    });
+    let mut index = 0;
+    g.bench_function("encrypt_per_input_term", |bch| {
+        bch.iter(|| {
+            index += 1;
+            rlwe::encrypt(
+                &key,
+                &seed,
+                index,
+                black_box(&msg),
+                &mut rng,
+                &mut ws,
+                &mut b,
+            )
+        })
+    });
+    rlwe::expand_a(&seed, index, 0, &mut a);
+    for (name, sw) in [
+        (
+            "decrypt_per_output_term/switched_23_28",
+            ModSwitch::RECOMMENDED,
+        ),
+        ("decrypt_per_output_term/unswitched", ModSwitch::NONE),
+    ] {
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        rlwe::mod_switch(&mut a2, sw.drop_a);
+        rlwe::mod_switch(&mut b2, sw.drop_b);
+        g.bench_function(name, |bch| {
+            bch.iter(|| rlwe::decrypt(&key, black_box(&a2), &b2, sw, &mut ws, &mut out))
+        });
+    }
+    g.finish();
+}
+
+fn bench_server(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rlwe_server");
+    g.sample_size(10);
+    let seed = Seed([3; 32]);
+    let mut a = vec![0u64; N];
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("expand_a_per_coefficient", |bch| {
+        bch.iter(|| rlwe::expand_a(black_box(&seed), 7, 0, &mut a))
+    });
+    // (in, out, width): mlp.c_fc-like rows over both halves (2N words), and mlp.c_proj's 3072
+    // inputs over a 1024-word column tile (the product is column-separable).
+    for (in_dim, out_dim, width) in [(768, 16, 2 * N), (3072, 16, 1024)] {
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let x: Vec<u64> = (0..in_dim * width).map(|_| rng.next_u64()).collect();
+        let w: Vec<u8> = (0..in_dim * out_dim)
+            .map(|_| rng.next_u32() as u8)
+            .collect();
+        let mut y = vec![0u64; out_dim * width];
+        g.throughput(Throughput::Elements((in_dim * out_dim * width) as u64));
+        g.bench_function(
+            BenchmarkId::new("gemm_i8_u64", format!("{in_dim}x{out_dim}x{width}")),
+            |bch| bch.iter(|| rlwe::gemm_i8_u64(black_box(&x), &w, in_dim, out_dim, width, &mut y)),
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_client, bench_server);
+criterion_main!(benches);
