@@ -158,24 +158,58 @@ pub fn forward(a: &mut [u64]) {
     let n = a.len();
     check_len(n);
     let tw = &TABLES;
+    // Generic stages while blocks are at least 8 long; the last two stages (t = 2, 1) run fused
+    // over blocks of 4 with the final reduction, avoiding per-block overhead on tiny blocks.
+    let last_generic = if n >= 4 { n / 4 } else { n };
     let (mut t, mut m) = (n, 1);
-    while m < n {
+    while m < last_generic {
         t >>= 1;
         let twiddles = tw.fwd[m..2 * m].iter().zip(&tw.fwd_shoup[m..2 * m]);
         for (block, (&w, &ws)) in a.chunks_exact_mut(2 * t).zip(twiddles) {
             let (lo, hi) = block.split_at_mut(t);
             for (x, y) in lo.iter_mut().zip(hi.iter_mut()) {
-                let u = sub_if_ge(*x, TWO_P);
-                let v = mul_shoup_lazy(*y, w, ws);
-                *x = u + v;
-                *y = u + TWO_P - v;
+                (*x, *y) = ct_butterfly(*x, *y, w, ws);
             }
         }
         m <<= 1;
     }
-    for x in a.iter_mut() {
-        *x = sub_if_ge(sub_if_ge(*x, TWO_P), P);
+    if n < 4 {
+        for x in a.iter_mut() {
+            *x = sub_if_ge(sub_if_ge(*x, TWO_P), P);
+        }
+        return;
     }
+    let q = n / 4;
+    let t2 = tw.fwd[q..2 * q].iter().zip(&tw.fwd_shoup[q..2 * q]);
+    let t1 = tw.fwd[2 * q..]
+        .chunks_exact(2)
+        .zip(tw.fwd_shoup[2 * q..].chunks_exact(2));
+    for (x, ((&w, &ws), (w1, ws1))) in a.chunks_exact_mut(4).zip(t2.zip(t1)) {
+        let (x0, x2) = ct_butterfly(x[0], x[2], w, ws);
+        let (x1, x3) = ct_butterfly(x[1], x[3], w, ws);
+        let (x0, x1) = ct_butterfly(x0, x1, w1[0], ws1[0]);
+        let (x2, x3) = ct_butterfly(x2, x3, w1[1], ws1[1]);
+        for (o, v) in x.iter_mut().zip([x0, x1, x2, x3]) {
+            *o = sub_if_ge(sub_if_ge(v, TWO_P), P);
+        }
+    }
+}
+
+/// Cooley–Tukey butterfly `(x + w·y, x - w·y)` on lazy values: inputs `< 4P`, outputs `< 4P`.
+#[inline(always)]
+fn ct_butterfly(x: u64, y: u64, w: u64, ws: u64) -> (u64, u64) {
+    let u = sub_if_ge(x, TWO_P);
+    let v = mul_shoup_lazy(y, w, ws);
+    (u + v, u + TWO_P - v)
+}
+
+/// Gentleman–Sande butterfly `(x + y, w·(x - y))` on lazy values: inputs `< 2P`, outputs `< 2P`.
+#[inline(always)]
+fn gs_butterfly(x: u64, y: u64, w: u64, ws: u64) -> (u64, u64) {
+    (
+        sub_if_ge(x + y, TWO_P),
+        mul_shoup_lazy(x + TWO_P - y, w, ws),
+    )
 }
 
 /// In place: the inverse of [`forward`] (input in bit-reversed order, each value `< 2P`), giving
@@ -185,15 +219,29 @@ pub fn inverse(a: &mut [u64]) {
     let log_n = check_len(n) as usize;
     let tw = &TABLES;
     let (mut t, mut m) = (1, n);
+    if n >= 4 {
+        // The first two stages (t = 1, 2) fused over blocks of 4.
+        let q = n / 4;
+        let t1 = tw.inv[2 * q..]
+            .chunks_exact(2)
+            .zip(tw.inv_shoup[2 * q..].chunks_exact(2));
+        let t2 = tw.inv[q..2 * q].iter().zip(&tw.inv_shoup[q..2 * q]);
+        for (x, ((w1, ws1), (&w, &ws))) in a.chunks_exact_mut(4).zip(t1.zip(t2)) {
+            let (x0, x1) = gs_butterfly(x[0], x[1], w1[0], ws1[0]);
+            let (x2, x3) = gs_butterfly(x[2], x[3], w1[1], ws1[1]);
+            let (x0, x2) = gs_butterfly(x0, x2, w, ws);
+            let (x1, x3) = gs_butterfly(x1, x3, w, ws);
+            x.copy_from_slice(&[x0, x1, x2, x3]);
+        }
+        (t, m) = (4, n / 4);
+    }
     while m > 1 {
         let h = m >> 1;
         let twiddles = tw.inv[h..m].iter().zip(&tw.inv_shoup[h..m]);
         for (block, (&w, &ws)) in a.chunks_exact_mut(2 * t).zip(twiddles) {
             let (lo, hi) = block.split_at_mut(t);
             for (x, y) in lo.iter_mut().zip(hi.iter_mut()) {
-                let (u, v) = (*x, *y);
-                *x = sub_if_ge(u + v, TWO_P);
-                *y = mul_shoup_lazy(u + TWO_P - v, w, ws);
+                (*x, *y) = gs_butterfly(*x, *y, w, ws);
             }
         }
         t <<= 1;
