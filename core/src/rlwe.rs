@@ -77,8 +77,9 @@
 //!   layer) from the client's CSPRNG and give every ciphertext its own index.
 //! - The seed is chosen by the client, never by the server (a chosen `a`, e.g. zero, would reveal
 //!   `m`).
-//! - A key encrypts about `Σ in` ciphertexts per batch (5 376 for distilgpt2's blocks); the
-//!   estimates above allow any polynomial number of RLWE samples.
+//! - A key encrypts one ciphertext per input index of every offloaded layer in its batch (`Σ in`:
+//!   33 024 for distilgpt2 with its LM head); the estimates above allow any polynomial number of
+//!   RLWE samples.
 //!
 //! # The client's products `a·s` (exact modulo 2^64)
 //!
