@@ -1,8 +1,9 @@
 //! Continuous batching: the rows that concurrent clients send for the same layer are multiplied
 //! in one matrix product, so a layer's weights are read once per batch instead of once per client.
 //!
-//! Connection handlers [`Batcher::submit`] one job per `Compute` request (its already validated,
-//! still masked rows) and await the products. A few compute threads share one queue. A free thread
+//! Connections register ([`Batcher::register`]) and [`Batcher::submit_as`] one job per `Compute`
+//! request (its already validated, still masked rows, in the connection's own buffer) and await
+//! the products (in the connection's own output buffer). A few compute threads share one queue. A free thread
 //! first helps with a running batch (below); otherwise it forms a batch: the oldest job and every
 //! queued job for the same layer (with convoys: see below), up to
 //! [`BatchConfig::max_rows`] rows and [`BatchConfig::max_input_words`] words. There is no
@@ -21,11 +22,17 @@
 //!
 //! The queue is bounded ([`BatchConfig::max_queued`]): a handler whose job does not fit waits (it
 //! reads nothing more from its client meanwhile), which is the backpressure.
+//!
+//! Copies: a batch of one job (a lone client, or no other job of its layer waiting) is computed
+//! in place, from the job's input buffer into its output buffer; when it is cut into shares, each
+//! share's products go to scratch and are copied into the job's output (one copy down). A batch
+//! of several jobs gathers their rows side by side (one copy up) and scatters the products back
+//! (one copy down): the price of reading the weights once for all of them.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use std::{fmt, io, thread};
 
@@ -134,7 +141,7 @@ impl Drop for Registration {
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         // A client that has gone is not waited for.
         let mut q = self.shared.lock();
-        q.expected.retain(|e| e.conn != Some(self.id));
+        q.expected.retain(|e| e.conn != self.id);
         drop(q);
         self.shared.ready.notify_all();
     }
@@ -146,15 +153,15 @@ struct Job {
     in_dim: usize,
     out_dim: usize,
     rows: usize,
-    /// `rows · in_dim` masked words.
+    /// The connection's input buffer: `rows · in_dim` masked words, then unused space.
     input: Vec<u32>,
-    /// `rows · out_dim` words, overwritten with the products.
+    /// The connection's output buffer: the first `rows · out_dim` words get the products.
     output: Vec<u32>,
     reply: oneshot::Sender<(Vec<u32>, Vec<u32>)>,
     /// When it was queued (a convoy never keeps a job waiting much longer than its hold).
     queued_at: Instant,
-    /// The submitting connection ([`Batcher::submit_as`]), if known.
-    conn: Option<u64>,
+    /// The submitting connection.
+    conn: u64,
     /// The job's place in the bounded queue, given back once it is answered.
     _slot: OwnedSemaphorePermit,
 }
@@ -170,8 +177,8 @@ struct Queue {
 
 /// A client expected back at `position` (see [`BatchConfig::hold`]) until `until`.
 struct Expected {
-    /// The connection, when its jobs came through [`Batcher::submit_as`].
-    conn: Option<u64>,
+    /// The connection.
+    conn: u64,
     position: usize,
     until: Instant,
 }
@@ -297,52 +304,33 @@ impl Batcher {
         }
     }
 
-    /// Multiplies `input` (`[rows][in]`, masked) by layer `linear`'s matrix, possibly in one
-    /// batch with other connections' rows for the same layer. Returns `input` and `output`
-    /// (resized to `rows · out`, holding exactly this job's products) for reuse.
+    /// Multiplies the first `rows` rows of `input` (`[rows][in]`, masked) by layer `linear`'s
+    /// matrix into the first `rows · out` words of `output`, possibly in one batch with other
+    /// connections' rows for the same layer; returns both buffers (the rest of `output` as it
+    /// was). Convoys expect exactly this connection back, whatever layer it comes with next, and
+    /// stop waiting for it as soon as its registration drops.
     ///
-    /// `linear` must name a layer of the model and `input` must hold whole rows: the handler
-    /// validates both before submitting.
-    pub async fn submit(
-        &self,
-        linear: LinearId,
-        input: Vec<u32>,
-        output: Vec<u32>,
-    ) -> Result<(Vec<u32>, Vec<u32>), JobFailed> {
-        self.submit_from(None, linear, input, output).await
-    }
-
-    /// [`Batcher::submit`] on behalf of a registered connection: convoys then expect exactly
-    /// this connection back, whatever layer it comes with next, and stop waiting for it as soon
-    /// as its registration drops.
+    /// `linear` must name a layer of the model, `rows` be at least 1 and the buffers hold the
+    /// rows and their products (the connection's machine validates all of it); otherwise
+    /// [`JobFailed`].
     pub async fn submit_as(
         &self,
         who: &Registration,
         linear: LinearId,
+        rows: usize,
         input: Vec<u32>,
         output: Vec<u32>,
-    ) -> Result<(Vec<u32>, Vec<u32>), JobFailed> {
-        self.submit_from(Some(who.id), linear, input, output).await
-    }
-
-    async fn submit_from(
-        &self,
-        conn: Option<u64>,
-        linear: LinearId,
-        input: Vec<u32>,
-        mut output: Vec<u32>,
     ) -> Result<(Vec<u32>, Vec<u32>), JobFailed> {
         let shared = &self.0.shared;
         let (in_dim, out_dim) = linear.dims(shared.weights.config());
         if !linear.is_valid(shared.weights.config())
+            || rows == 0
             || in_dim == 0
-            || !input.len().is_multiple_of(in_dim)
+            || input.len() < rows * in_dim
+            || output.len() < rows * out_dim
         {
             return Err(JobFailed);
         }
-        let rows = input.len() / in_dim;
-        output.clear();
-        output.resize(rows * out_dim, 0);
         let slot = self
             .0
             .slots
@@ -356,29 +344,8 @@ impl Batcher {
             if q.closed {
                 return Err(JobFailed);
             }
-            // This arrival is the one expected of its connection. Without one, guess: one
-            // expected at this position (a client with a local LM head goes from the last block
-            // straight to block 0, so an arrival at block 0 may also be the one expected at the
-            // LM head); a new client or a prefill matches nothing.
-            let cycle = StepCycle::of(&shared.weights);
-            let p = cycle.position(linear);
-            let hit = match conn {
-                Some(c) => q.expected.iter().position(|e| e.conn == Some(c)),
-                None => q
-                    .expected
-                    .iter()
-                    .position(|e| e.conn.is_none() && e.position == p)
-                    .or_else(|| {
-                        (p == 0)
-                            .then(|| {
-                                q.expected
-                                    .iter()
-                                    .position(|e| e.conn.is_none() && e.position == cycle.lm_head())
-                            })
-                            .flatten()
-                    }),
-            };
-            if let Some(i) = hit {
+            // This arrival is the one expected of its connection.
+            if let Some(i) = q.expected.iter().position(|e| e.conn == who.id) {
                 q.expected.swap_remove(i);
             }
             q.jobs.push_back(Job {
@@ -390,7 +357,7 @@ impl Batcher {
                 output,
                 reply,
                 queued_at: Instant::now(),
-                conn,
+                conn: who.id,
                 _slot: slot,
             });
         }
@@ -592,11 +559,11 @@ fn next_batch<'a>(
             if j.linear == linear
                 && (batch.is_empty()
                     || (rows + j.rows <= cfg.max_rows
-                        && words + j.input.len() <= cfg.max_input_words))
+                        && words + j.rows * j.in_dim <= cfg.max_input_words))
             {
                 let j = q.jobs.remove(k).unwrap_or_else(|| unreachable!());
                 rows += j.rows;
-                words += j.input.len();
+                words += j.rows * j.in_dim;
                 batch.push(j);
             } else {
                 k += 1;
@@ -623,18 +590,24 @@ fn next_batch<'a>(
     Ok(batch)
 }
 
-/// A batch being computed: its rows side by side, its output channels cut into one share per
-/// compute thread (each share's weights read once for all rows), the shares' products, and the
-/// jobs to answer once the last share is done.
+/// A batch being computed: its rows (the lone job's own buffer, or several jobs' rows gathered
+/// side by side), its output channels cut into one share per compute thread (each share's
+/// weights read once for all rows), the shares' products, and the jobs to answer once the last
+/// share is done.
 struct BatchWork {
     linear: LinearId,
     in_dim: usize,
     out_dim: usize,
     rows: usize,
-    input: Vec<u32>,
+    /// `rows · in_dim` words or more: a lone job's input buffer (moved here and back, not
+    /// copied), or the gathered rows of several jobs. Shares read it at once.
+    input: RwLock<Vec<u32>>,
+    /// `input` is the lone job's buffer.
+    lone: bool,
     /// Output channel range of each share.
     parts: Vec<std::ops::Range<usize>>,
-    /// Products of each share, `[rows][range]`.
+    /// Products of each share, `[rows][range]` (unused when a lone job is computed in one share:
+    /// then the kernel writes the job's output buffer directly).
     products: Vec<Mutex<Vec<u32>>>,
     jobs: Mutex<Vec<Job>>,
     /// Shares not yet done; whoever finishes the last one answers the jobs.
@@ -644,10 +617,11 @@ struct BatchWork {
 }
 
 impl BatchWork {
-    /// `None` if the layer has no matrix (the handler validated it, so never in practice).
+    /// `None` if the layer has no matrix (the machine validated it, so never in practice); the
+    /// jobs then drop unanswered and their handlers see `JobFailed`.
     fn new(
         weights: &ServerWeights,
-        jobs: Vec<Job>,
+        mut jobs: Vec<Job>,
         threads: usize,
         share_min_macs: usize,
     ) -> Option<BatchWork> {
@@ -655,10 +629,17 @@ impl BatchWork {
         let (linear, in_dim, out_dim) = (first.linear, first.in_dim, first.out_dim);
         weights.matrix(linear)?;
         let rows: usize = jobs.iter().map(|j| j.rows).sum();
-        let mut input = Vec::with_capacity(rows * in_dim);
-        for job in &jobs {
-            input.extend_from_slice(&job.input);
-        }
+        let lone = jobs.len() == 1;
+        let input = if lone {
+            std::mem::take(&mut jobs[0].input)
+        } else {
+            // The one copy of a multi-job batch's rows: gathered side by side for the kernel.
+            let mut input = Vec::with_capacity(rows * in_dim);
+            for job in &jobs {
+                input.extend_from_slice(&job.input[..job.rows * in_dim]);
+            }
+            input
+        };
         let shares = if rows * in_dim * out_dim >= share_min_macs {
             threads.clamp(1, out_dim.max(1))
         } else {
@@ -675,13 +656,19 @@ impl BatchWork {
             in_dim,
             out_dim,
             rows,
-            input,
+            input: RwLock::new(input),
+            lone,
             products: parts.iter().map(|_| Mutex::new(Vec::new())).collect(),
             remaining: AtomicUsize::new(parts.len()),
             parts,
             jobs: Mutex::new(jobs),
             failed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Computed in one share straight into the lone job's output buffer.
+    fn in_place(&self) -> bool {
+        self.lone && self.parts.len() == 1
     }
 }
 
@@ -693,15 +680,18 @@ fn run_part(shared: &Shared, work: &BatchWork, k: usize) {
             .weights
             .matrix(work.linear)
             .unwrap_or_else(|| unreachable!("checked in BatchWork::new"));
-        let mut out = vec![0u32; work.rows * range.len()];
-        matmul_u32_i8(
-            &work.input,
-            &w[range.start * work.in_dim..range.end * work.in_dim],
-            work.in_dim,
-            range.len(),
-            &mut out,
-        );
-        *work.products[k].lock().unwrap_or_else(|p| p.into_inner()) = out;
+        let w = &w[range.start * work.in_dim..range.end * work.in_dim];
+        let input = work.input.read().unwrap_or_else(|p| p.into_inner());
+        let x = &input[..work.rows * work.in_dim];
+        if work.in_place() {
+            let mut jobs = work.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let y = &mut jobs[0].output[..work.rows * work.out_dim];
+            matmul_u32_i8(x, w, work.in_dim, range.len(), y);
+        } else {
+            let mut out = vec![0u32; work.rows * range.len()];
+            matmul_u32_i8(x, w, work.in_dim, range.len(), &mut out);
+            *work.products[k].lock().unwrap_or_else(|p| p.into_inner()) = out;
+        }
     }));
     if done.is_err() {
         work.failed.store(true, Ordering::Relaxed);
@@ -713,22 +703,32 @@ fn run_part(shared: &Shared, work: &BatchWork, k: usize) {
     }
 }
 
-/// Scatters every share's products to the jobs' rows and answers them (or, if a share failed,
-/// drops them), counts the batch, and expects each client back at its next layer.
+/// Scatters every share's products to the jobs' rows (unless computed in place) and answers
+/// them (or, if a share failed, drops them), counts the batch, and expects each client back at
+/// its next layer.
 fn finish(shared: &Shared, work: &BatchWork) {
     let jobs = std::mem::take(&mut *work.jobs.lock().unwrap_or_else(|p| p.into_inner()));
     if work.failed.load(Ordering::Relaxed) {
         return;
     }
     let mut jobs = jobs;
-    for (range, products) in work.parts.iter().zip(&work.products) {
-        let products = products.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows = products.chunks_exact(range.len().max(1));
-        for job in jobs.iter_mut() {
-            for r in 0..job.rows {
-                let at = r * work.out_dim;
-                if let Some(src) = rows.next() {
-                    job.output[at + range.start..at + range.end].copy_from_slice(src);
+    if work.lone {
+        // The lone job's input buffer goes back to it.
+        let mut input = work.input.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(job) = jobs.first_mut() {
+            job.input = std::mem::take(&mut *input);
+        }
+    }
+    if !work.in_place() {
+        for (range, products) in work.parts.iter().zip(&work.products) {
+            let products = products.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rows = products.chunks_exact(range.len().max(1));
+            for job in jobs.iter_mut() {
+                for r in 0..job.rows {
+                    let at = r * work.out_dim;
+                    if let Some(src) = rows.next() {
+                        job.output[at + range.start..at + range.end].copy_from_slice(src);
+                    }
                 }
             }
         }

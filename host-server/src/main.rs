@@ -1,12 +1,14 @@
 //! `veil-server`: serves Veil's int8 linear layers over masked rows.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use veil_server::{serve_with, BatchConfig, Batcher, Psk, ServerConfig, ServerWeights};
+use embedded_io_adapters::std::FromStd;
+use veil_server::{serve_with, BatchConfig, Batcher, PskKey, ServerConfig, ServerWeights};
 
 /// Veil's blind calculator: computes int8 linear layers over one-time-padded rows.
 ///
@@ -73,9 +75,18 @@ struct Args {
     batch_hold_us: u64,
 }
 
+/// Reads a `--psk-file` (hex text or raw bytes, at least 16 bytes) with core's reader, the one
+/// `veil-client` uses too.
+fn read_psk(path: &Path) -> anyhow::Result<PskKey> {
+    let file =
+        File::open(path).with_context(|| format!("cannot open the key file {}", path.display()))?;
+    PskKey::read_from(&mut FromStd::new(file))
+        .map_err(|e| anyhow::anyhow!("key file {}: {e}", path.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let psk = args.psk_file.as_deref().map(Psk::from_file).transpose()?;
+    let psk = args.psk_file.as_deref().map(read_psk).transpose()?;
     let weights = ServerWeights::open_dir(&args.weights)?;
     eprintln!("veil-server: model: {}", weights.describe());
     eprintln!(

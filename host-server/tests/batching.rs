@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{expected, random_weights, read_frame_body, spawn_server, Rng};
+use common::{expected, random_weights, spawn_server, FrameReader, Rng};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use veil_core::model::{LinearId, LinearKind, ModelConfig};
@@ -15,7 +15,7 @@ use veil_core::wire::{
     decode_body, encode_frame, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES,
     MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
-use veil_server::{BatchConfig, Batcher, ServerConfig, ServerWeights};
+use veil_server::{BatchConfig, Batcher, Registration, ServerConfig, ServerWeights};
 
 /// Small: many layers of different shapes, cheap products.
 const SMALL: ModelConfig = ModelConfig {
@@ -58,6 +58,7 @@ fn random_layer(rng: &mut Rng, cfg: &ModelConfig) -> LinearId {
 struct Client {
     s: TcpStream,
     buf: Vec<u8>,
+    frames: FrameReader,
     cfg: ModelConfig,
 }
 
@@ -74,6 +75,7 @@ impl Client {
         let mut c = Client {
             s: TcpStream::connect(addr).await.unwrap(),
             buf: vec![0u8; MAX_FRAME_BODY + LEN_PREFIX],
+            frames: FrameReader::new(),
             cfg: *w.config(),
         };
         c.send(&Message::Hello {
@@ -87,12 +89,12 @@ impl Client {
     }
 
     async fn send(&mut self, msg: &Message<'_>) {
-        let frame = encode_frame(msg, &mut self.buf).unwrap();
-        self.s.write_all(frame).await.unwrap();
+        let n = encode_frame(msg, &mut self.buf).unwrap();
+        self.s.write_all(&self.buf[..n]).await.unwrap();
     }
 
     async fn recv_raw(&mut self) -> Option<Vec<u8>> {
-        tokio::time::timeout(Duration::from_secs(20), read_frame_body(&mut self.s))
+        tokio::time::timeout(Duration::from_secs(20), self.frames.next(&mut self.s))
             .await
             .expect("server answers within 20 s")
     }
@@ -152,6 +154,35 @@ impl Client {
     }
 }
 
+/// Submits rows `x` for `linear` as connection `me` does: in buffers longer than the job (a
+/// connection's buffers are sized for its largest request), with stale contents; returns the
+/// job's products, after checking that the rest of both buffers came back untouched.
+async fn submit(
+    batcher: &Batcher,
+    me: &Registration,
+    w: &ServerWeights,
+    linear: LinearId,
+    x: &[u32],
+) -> Vec<u32> {
+    let (i, o) = linear.dims(w.config());
+    let rows = x.len() / i;
+    let mut input = x.to_vec();
+    input.extend([0xDEAD_BEEF; 11]);
+    let output = vec![7u32; rows * o + 5];
+    let (input, output) = batcher
+        .submit_as(me, linear, rows, input, output)
+        .await
+        .unwrap();
+    assert_eq!(&input[..x.len()], x, "input handed back unchanged");
+    assert_eq!(input[x.len()..], [0xDEAD_BEEF; 11]);
+    assert_eq!(
+        output[rows * o..],
+        [7; 5],
+        "nothing written beyond the job's products"
+    );
+    output[..rows * o].to_vec()
+}
+
 /// Serves `w` on loopback with `batcher` until the test's runtime ends.
 async fn start(w: &Arc<ServerWeights>, config: ServerConfig, batcher: &Batcher) -> SocketAddr {
     let forever = std::future::pending::<()>();
@@ -175,9 +206,10 @@ async fn test_concurrent_jobs_of_mixed_layers_each_get_their_own_products() {
     )
     .unwrap();
     // As many connections as jobs: the window waits for them (it never waits for absent ones).
-    let _connections: Vec<_> = (0..64).map(|_| batcher.register()).collect();
+    let connections: Vec<_> = (0..64).map(|_| batcher.register()).collect();
     let tasks: Vec<_> = (0..64u64)
-        .map(|k| {
+        .zip(connections)
+        .map(|(k, me)| {
             let (w, batcher) = (w.clone(), batcher.clone());
             tokio::spawn(async move {
                 let mut rng = Rng(0xB00 + k);
@@ -192,9 +224,8 @@ async fn test_concurrent_jobs_of_mixed_layers_each_get_their_own_products() {
                 };
                 let rows = 1 + (rng.next() % 6) as usize;
                 let x = rng.words(rows * linear.dims(&SMALL).0);
-                // Stale contents and a wrong size in the reused output buffer must not matter.
-                let (input, y) = batcher.submit(linear, x.clone(), vec![7; 3]).await.unwrap();
-                assert_eq!(input, x, "job {k}: input handed back unchanged");
+                // Stale contents and longer buffers than the job must not matter.
+                let y = submit(&batcher, &me, &w, linear, &x).await;
                 assert_eq!(
                     y,
                     expected(w.bytes(), linear, &x),
@@ -402,19 +433,21 @@ async fn test_abandoned_jobs_do_not_stall_the_batcher() {
     )
     .unwrap();
     // Submissions dropped before their answer (the handler's connection went away).
+    let out = WIDE.vocab_size as usize;
     for k in 0..16u64 {
+        let gone = batcher.register();
         let x = Rng(k + 1).words(WIDE.n_embd as usize);
-        let job = batcher.submit(LinearId::LM_HEAD, x, Vec::new());
+        let job = batcher.submit_as(&gone, LinearId::LM_HEAD, 1, x, vec![0; out]);
         let _ = tokio::time::timeout(Duration::from_micros(50), job).await;
     }
+    let me = batcher.register();
     let x = Rng(99).words(2 * WIDE.n_embd as usize);
-    let (_, y) = tokio::time::timeout(
+    let y = tokio::time::timeout(
         Duration::from_secs(20),
-        batcher.submit(LinearId::LM_HEAD, x.clone(), Vec::new()),
+        submit(&batcher, &me, &w, LinearId::LM_HEAD, &x),
     )
     .await
-    .expect("answered")
-    .unwrap();
+    .expect("answered");
     assert_eq!(y, expected(w.bytes(), LinearId::LM_HEAD, &x));
 }
 
@@ -443,9 +476,10 @@ async fn test_batches_shared_among_threads_give_exact_products() {
         },
     )
     .unwrap();
-    let _connections: Vec<_> = (0..48).map(|_| batcher.register()).collect();
+    let connections: Vec<_> = (0..48).map(|_| batcher.register()).collect();
     let tasks: Vec<_> = (0..48u64)
-        .map(|k| {
+        .zip(connections)
+        .map(|(k, me)| {
             let (w, batcher) = (w.clone(), batcher.clone());
             tokio::spawn(async move {
                 let mut rng = Rng(0x5A4E + k);
@@ -453,7 +487,7 @@ async fn test_batches_shared_among_threads_give_exact_products() {
                     let linear = random_layer(&mut rng, &SMALL);
                     let rows = 1 + (rng.next() % 5) as usize;
                     let x = rng.words(rows * linear.dims(&SMALL).0);
-                    let (_, y) = batcher.submit(linear, x.clone(), Vec::new()).await.unwrap();
+                    let y = submit(&batcher, &me, &w, linear, &x).await;
                     assert_eq!(y, expected(w.bytes(), linear, &x), "job {k}: {linear:?}");
                 }
             })
@@ -478,14 +512,14 @@ async fn test_lone_client_is_never_held() {
         },
     )
     .unwrap();
-    let _me = batcher.register();
+    let me = batcher.register();
     let steps = decode_step(&SMALL);
     let mut rng = Rng(0x10E);
     let run = async {
         for _ in 0..3 {
             for &linear in &steps {
                 let x = rng.words(linear.dims(&SMALL).0);
-                let (_, y) = batcher.submit(linear, x.clone(), Vec::new()).await.unwrap();
+                let y = submit(&batcher, &me, &w, linear, &x).await;
                 assert_eq!(y, expected(w.bytes(), linear, &x));
             }
         }
@@ -524,10 +558,7 @@ async fn test_clients_fall_into_a_convoy_under_a_hold() {
                 for i in 0..6 * steps.len() {
                     let linear = steps[(start + i) % steps.len()];
                     let x = rng.words(linear.dims(&SMALL).0);
-                    let (_, y) = batcher
-                        .submit_as(&me, linear, x.clone(), Vec::new())
-                        .await
-                        .unwrap();
+                    let y = submit(&batcher, &me, &w, linear, &x).await;
                     assert_eq!(y, expected(w.bytes(), linear, &x), "client {k}: {linear:?}");
                 }
             })
@@ -567,21 +598,14 @@ async fn test_a_departed_client_is_not_waited_for() {
     // A is answered at step 0, so it is expected at step 1 ...
     let a = batcher.register();
     let x = rng.words(steps[0].dims(&SMALL).0);
-    batcher
-        .submit_as(&a, steps[0], x, Vec::new())
-        .await
-        .unwrap();
+    submit(&batcher, &a, &w, steps[0], &x).await;
     // ... and B, at step 2 (just ahead of A), would wait for it; but A leaves.
     drop(a);
     let b = batcher.register();
     let linear = steps[2];
     let x = rng.words(linear.dims(&SMALL).0);
-    let (_, y) = tokio::time::timeout(
-        Duration::from_secs(3),
-        batcher.submit_as(&b, linear, x.clone(), Vec::new()),
-    )
-    .await
-    .expect("held for a client that had left")
-    .unwrap();
+    let y = tokio::time::timeout(Duration::from_secs(3), submit(&batcher, &b, &w, linear, &x))
+        .await
+        .expect("held for a client that had left");
     assert_eq!(y, expected(w.bytes(), linear, &x));
 }

@@ -1,9 +1,12 @@
 //! Hardening: a live server under a flood of bad frames, property tests of one conversation
-//! against an independent model of the protocol, and the fuzz seed corpus kept current.
+//! through `handle_connection`, and the fuzz seed corpus kept current.
 //!
-//! The protocol model ([`predict`]), the fuzzed model and the seeds live in
-//! `host-server/fuzz/src/lib.rs`, shared with the cargo-fuzz targets, so that the fuzzer and these
-//! tests check the same thing.
+//! The protocol itself is tested exhaustively by core's pair test; here the question is whether
+//! the tokio host adds or loses anything. So every conversation is also run through core's
+//! `ServerConnection` directly (`fuzz_model::run_server`, shared with the cargo-fuzz targets,
+//! which checks its invariants: whole valid frames, at most one `Error` and last, each job's rows
+//! the client's words, products equal to `matmul_u32_i8`), and the host must send exactly the
+//! same frames and end the same way.
 
 mod common;
 #[path = "../fuzz/src/lib.rs"]
@@ -15,9 +18,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use common::{expected, spawn_server, Rng};
-use fuzz_model::{
-    check_outcome, converse, frame, model_bytes, predict, seeds, server_config, weights, End, CFG,
-};
+use fuzz_model::{frame, model_bytes, run_server, seeds, Control, ServerRun, CFG};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,7 +27,96 @@ use veil_core::wire::{
     decode_body, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES, MAX_FRAME_BODY,
     PROTOCOL_VERSION,
 };
-use veil_server::{Ending, ServerConfig};
+use veil_server::{
+    handle_connection, ConnError, Ending, PskKey, ServerConfig, ServerError, ServerWeights,
+};
+
+/// The fuzz model served as `veil-server` loads it, once per process.
+fn weights() -> Arc<ServerWeights> {
+    static W: std::sync::OnceLock<Arc<ServerWeights>> = std::sync::OnceLock::new();
+    W.get_or_init(|| {
+        let w = ServerWeights::from_bytes(model_bytes().to_vec()).expect("model parses");
+        assert_eq!(w.fingerprint(), fuzz_model::fingerprint());
+        Arc::new(w)
+    })
+    .clone()
+}
+
+/// The limits `run_server` uses: few rows; a short idle timeout, though every conversation ends
+/// with the client closing, so no timeout is ever waited for.
+fn server_config(psk: bool) -> ServerConfig {
+    ServerConfig {
+        max_rows: fuzz_model::MAX_ROWS,
+        max_connections: 1,
+        idle_timeout: Duration::from_secs(1),
+        psk: psk.then(|| PskKey::new(fuzz_model::PSK).unwrap()),
+    }
+}
+
+/// The machine's run of a client's bytes, all of them then end of stream (checked inside).
+fn machine(psk: bool, input: &[u8]) -> ServerRun {
+    run_server(Control::of(Control::byte(psk, false, false, 0)), input)
+}
+
+/// The bodies of whole frames.
+fn bodies(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    frames.iter().map(|f| f[LEN_PREFIX..].to_vec()).collect()
+}
+
+/// Frame bodies with the nonce of a `Challenge` zeroed.
+fn without_nonce(frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    frames
+        .into_iter()
+        .map(|f| match decode_body(&f) {
+            Ok(Message::Challenge { .. }) => {
+                frame(&Message::Challenge { nonce: [0; 32] })[LEN_PREFIX..].to_vec()
+            }
+            _ => f,
+        })
+        .collect()
+}
+
+/// How a run ended, comparable between the host and the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Ok(Ending),
+    Refused(ServerError),
+    /// The client vanished inside a frame or request (the machine's `Truncated`; the host's
+    /// `ConnError::Io`).
+    Transport,
+}
+
+impl End {
+    fn of_machine(run: &ServerRun) -> End {
+        match run.outcome {
+            Ok(e) => End::Ok(e),
+            Err(e) if e.code().is_some() => End::Refused(e),
+            Err(_) => End::Transport,
+        }
+    }
+
+    fn of_host(result: &Result<Ending, ConnError>) -> End {
+        match result {
+            Ok(e) => End::Ok(*e),
+            Err(ConnError::Refused(e)) => End::Refused(*e),
+            Err(ConnError::Io(_)) => End::Transport,
+        }
+    }
+
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            End::Refused(e) => e.code(),
+            _ => None,
+        }
+    }
+}
+
+/// What intended refusal a flood plan provokes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intended {
+    Refused(ErrorCode),
+    Transport,
+}
 
 /// The flood measures the process RSS: no other test of this file may run beside it.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -113,13 +203,13 @@ struct Plan {
     /// Reset the connection (SO_LINGER 0) right after writing, reading nothing.
     reset: bool,
     /// The refusal this plan is built to provoke, if it is deterministic.
-    intended: Option<End>,
+    intended: Option<Intended>,
 }
 
 /// Builds the `n`-th bad connection: an optional valid prefix (Hello and up to two checked
 /// requests), then one of the ways of getting the protocol wrong.
 fn plan(rng: &mut Rng, fp: [u8; 32], max_rows: u32) -> Plan {
-    let refused = |c| Some(End::Refused(c));
+    let refused = |c| Some(Intended::Refused(c));
     let mut p = Plan {
         kind: "",
         bytes: Vec::new(),
@@ -273,7 +363,7 @@ fn plan(rng: &mut Rng, fp: [u8; 32], max_rows: u32) -> Plan {
                 rows: max_rows,
             }));
             p.bytes.extend(data_frames(rng, short));
-            p.intended = Some(End::Transport);
+            p.intended = Some(Intended::Transport);
         }
         11 => {
             p.kind = "a second Hello";
@@ -346,7 +436,7 @@ fn plan(rng: &mut Rng, fp: [u8; 32], max_rows: u32) -> Plan {
             });
             p.bytes
                 .extend(&f[..1 + rng.below(f.len() as u64 - 1) as usize]);
-            p.intended = Some(End::Transport);
+            p.intended = Some(Intended::Transport);
         }
         17 => {
             p.kind = "abrupt reset mid-frame";
@@ -376,7 +466,7 @@ fn plan(rng: &mut Rng, fp: [u8; 32], max_rows: u32) -> Plan {
         }
     }
     // After a deterministic refusal, more junk frames: the server must drain, not parse them.
-    if matches!(p.intended, Some(End::Refused(_))) {
+    if matches!(p.intended, Some(Intended::Refused(_))) {
         p.trailing = rng.below(4) as usize;
         for _ in 0..p.trailing {
             let n = 1 + rng.below(64) as usize;
@@ -547,7 +637,7 @@ async fn flood() {
 
     let bytes = model_bytes();
     let config = ServerConfig {
-        max_rows: server_config().max_rows,
+        max_rows: fuzz_model::MAX_ROWS,
         psk: None,
         // Above the flood's concurrency (TASKS + IDLE, and a closing connection per task): the
         // Busy path is tested in server.rs, here every connection is served.
@@ -560,7 +650,7 @@ async fn flood() {
     let (addr, server) = spawn_server(w.clone(), config, None, std::future::pending::<()>()).await;
 
     // Warm up (runtime, blocking pool, allocator arenas) before the baseline.
-    good_session(addr, fp, &bytes).await;
+    good_session(addr, fp, bytes).await;
     let rss_before = status_kib("VmRSS");
     let started = Instant::now();
 
@@ -619,22 +709,36 @@ async fn flood() {
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
             tokio::spawn(async move {
-                let weights = fuzz_model::weights();
                 let mut rng = Rng((SEED ^ (t << 40)) | 1);
                 let mut tally = Tally::default();
                 for _ in 0..PER_TASK {
                     let mut p = plan(&mut rng, fp, max_rows);
-                    let want = predict(&weights, max_rows, &p.bytes);
-                    if let Some(end) = p.intended {
-                        assert_eq!(want.end, end, "plan {:?} misses its intended end", p.kind);
+                    // What core's machine answers to these bytes (its invariants checked).
+                    let run = machine(false, &p.bytes);
+                    let want_end = End::of_machine(&run);
+                    let want_frames = bodies(&run.frames);
+                    match p.intended {
+                        Some(Intended::Refused(c)) => assert_eq!(
+                            want_end.code(),
+                            Some(c),
+                            "plan {:?} misses its intended end ({want_end:?})",
+                            p.kind
+                        ),
+                        Some(Intended::Transport) => assert_eq!(
+                            want_end,
+                            End::Transport,
+                            "plan {:?} misses its intended end",
+                            p.kind
+                        ),
+                        None => {}
                     }
                     // A flip inside a Data payload leaves a valid conversation: not a bad frame.
-                    if want.end == End::Ok(Ending::Bye) {
+                    if want_end == End::Ok(Ending::Bye) {
                         p.bad_frames = 0;
                     }
                     let got = run_plan(addr, &p).await;
                     if let Some(frames) = got {
-                        if frames != want.frames {
+                        if frames != want_frames {
                             let show = |fs: &[Vec<u8>]| {
                                 fs.iter()
                                     .map(|f| format!("{:?}", decode_body(f)))
@@ -642,11 +746,10 @@ async fn flood() {
                                     .join(", ")
                             };
                             panic!(
-                                "{}: server answered [{}], expected [{}] ({:?})",
+                                "{}: server answered [{}], the machine [{}] ({want_end:?})",
                                 p.kind,
                                 show(&frames),
-                                show(&want.frames),
-                                want.end
+                                show(&want_frames),
                             );
                         }
                     } else {
@@ -657,9 +760,9 @@ async fn flood() {
                     tally.bad_frames += p.bad_frames;
                     tally.trailing += p.trailing;
                     *tally.by_kind.entry(p.kind).or_default() += 1;
-                    let end = match want.end {
+                    let end = match want_end {
                         End::Ok(e) => format!("{e:?}"),
-                        End::Refused(c) => format!("{c:?}"),
+                        End::Refused(e) => format!("{:?}", e.code()),
                         End::Transport => "Transport".into(),
                     };
                     *tally
@@ -697,7 +800,7 @@ async fn flood() {
     let rss_after = status_kib("VmRSS");
 
     assert!(!server.is_finished(), "the accept loop is still running");
-    good_session(addr, fp, &bytes).await;
+    good_session(addr, fp, bytes).await;
 
     println!(
         "flood: {} connections in {elapsed:.1?} (+{IDLE} idle): {} bad frames, {} valid frames \
@@ -728,21 +831,72 @@ async fn flood() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Properties of one conversation over `tokio::io::duplex`, against the protocol model.
+// Properties of one conversation over `tokio::io::duplex`.
 
-/// One conversation within 10 s, checked exactly against [`predict`].
-fn run(rt: &tokio::runtime::Runtime, input: &[u8], fragment: usize) -> End {
-    let config = server_config();
-    let o = rt.block_on(async {
+/// Sends `input` (in writes of at most `fragment` bytes) as the client side of a duplex pipe
+/// into `handle_connection`, closes the client's side, and returns what it returned and the
+/// whole frames the server sent (a partial or invalid frame fails the test).
+async fn converse(
+    config: ServerConfig,
+    input: &[u8],
+    fragment: usize,
+) -> (Result<Ending, ConnError>, Vec<Vec<u8>>) {
+    let (client, server_end) = tokio::io::duplex(1 << 16);
+    let (mut rx, mut tx) = tokio::io::split(client);
+    let write = async move {
+        for piece in input.chunks(fragment.max(1)) {
+            // The server may already have closed: a failed write is part of what is tested.
+            if tx.write_all(piece).await.is_err() {
+                break;
+            }
+        }
+        let _ = tx.shutdown().await;
+    };
+    let read = async move {
+        let mut out = Vec::new();
+        let _ = rx.read_to_end(&mut out).await;
+        out
+    };
+    let (result, (), out) = tokio::join!(
+        handle_connection(server_end, weights(), config),
+        write,
+        read
+    );
+    (result, parse_frames(&out))
+}
+
+/// One conversation through `handle_connection` within 10 s: it returns, and sends exactly the
+/// frames and ends exactly as core's machine does with the same bytes (whose invariants
+/// `run_server` checks: valid frames, at most one `Error` and last, exact products).
+fn run(rt: &tokio::runtime::Runtime, psk: bool, input: &[u8], fragment: usize) -> End {
+    let (result, frames) = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
-            converse(weights(), config.clone(), input, fragment),
+            converse(server_config(psk), input, fragment),
         )
         .await
         .expect("handle_connection returns within 10 s")
     });
-    check_outcome(&weights(), config.max_rows, input, &o);
-    End::of(&o.result)
+    let want = machine(psk, input);
+    let end = End::of_host(&result);
+    assert_eq!(end, End::of_machine(&want), "{result:?}");
+    // The challenge nonce is the host's randomness: compare the rest.
+    let frames = without_nonce(frames);
+    let want_frames = without_nonce(bodies(&want.frames));
+    if frames != want_frames {
+        let show = |fs: &[Vec<u8>]| {
+            fs.iter()
+                .map(|f| format!("{:?}", decode_body(f)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        panic!(
+            "the host sent [{}], the machine [{}]",
+            show(&frames),
+            show(&want_frames)
+        );
+    }
+    end
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -855,7 +1009,7 @@ proptest! {
     })]
 
     /// Arbitrary bytes, with or without a valid Hello before them, in arbitrary write sizes:
-    /// the server returns, and answers exactly as the protocol model says.
+    /// the server returns, and answers exactly as core's machine does.
     #[test]
     fn prop_arbitrary_bytes(
         after_hello in any::<bool>(),
@@ -866,13 +1020,14 @@ proptest! {
         let rt = runtime();
         let mut input = if after_hello { hello(weights().fingerprint()) } else { Vec::new() };
         input.extend(junk);
-        run(&rt, &input, fragment);
+        run(&rt, false, &input, fragment);
     }
 
     /// Structurally valid but wrongly placed or wrongly filled messages.
     #[test]
     fn prop_wrong_message_sequences(
         hello_first in any::<bool>(),
+        psk in any::<bool>(),
         ops in proptest::collection::vec(op(), 0..24),
         fragment in 1usize..600,
     ) {
@@ -883,11 +1038,11 @@ proptest! {
             all.push(Op::Hello { good: true, protocol: PROTOCOL_VERSION });
         }
         all.extend(ops);
-        run(&rt, &encode_ops(&all), fragment);
+        run(&rt, psk, &encode_ops(&all), fragment);
     }
 
     /// Valid requests over every layer kind, in arbitrary chunk and write sizes: the exact
-    /// products, then Bye. And with one byte flipped anywhere: no panic, the model's answer.
+    /// products, then Bye. And with one byte flipped anywhere: no panic, the machine's answer.
     #[test]
     fn prop_valid_requests_get_exact_products(
         reqs in proptest::collection::vec(valid_request(), 1..6),
@@ -908,12 +1063,13 @@ proptest! {
             }
         }
         input.extend(frame(&Message::Bye));
+        prop_assert_eq!(machine(false, &input).jobs.len(), reqs.len());
         // `run` checks every Result and Data frame against `matmul_u32_i8`.
-        prop_assert_eq!(run(&rt, &input, fragment), End::Ok(Ending::Bye));
+        prop_assert_eq!(run(&rt, false, &input, fragment), End::Ok(Ending::Bye));
         let (at, x) = flip;
         let at = at % input.len();
         input[at] ^= x.max(1);
-        run(&rt, &input, fragment);
+        run(&rt, false, &input, fragment);
     }
 }
 
@@ -925,22 +1081,29 @@ fn test_fuzz_seed_corpus_is_current() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let write = std::env::var_os("VEIL_WRITE_FUZZ_CORPUS").is_some();
     let rt = runtime();
+    let mut names = std::collections::BTreeSet::new();
     for (target, name, bytes) in seeds() {
         // Every seed goes through the checks of its target.
         match target {
             "frame_decoder" => fuzz_model::check_frames(&bytes),
+            "client_session" => fuzz_model::check_client(&bytes),
             _ => {
                 fuzz_model::check_session(&bytes);
-                let end = run(&rt, &bytes, usize::MAX);
+                let (ctl, client) = (Control::of(bytes[0]), &bytes[1..]);
+                let run = run_server(ctl, client);
                 assert!(
-                    !matches!(
-                        end,
-                        End::Transport | End::Refused(ErrorCode::MalformedFrame)
-                    ),
-                    "seed {name} is a conversation, ended {end:?}"
+                    !matches!(run.outcome, Err(ServerError::Frame(_))),
+                    "seed {name} is a conversation, ended {:?}",
+                    run.outcome
                 );
+                // The host answers it alike (jobs it cannot fail and timers it does not fire
+                // on demand aside).
+                if !ctl.flag && !ctl.timeout {
+                    run_host_seed(&rt, ctl.psk, client, name);
+                }
             }
         }
+        names.insert((target, name));
         let path = root.join(target).join(name);
         if write {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -954,4 +1117,24 @@ fn test_fuzz_seed_corpus_is_current() {
             );
         }
     }
+    // Rewriting also removes files of seeds that no longer exist (older formats).
+    if write {
+        for target in ["frame_decoder", "server_session", "client_session"] {
+            for entry in std::fs::read_dir(root.join(target)).unwrap() {
+                let file = entry.unwrap().file_name();
+                let file = file.to_string_lossy();
+                if !names.iter().any(|(t, n)| *t == target && *n == file) {
+                    std::fs::remove_file(root.join(target).join(&*file)).unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn run_host_seed(rt: &tokio::runtime::Runtime, psk: bool, client: &[u8], name: &str) {
+    let end = run(rt, psk, client, usize::MAX);
+    assert!(
+        !matches!(end, End::Refused(ServerError::Frame(_))),
+        "seed {name} ended {end:?} through the host"
+    );
 }

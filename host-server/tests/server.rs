@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{expected, random_linear, random_weights, read_frame_body, spawn_server, Rng};
+use common::{expected, random_linear, random_weights, spawn_server, FrameReader, Rng};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,7 +20,7 @@ use veil_core::wire::{
     decode_body, encode_frame, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES,
     MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
-use veil_server::{handle_connection, ConnError, Ending, ServerConfig, ServerWeights};
+use veil_server::{handle_connection, ConnError, Ending, ServerConfig, ServerError, ServerWeights};
 
 const CFG: ModelConfig = ModelConfig {
     n_layer: 2,
@@ -90,6 +90,7 @@ async fn start(config: ServerConfig) -> Server {
 struct Client {
     s: TcpStream,
     buf: Vec<u8>,
+    frames: FrameReader,
 }
 
 /// An owned copy of the messages a server sends.
@@ -113,6 +114,7 @@ impl Client {
         Client {
             s: TcpStream::connect(addr).await.unwrap(),
             buf: vec![0u8; MAX_FRAME_BODY + LEN_PREFIX],
+            frames: FrameReader::new(),
         }
     }
 
@@ -137,8 +139,8 @@ impl Client {
     }
 
     async fn send(&mut self, msg: &Message<'_>) {
-        let frame = encode_frame(msg, &mut self.buf).unwrap();
-        self.s.write_all(frame).await.unwrap();
+        let n = encode_frame(msg, &mut self.buf).unwrap();
+        self.s.write_all(&self.buf[..n]).await.unwrap();
     }
 
     async fn send_raw(&mut self, bytes: &[u8]) {
@@ -148,7 +150,7 @@ impl Client {
 
     /// The next message, or `None` when the server closed (or reset) the connection.
     async fn recv(&mut self) -> Option<Reply> {
-        let body = tokio::time::timeout(Duration::from_secs(10), read_frame_body(&mut self.s))
+        let body = tokio::time::timeout(Duration::from_secs(10), self.frames.next(&mut self.s))
             .await
             .expect("server answers within 10 s")?;
         Some(match decode_body(&body).expect("server frames decode") {
@@ -568,19 +570,19 @@ async fn test_handler_over_duplex_reports_outcomes() {
             rows: 1,
         },
     ] {
-        script.extend_from_slice(encode_frame(&msg, &mut buf).unwrap());
+        let n = encode_frame(&msg, &mut buf).unwrap();
+        script.extend_from_slice(&buf[..n]);
     }
     let xb: Vec<u8> = x.iter().flat_map(|w| w.to_le_bytes()).collect();
-    script.extend_from_slice(
-        encode_frame(
-            &Message::Data {
-                words: WordBytes(&xb),
-            },
-            &mut buf,
-        )
-        .unwrap(),
-    );
-    script.extend_from_slice(encode_frame(&Message::Bye, &mut buf).unwrap());
+    for msg in [
+        Message::Data {
+            words: WordBytes(&xb),
+        },
+        Message::Bye,
+    ] {
+        let n = encode_frame(&msg, &mut buf).unwrap();
+        script.extend_from_slice(&buf[..n]);
+    }
     client.write_all(&script).await.unwrap();
     let mut out = Vec::new();
     client.read_to_end(&mut out).await.unwrap();
@@ -620,14 +622,17 @@ async fn test_handler_over_duplex_reports_outcomes() {
         weights.clone(),
         ServerConfig::default(),
     ));
-    let frame = encode_frame(&Message::Bye, &mut buf).unwrap();
-    client.write_all(frame).await.unwrap();
+    let n = encode_frame(&Message::Bye, &mut buf).unwrap();
+    client.write_all(&buf[..n]).await.unwrap();
     let err = h.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::UnexpectedMessage));
-    assert!(matches!(err, ConnError::Refused { .. }));
+    assert!(matches!(
+        err,
+        ConnError::Refused(ServerError::Unexpected { got: "Bye", .. })
+    ));
 
     // A peer that closes mid-request is a transport error, not a refusal.
-    let (mut client, server_end) = tokio::io::duplex(1 << 16);
+    let (client, server_end) = tokio::io::duplex(1 << 16);
     let h = tokio::spawn(handle_connection(
         server_end,
         weights.clone(),
@@ -645,11 +650,25 @@ async fn test_handler_over_duplex_reports_outcomes() {
             rows: 2,
         },
     ] {
-        script.extend_from_slice(encode_frame(&msg, &mut buf).unwrap());
+        let n = encode_frame(&msg, &mut buf).unwrap();
+        script.extend_from_slice(&buf[..n]);
     }
-    client.write_all(&script).await.unwrap();
-    drop(client);
-    assert!(matches!(h.await.unwrap(), Err(ConnError::Io(_))));
+    // Half-close (keep reading, so that the Welcome is delivered and the server sees the end).
+    let (mut rx, mut tx) = tokio::io::split(client);
+    tx.write_all(&script).await.unwrap();
+    tx.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    rx.read_to_end(&mut out).await.unwrap();
+    let err = h.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), None);
+    let ConnError::Io(e) = err else {
+        panic!("expected a transport error, got {err:?}");
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(
+        e.get_ref().and_then(|e| e.downcast_ref::<ServerError>()),
+        Some(&ServerError::Truncated { request: Some(1) })
+    );
 }
 
 #[test]

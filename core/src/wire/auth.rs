@@ -59,7 +59,9 @@ impl PskKey {
         let mut n = 0;
         let result = loop {
             match r.read(&mut contents[n..]) {
-                Ok(0) => break PskKey::from_file_contents(&contents[..n]).map_err(PskReadError::Key),
+                Ok(0) => {
+                    break PskKey::from_file_contents(&contents[..n]).map_err(PskReadError::Key)
+                }
                 Ok(k) => {
                     n += k;
                     if n > PSK_FILE_MAX_BYTES {
@@ -278,7 +280,11 @@ mod tests {
             let mut direct = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&raw).unwrap();
             direct.update(&t);
             let want: [u8; 32] = direct.finalize().into_bytes().into();
-            assert_eq!(key.sign(CLIENT_LABEL, &[1; 32], &[2; 32], &[3; 32]), want, "{len}");
+            assert_eq!(
+                key.sign(CLIENT_LABEL, &[1; 32], &[2; 32], &[3; 32]),
+                want,
+                "{len}"
+            );
             assert!(key.verify(CLIENT_LABEL, &[1; 32], &[2; 32], &[3; 32], &want));
             let mut bad = want;
             bad[31] ^= 1;
@@ -292,7 +298,8 @@ mod tests {
     #[test]
     fn test_rfc4231_case_6() {
         let key = [0xaau8; 131];
-        let mut m = <HmacSha256 as hmac::Mac>::new_from_slice(&PskKey::new(&key).unwrap().block).unwrap();
+        let mut m =
+            <HmacSha256 as hmac::Mac>::new_from_slice(&PskKey::new(&key).unwrap().block).unwrap();
         m.update(b"Test Using Larger Than Block-Size Key - Hash Key First");
         let got: [u8; 32] = m.finalize().into_bytes().into();
         let want = [
@@ -309,16 +316,29 @@ mod tests {
         assert_eq!(PskKey::read_from(&mut r).unwrap().len(), 16);
         let big = [b'a'; PSK_FILE_MAX_BYTES + 1];
         let mut r: &[u8] = &big;
-        assert!(matches!(PskKey::read_from(&mut r), Err(PskReadError::Key(PskError::TooLarge))));
+        assert!(matches!(
+            PskKey::read_from(&mut r),
+            Err(PskReadError::Key(PskError::TooLarge))
+        ));
     }
 
     #[test]
     fn test_key_file_contents_and_redaction() {
         let k = PskKey::from_file_contents(b"00112233445566778899aabbccddeeff\n").unwrap();
         assert_eq!(k.len(), 16);
-        assert_eq!(k, PskKey::new(&[0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]).unwrap());
+        assert_eq!(
+            k,
+            PskKey::new(&[
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff
+            ])
+            .unwrap()
+        );
         assert!(!std::format!("{k:?}").contains("00"));
-        assert_eq!(PskKey::from_file_contents(b"0011"), Err(PskError::TooShort(2)));
+        assert_eq!(
+            PskKey::from_file_contents(b"0011"),
+            Err(PskError::TooShort(2))
+        );
     }
 
     #[test]

@@ -47,10 +47,18 @@ impl WordCursor {
     /// Takes one received chunk into `dst[done..]` (the only copy of the words on the receiving
     /// side: little-endian bytes of the frame buffer into the destination). Empty chunks, partial
     /// words and words beyond `total` are refused.
-    pub(crate) fn accept(&mut self, words: WordBytes<'_>, dst: &mut [u32]) -> Result<(), DataLengthError> {
+    pub(crate) fn accept(
+        &mut self,
+        words: WordBytes<'_>,
+        dst: &mut [u32],
+    ) -> Result<(), DataLengthError> {
         let bytes = words.0.len();
         let n = bytes / 4;
-        if bytes == 0 || bytes % 4 != 0 || n > self.total - self.done || self.done + n > dst.len() {
+        if bytes == 0
+            || !bytes.is_multiple_of(4)
+            || n > self.total - self.done
+            || self.done + n > dst.len()
+        {
             return Err(DataLengthError {
                 bytes,
                 received: self.done,

@@ -141,7 +141,9 @@ impl ClientError {
             self,
             ClientError::Closed(_)
                 | ClientError::TimedOut(_)
-                | ClientError::Refused(ErrorCode::ComputeFailed | ErrorCode::Busy | ErrorCode::Timeout)
+                | ClientError::Refused(
+                    ErrorCode::ComputeFailed | ErrorCode::Busy | ErrorCode::Timeout
+                )
         )
     }
 }
@@ -451,7 +453,10 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> ClientConnection<R> {
             if let Some(e) = self.st.failure {
                 return Err(e);
             }
-            if matches!(self.st.phase, Phase::Ready | Phase::Sending { .. } | Phase::Closed) {
+            if matches!(
+                self.st.phase,
+                Phase::Ready | Phase::Sending { .. } | Phase::Closed
+            ) {
                 // Nothing is expected from the server now; later frames wait in the buffer.
                 if self.st.phase == Phase::Ready && !self.rx.at_boundary() {
                     // A frame the server sent unasked is a protocol fault, found when it is read.
@@ -508,7 +513,11 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> ClientConnection<R> {
 }
 
 impl State {
-    fn handle(&mut self, msg: Message<'_>, reply: &mut [u32]) -> Result<Option<ClientEvent>, ClientError> {
+    fn handle(
+        &mut self,
+        msg: Message<'_>,
+        reply: &mut [u32],
+    ) -> Result<Option<ClientEvent>, ClientError> {
         let (settings, nonce, phase) = (&self.settings, &self.nonce, self.phase);
         let next = &mut self.phase;
         let queued = &mut self.queued;
@@ -521,7 +530,12 @@ impl State {
                 },
                 code => ClientError::Refused(code),
             }),
-            (Phase::Hello, Message::Challenge { nonce: server_nonce }) => {
+            (
+                Phase::Hello,
+                Message::Challenge {
+                    nonce: server_nonce,
+                },
+            ) => {
                 let Some(psk) = &settings.psk else {
                     *queued = Some(Control::Error(ErrorCode::Unauthorized));
                     return Err(ClientError::PskRequired);
@@ -533,7 +547,13 @@ impl State {
             }
             (Phase::Proof { server_nonce }, Message::ServerProof { mac }) => {
                 let proven = settings.psk.as_ref().is_some_and(|psk| {
-                    psk.verify(SERVER_LABEL, &settings.fingerprint, &server_nonce, nonce, &mac)
+                    psk.verify(
+                        SERVER_LABEL,
+                        &settings.fingerprint,
+                        &server_nonce,
+                        nonce,
+                        &mac,
+                    )
                 });
                 if !proven {
                     *queued = Some(Control::Error(ErrorCode::Unauthorized));
@@ -601,7 +621,9 @@ impl State {
                 got: other.name(),
             }),
             (Phase::Receiving { req, mut products }, Message::Data { words }) => {
-                products.accept(words, reply).map_err(ClientError::DataLength)?;
+                products
+                    .accept(words, reply)
+                    .map_err(ClientError::DataLength)?;
                 if products.is_complete() {
                     *next = Phase::Ready;
                     return Ok(Some(ClientEvent::Result {
@@ -625,5 +647,4 @@ impl State {
         self.failure.get_or_insert(e);
         e
     }
-
 }

@@ -115,10 +115,7 @@ pub fn encode_data_frame(words: &[u32], buf: &mut [u8]) -> Result<usize, FrameEr
     out[..LEN_PREFIX].copy_from_slice(&(body as u32).to_le_bytes());
     out[LEN_PREFIX] = DATA_TAG;
     out[LEN_PREFIX + 1..LEN_PREFIX + 1 + vlen].copy_from_slice(&varint[..vlen]);
-    for (dst, w) in out[LEN_PREFIX + 1 + vlen..]
-        .chunks_exact_mut(4)
-        .zip(words)
-    {
+    for (dst, w) in out[LEN_PREFIX + 1 + vlen..].chunks_exact_mut(4).zip(words) {
         dst.copy_from_slice(&w.to_le_bytes());
     }
     Ok(total)

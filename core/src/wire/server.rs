@@ -242,9 +242,14 @@ impl core::fmt::Display for ServerError {
         }
         match self {
             ServerError::Frame(e) => write!(f, "{e}"),
-            ServerError::Unexpected { expected, got } => write!(f, "expected {expected}, got {got}"),
+            ServerError::Unexpected { expected, got } => {
+                write!(f, "expected {expected}, got {got}")
+            }
             ServerError::Version { theirs } => {
-                write!(f, "the client speaks protocol {theirs}, we speak {PROTOCOL_VERSION}")
+                write!(
+                    f,
+                    "the client speaks protocol {theirs}, we speak {PROTOCOL_VERSION}"
+                )
             }
             ServerError::Weights { theirs } => {
                 f.write_str("the client has other weights (fingerprint ")?;
@@ -269,7 +274,10 @@ impl core::fmt::Display for ServerError {
                 write!(f, "request {request}: the product could not be computed")
             }
             ServerError::Truncated { request: Some(r) } => {
-                write!(f, "the client closed the connection in the middle of request {r}")
+                write!(
+                    f,
+                    "the client closed the connection in the middle of request {r}"
+                )
             }
             ServerError::Truncated { request: None } => {
                 f.write_str("the client closed the connection in the middle of a frame")
@@ -293,8 +301,12 @@ pub enum SetupError {
 impl core::fmt::Display for SetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            SetupError::ReceiveBuffer => write!(f, "the receive buffer holds less than {MAX_FRAME} bytes"),
-            SetupError::JobBuffers => f.write_str("the job buffers are smaller than the connection's limits need"),
+            SetupError::ReceiveBuffer => {
+                write!(f, "the receive buffer holds less than {MAX_FRAME} bytes")
+            }
+            SetupError::JobBuffers => {
+                f.write_str("the job buffers are smaller than the connection's limits need")
+            }
         }
     }
 }
@@ -443,11 +455,11 @@ where
         }
         let mid_frame = !self.rx.at_boundary();
         let end = match self.st.phase {
-            Phase::Receiving { req, .. } | Phase::Computing { req } | Phase::Answering { req, .. } => {
-                Err(ServerError::Truncated {
-                    request: Some(req.request),
-                })
-            }
+            Phase::Receiving { req, .. }
+            | Phase::Computing { req }
+            | Phase::Answering { req, .. } => Err(ServerError::Truncated {
+                request: Some(req.request),
+            }),
             _ if mid_frame => Err(ServerError::Truncated { request: None }),
             _ => Ok(Ending::PeerClosed),
         };
@@ -518,10 +530,9 @@ where
             }
             at += n;
         }
-        if self.st.phase == Phase::Ready {
-            // Answered: act on frames the client sent meanwhile.
-            self.process();
-        }
+        // Sent what was due (a Challenge, a Welcome, the last products): act on frames the client
+        // sent meanwhile (`process` does nothing unless the machine takes input now).
+        self.process();
         at
     }
 
@@ -595,7 +606,13 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
             (Phase::Hello | Phase::Proof { .. } | Phase::Ready, Message::Error { code }) => {
                 self.end(Ok(Ending::PeerError(code)));
             }
-            (Phase::Hello, Message::Hello { protocol, fingerprint }) => {
+            (
+                Phase::Hello,
+                Message::Hello {
+                    protocol,
+                    fingerprint,
+                },
+            ) => {
                 if protocol != PROTOCOL_VERSION {
                     return self.refuse(ServerError::Version { theirs: protocol });
                 }
@@ -625,7 +642,14 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
             (Phase::Proof { .. }, other) => {
                 self.refuse(ServerError::PskMissing { got: other.name() })
             }
-            (Phase::Ready, Message::Compute { request, linear, rows }) => {
+            (
+                Phase::Ready,
+                Message::Compute {
+                    request,
+                    linear,
+                    rows,
+                },
+            ) => {
                 let cfg = self.settings.model;
                 if !linear.is_valid(&cfg) {
                     return self.refuse(ServerError::UnknownLayer { request, linear });
@@ -654,7 +678,9 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
             }),
             (Phase::Receiving { req, mut rows }, Message::Data { words }) => {
                 let Some(input) = self.input.as_mut() else {
-                    return self.refuse(ServerError::ComputeFailed { request: req.request });
+                    return self.refuse(ServerError::ComputeFailed {
+                        request: req.request,
+                    });
                 };
                 if let Err(detail) = rows.accept(words, input.as_mut()) {
                     return self.refuse(ServerError::DataLength {
@@ -680,7 +706,9 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
     fn welcome(&mut self, fingerprint: [u8; 32], proof: Option<[u8; 32]>) {
         // The fingerprint is public (a hash of weights the server holds): no constant time needed.
         if fingerprint != self.settings.fingerprint {
-            return self.refuse(ServerError::Weights { theirs: fingerprint });
+            return self.refuse(ServerError::Weights {
+                theirs: fingerprint,
+            });
         }
         if let Some(mac) = proof {
             self.push(Control::ServerProof(mac));

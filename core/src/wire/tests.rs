@@ -31,13 +31,23 @@ type Client = ClientConnection<Vec<u8>>;
 
 fn new_server(settings: ServerSettings) -> Server {
     let (i, o) = (settings.input_words(), settings.output_words());
-    ServerConnection::new(settings, [0x5e; 32], vec![0; MAX_FRAME], vec![0; i], vec![0; o])
-        .unwrap()
+    ServerConnection::new(
+        settings,
+        [0x5e; 32],
+        vec![0; MAX_FRAME],
+        vec![0; i],
+        vec![0; o],
+    )
+    .unwrap()
 }
 
 fn new_client(fingerprint: [u8; 32], psk: Option<PskKey>) -> Client {
-    ClientConnection::new(ClientSettings { fingerprint, psk }, [0xc1; 32], vec![0; MAX_FRAME])
-        .unwrap()
+    ClientConnection::new(
+        ClientSettings { fingerprint, psk },
+        [0xc1; 32],
+        vec![0; MAX_FRAME],
+    )
+    .unwrap()
 }
 
 /// What the server did with a job.
@@ -190,11 +200,24 @@ impl<'m> Pair<'m> {
 
 /// The whole private generation through the pair, checked replies, optionally the LM head on the
 /// client: the tokens equal the plaintext integer pipeline's.
-fn private_generation(fragment: usize, local_lm_head: bool, kernel: Kernel) -> (Result<Vec<u32>, SessionError<core::convert::Infallible>>, Vec<u32>, usize) {
+fn private_generation(
+    fragment: usize,
+    local_lm_head: bool,
+    kernel: Kernel,
+) -> (
+    Result<Vec<u32>, SessionError<core::convert::Infallible>>,
+    Vec<u32>,
+    usize,
+) {
     let m = RandomModel::new(21);
     let lin = LinearWeights::parse(&m.linear).unwrap();
     let prompt = [3u32, 1, 4, 1];
-    let mut pair = Pair::new(&m, new_server(server_settings(m.cfg, None)), new_client(FP, None), fragment);
+    let mut pair = Pair::new(
+        &m,
+        new_server(server_settings(m.cfg, None)),
+        new_client(FP, None),
+        fragment,
+    );
     pair.kernel = kernel;
     assert_eq!(pair.handshake(), Ok(4));
     let mut b = bufs(&m.cfg, prompt.len());
@@ -204,8 +227,10 @@ fn private_generation(fragment: usize, local_lm_head: bool, kernel: Kernel) -> (
     let mut w = vec![0u64; crate::integrity::projection_words(&m.cfg)];
     crate::integrity::fill_check_vectors(&key, &m.cfg, &mut s);
     crate::integrity::fill_projections(&lin, &s, &mut w, &mut vec![0i128; 64]);
-    let mut pf = PrivateForward::new::<core::convert::Infallible>(fwd, key, masked, r, y, u).unwrap();
-    pf.set_verifier::<core::convert::Infallible>(Verifier { s: &s, w: &w }).unwrap();
+    let mut pf =
+        PrivateForward::new::<core::convert::Infallible>(fwd, key, masked, r, y, u).unwrap();
+    pf.set_verifier::<core::convert::Infallible>(Verifier { s: &s, w: &w })
+        .unwrap();
     if local_lm_head {
         pf.set_local_lm_head(lin.clone());
     }
@@ -218,7 +243,10 @@ fn private_generation(fragment: usize, local_lm_head: bool, kernel: Kernel) -> (
             loop {
                 let o = pf.outgoing().expect("a layer is pending");
                 let (linear, rows) = (o.linear, o.rows);
-                assert!(!(local_lm_head && linear.kind == LinearKind::LmHead), "a local LM head is never offered");
+                assert!(
+                    !(local_lm_head && linear.kind == LinearKind::LmHead),
+                    "a local LM head is never offered"
+                );
                 let masked = o.masked.words().to_vec();
                 // The client computes r·W while the server computes (here: before it answers).
                 pf.prepare_unmask(&mut source)?;
@@ -245,12 +273,27 @@ fn test_pair_private_generation_equals_local_for_any_fragmentation() {
     for fragment in [1usize, 7, 4096, usize::MAX] {
         for local in [false, true] {
             let (got, seen, jobs) = private_generation(fragment, local, Kernel::Exact);
-            assert_eq!(got.unwrap(), want, "fragment {fragment}, local LM head {local}");
+            assert_eq!(
+                got.unwrap(),
+                want,
+                "fragment {fragment}, local LM head {local}"
+            );
             let per_token = 4 * m.cfg.n_layer as usize + usize::from(!local);
-            assert_eq!(jobs, 5 * per_token, "one request per offloaded layer and step");
+            assert_eq!(
+                jobs,
+                5 * per_token,
+                "one request per offloaded layer and step"
+            );
             // Masked rows look uniform: at most a few words of thousands fall in int8 range.
-            let small = seen.iter().filter(|&&x| (x as i32).unsigned_abs() <= 127).count();
-            assert!(small * 1000 < seen.len() * 2, "{small} of {} words look like int8", seen.len());
+            let small = seen
+                .iter()
+                .filter(|&&x| (x as i32).unsigned_abs() <= 127)
+                .count();
+            assert!(
+                small * 1000 < seen.len() * 2,
+                "{small} of {} words look like int8",
+                seen.len()
+            );
         }
     }
 }
@@ -258,23 +301,39 @@ fn test_pair_private_generation_equals_local_for_any_fragmentation() {
 #[test]
 fn test_pair_detects_a_lying_server() {
     let (got, _, _) = private_generation(4096, false, Kernel::Tamper);
-    assert!(matches!(got, Err(SessionError::IntegrityFailure(_))), "{got:?}");
+    assert!(
+        matches!(got, Err(SessionError::IntegrityFailure(_))),
+        "{got:?}"
+    );
 }
 
 #[test]
 fn test_pair_compute_failure_is_a_typed_error_not_zeros() {
     let m = RandomModel::new(1);
-    let mut pair = Pair::new(&m, new_server(server_settings(m.cfg, None)), new_client(FP, None), 4096);
+    let mut pair = Pair::new(
+        &m,
+        new_server(server_settings(m.cfg, None)),
+        new_client(FP, None),
+        4096,
+    );
     pair.handshake().unwrap();
     pair.kernel = Kernel::Fail;
     let d = m.cfg.d();
     let rows = vec![7u32; d];
     let mut reply = vec![0u32; 3 * d];
-    let id = LinearId { layer: 0, kind: LinearKind::Qkv };
-    let err = pair.compute(id, 1, MaskedRows::from_random_words(&rows), &mut reply).unwrap_err();
+    let id = LinearId {
+        layer: 0,
+        kind: LinearKind::Qkv,
+    };
+    let err = pair
+        .compute(id, 1, MaskedRows::from_random_words(&rows), &mut reply)
+        .unwrap_err();
     assert_eq!(err, ClientError::Refused(ErrorCode::ComputeFailed));
     assert!(err.is_transient(), "a new connection may succeed");
-    assert_eq!(pair.server.outcome(), Some(Err(ServerError::ComputeFailed { request: 0 })));
+    assert_eq!(
+        pair.server.outcome(),
+        Some(Err(ServerError::ComputeFailed { request: 0 }))
+    );
     assert!(pair.server.is_closed());
 }
 
@@ -284,9 +343,17 @@ fn handshake_with(
     server_psk: Option<PskKey>,
     client_fp: [u8; 32],
     client_psk: Option<PskKey>,
-) -> (Result<u32, ClientError>, Option<Result<Ending, ServerError>>) {
+) -> (
+    Result<u32, ClientError>,
+    Option<Result<Ending, ServerError>>,
+) {
     let m = RandomModel::new(2);
-    let mut pair = Pair::new(&m, new_server(server_settings(m.cfg, server_psk)), new_client(client_fp, client_psk), 5);
+    let mut pair = Pair::new(
+        &m,
+        new_server(server_settings(m.cfg, server_psk)),
+        new_client(client_fp, client_psk),
+        5,
+    );
     let r = pair.handshake();
     // The client's parting Error (if any) reaches the server.
     pair.client_tx(None);
@@ -303,14 +370,26 @@ fn key(b: u8) -> PskKey {
 
 #[test]
 fn test_handshake_with_and_without_keys() {
-    assert_eq!(handshake_with(None, FP, None), (Ok(4), Some(Ok(Ending::PeerClosed))));
-    assert_eq!(handshake_with(Some(key(1)), FP, Some(key(1))), (Ok(4), Some(Ok(Ending::PeerClosed))));
+    assert_eq!(
+        handshake_with(None, FP, None),
+        (Ok(4), Some(Ok(Ending::PeerClosed)))
+    );
+    assert_eq!(
+        handshake_with(Some(key(1)), FP, Some(key(1))),
+        (Ok(4), Some(Ok(Ending::PeerClosed)))
+    );
 }
 
 #[test]
 fn test_refused_weights_fingerprint() {
     let (c, s) = handshake_with(None, [0x22; 32], None);
-    assert_eq!(c, Err(ClientError::WeightsMismatch { theirs: None, ours: [0x22; 32] }));
+    assert_eq!(
+        c,
+        Err(ClientError::WeightsMismatch {
+            theirs: None,
+            ours: [0x22; 32]
+        })
+    );
     assert_eq!(s, Some(Err(ServerError::Weights { theirs: [0x22; 32] })));
 }
 
@@ -344,14 +423,25 @@ fn frame(msg: &Message<'_>) -> Vec<u8> {
 }
 
 fn hello() -> Vec<u8> {
-    frame(&Message::Hello { protocol: PROTOCOL_VERSION, fingerprint: FP })
+    frame(&Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        fingerprint: FP,
+    })
 }
 
 /// Feeds `bytes` to a fresh server (no key, max 4 rows), computing jobs exactly; returns the
 /// messages it sent and its outcome (after end of stream if it was still open).
-fn server_run(bytes: &[u8], fragment: usize) -> (Vec<Vec<u8>>, Option<Result<Ending, ServerError>>) {
+fn server_run(
+    bytes: &[u8],
+    fragment: usize,
+) -> (Vec<Vec<u8>>, Option<Result<Ending, ServerError>>) {
     let m = RandomModel::new(3);
-    let mut pair = Pair::new(&m, new_server(server_settings(m.cfg, None)), new_client(FP, None), fragment);
+    let mut pair = Pair::new(
+        &m,
+        new_server(server_settings(m.cfg, None)),
+        new_client(FP, None),
+        fragment,
+    );
     pair.to_server = bytes.to_vec();
     pair.run_server();
     if pair.server.outcome().is_none() {
@@ -390,49 +480,248 @@ fn last_error(frames: &[Vec<u8>]) -> Option<ErrorCode> {
 fn test_server_refusals_each_with_its_code() {
     let m = RandomModel::new(3);
     let d = m.cfg.d();
-    let qkv = LinearId { layer: 0, kind: LinearKind::Qkv };
-    let compute = |linear, rows| frame(&Message::Compute { request: 5, linear, rows });
+    let qkv = LinearId {
+        layer: 0,
+        kind: LinearKind::Qkv,
+    };
+    let compute = |linear, rows| {
+        frame(&Message::Compute {
+            request: 5,
+            linear,
+            rows,
+        })
+    };
     let data = |words: usize| {
         let bytes = vec![1u8; words * 4];
-        frame(&Message::Data { words: WordBytes(&bytes) })
+        frame(&Message::Data {
+            words: WordBytes(&bytes),
+        })
     };
     let cases: Vec<(&str, Vec<u8>, ServerError)> = vec![
-        ("version", frame(&Message::Hello { protocol: 99, fingerprint: FP }), ServerError::Version { theirs: 99 }),
-        ("not a hello", frame(&Message::Bye), ServerError::Unexpected { expected: "Hello", got: "Bye" }),
-        ("unknown layer", [hello(), compute(LinearId { layer: 9, kind: LinearKind::Qkv }, 1)].concat(), ServerError::UnknownLayer { request: 5, linear: LinearId { layer: 9, kind: LinearKind::Qkv } }),
-        ("LM head of block 1", [hello(), compute(LinearId { layer: 1, kind: LinearKind::LmHead }, 1)].concat(), ServerError::UnknownLayer { request: 5, linear: LinearId { layer: 1, kind: LinearKind::LmHead } }),
-        ("too many rows", [hello(), compute(qkv, 5)].concat(), ServerError::TooManyRows { request: 5, rows: 5, max: 4 }),
-        ("zero rows", [hello(), compute(qkv, 0)].concat(), ServerError::TooManyRows { request: 5, rows: 0, max: 4 }),
-        ("data too long", [hello(), compute(qkv, 1), data(d + 1)].concat(), ServerError::DataLength { request: 5, detail: DataLengthError { bytes: 4 * (d + 1), received: 0, expected: d } }),
-        ("empty data", [hello(), compute(qkv, 1), data(0)].concat(), ServerError::DataLength { request: 5, detail: DataLengthError { bytes: 0, received: 0, expected: d } }),
-        ("partial word", [hello(), compute(qkv, 1), frame(&Message::Data { words: WordBytes(&[1, 2, 3]) })].concat(), ServerError::DataLength { request: 5, detail: DataLengthError { bytes: 3, received: 0, expected: d } }),
-        ("compute inside a request", [hello(), compute(qkv, 1), data(2), compute(qkv, 1)].concat(), ServerError::Unexpected { expected: "Data", got: "Compute" }),
-        ("a server message", [hello(), frame(&Message::Result { request: 1, rows: 1 })].concat(), ServerError::Unexpected { expected: "Compute or Bye", got: "Result" }),
-        ("proof unasked", [hello(), frame(&Message::Proof { mac: [0; 32], nonce: [0; 32] })].concat(), ServerError::Unexpected { expected: "Compute or Bye", got: "Proof" }),
-        ("empty frame", [hello(), 0u32.to_le_bytes().to_vec()].concat(), ServerError::Frame(FrameError::Empty)),
-        ("oversized frame", [hello(), ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec()].concat(), ServerError::Frame(FrameError::TooLarge(MAX_FRAME_BODY as u32 + 1))),
-        ("undecodable frame", [hello(), vec![2, 0, 0, 0, 0xff, 0xff]].concat(), ServerError::Frame(FrameError::Malformed { len: 2 })),
+        (
+            "version",
+            frame(&Message::Hello {
+                protocol: 99,
+                fingerprint: FP,
+            }),
+            ServerError::Version { theirs: 99 },
+        ),
+        (
+            "not a hello",
+            frame(&Message::Bye),
+            ServerError::Unexpected {
+                expected: "Hello",
+                got: "Bye",
+            },
+        ),
+        (
+            "unknown layer",
+            [
+                hello(),
+                compute(
+                    LinearId {
+                        layer: 9,
+                        kind: LinearKind::Qkv,
+                    },
+                    1,
+                ),
+            ]
+            .concat(),
+            ServerError::UnknownLayer {
+                request: 5,
+                linear: LinearId {
+                    layer: 9,
+                    kind: LinearKind::Qkv,
+                },
+            },
+        ),
+        (
+            "LM head of block 1",
+            [
+                hello(),
+                compute(
+                    LinearId {
+                        layer: 1,
+                        kind: LinearKind::LmHead,
+                    },
+                    1,
+                ),
+            ]
+            .concat(),
+            ServerError::UnknownLayer {
+                request: 5,
+                linear: LinearId {
+                    layer: 1,
+                    kind: LinearKind::LmHead,
+                },
+            },
+        ),
+        (
+            "too many rows",
+            [hello(), compute(qkv, 5)].concat(),
+            ServerError::TooManyRows {
+                request: 5,
+                rows: 5,
+                max: 4,
+            },
+        ),
+        (
+            "zero rows",
+            [hello(), compute(qkv, 0)].concat(),
+            ServerError::TooManyRows {
+                request: 5,
+                rows: 0,
+                max: 4,
+            },
+        ),
+        (
+            "data too long",
+            [hello(), compute(qkv, 1), data(d + 1)].concat(),
+            ServerError::DataLength {
+                request: 5,
+                detail: DataLengthError {
+                    bytes: 4 * (d + 1),
+                    received: 0,
+                    expected: d,
+                },
+            },
+        ),
+        (
+            "empty data",
+            [hello(), compute(qkv, 1), data(0)].concat(),
+            ServerError::DataLength {
+                request: 5,
+                detail: DataLengthError {
+                    bytes: 0,
+                    received: 0,
+                    expected: d,
+                },
+            },
+        ),
+        (
+            "partial word",
+            [
+                hello(),
+                compute(qkv, 1),
+                frame(&Message::Data {
+                    words: WordBytes(&[1, 2, 3]),
+                }),
+            ]
+            .concat(),
+            ServerError::DataLength {
+                request: 5,
+                detail: DataLengthError {
+                    bytes: 3,
+                    received: 0,
+                    expected: d,
+                },
+            },
+        ),
+        (
+            "compute inside a request",
+            [hello(), compute(qkv, 1), data(2), compute(qkv, 1)].concat(),
+            ServerError::Unexpected {
+                expected: "Data",
+                got: "Compute",
+            },
+        ),
+        (
+            "a server message",
+            [
+                hello(),
+                frame(&Message::Result {
+                    request: 1,
+                    rows: 1,
+                }),
+            ]
+            .concat(),
+            ServerError::Unexpected {
+                expected: "Compute or Bye",
+                got: "Result",
+            },
+        ),
+        (
+            "proof unasked",
+            [
+                hello(),
+                frame(&Message::Proof {
+                    mac: [0; 32],
+                    nonce: [0; 32],
+                }),
+            ]
+            .concat(),
+            ServerError::Unexpected {
+                expected: "Compute or Bye",
+                got: "Proof",
+            },
+        ),
+        (
+            "empty frame",
+            [hello(), 0u32.to_le_bytes().to_vec()].concat(),
+            ServerError::Frame(FrameError::Empty),
+        ),
+        (
+            "oversized frame",
+            [
+                hello(),
+                ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec(),
+            ]
+            .concat(),
+            ServerError::Frame(FrameError::TooLarge(MAX_FRAME_BODY as u32 + 1)),
+        ),
+        (
+            "undecodable frame",
+            [hello(), vec![2, 0, 0, 0, 0xff, 0xff]].concat(),
+            ServerError::Frame(FrameError::Malformed { len: 2 }),
+        ),
     ];
     for (what, bytes, want) in cases {
         for fragment in [1usize, 3, 1 << 20] {
             let (frames, outcome) = server_run(&bytes, fragment);
             assert_eq!(outcome, Some(Err(want)), "{what}");
-            assert_eq!(last_error(&frames), want.code(), "{what}: the client is told why");
+            assert_eq!(
+                last_error(&frames),
+                want.code(),
+                "{what}: the client is told why"
+            );
         }
     }
 }
 
 #[test]
 fn test_server_endings_and_truncation() {
-    let qkv = LinearId { layer: 0, kind: LinearKind::Qkv };
+    let qkv = LinearId {
+        layer: 0,
+        kind: LinearKind::Qkv,
+    };
     let (_, o) = server_run(&[hello(), frame(&Message::Bye)].concat(), 2);
     assert_eq!(o, Some(Ok(Ending::Bye)));
     let (_, o) = server_run(&hello(), 2);
     assert_eq!(o, Some(Ok(Ending::PeerClosed)));
-    let (_, o) = server_run(&[hello(), frame(&Message::Error { code: ErrorCode::Timeout })].concat(), 2);
+    let (_, o) = server_run(
+        &[
+            hello(),
+            frame(&Message::Error {
+                code: ErrorCode::Timeout,
+            }),
+        ]
+        .concat(),
+        2,
+    );
     assert_eq!(o, Some(Ok(Ending::PeerError(ErrorCode::Timeout))));
     // Closed inside a request, and inside a frame: nothing is sent, the ending says where.
-    let (f, o) = server_run(&[hello(), frame(&Message::Compute { request: 8, linear: qkv, rows: 1 })].concat(), 2);
+    let (f, o) = server_run(
+        &[
+            hello(),
+            frame(&Message::Compute {
+                request: 8,
+                linear: qkv,
+                rows: 1,
+            }),
+        ]
+        .concat(),
+        2,
+    );
     assert_eq!(o, Some(Err(ServerError::Truncated { request: Some(8) })));
     assert_eq!(last_error(&f), None);
     let bye = frame(&Message::Bye);
@@ -451,7 +740,15 @@ fn test_server_idle_timeout_is_refused_with_timeout() {
     // Welcome, then the Error.
     let mut dec = FrameDecoder::new(vec![0u8; MAX_FRAME]).unwrap();
     dec.feed(&out[..n]);
-    assert!(matches!(dec.next_message(), Some(Ok(Message::Error { code: ErrorCode::Timeout }))), "an error replaces what was not yet sent");
+    assert!(
+        matches!(
+            dec.next_message(),
+            Some(Ok(Message::Error {
+                code: ErrorCode::Timeout
+            }))
+        ),
+        "an error replaces what was not yet sent"
+    );
     assert!(s.is_closed());
     assert_eq!(s.outcome(), Some(Err(ServerError::Idle)));
 }
@@ -470,18 +767,32 @@ fn test_busy_frame_reaches_the_client_as_a_refusal() {
 
 /// Feeds server frames to a client that has said hello (and, with `request`, has sent one
 /// request of one row for the QKV layer of a d = 16 model).
-fn client_run(server_bytes: &[u8], request: bool, psk: Option<PskKey>) -> Result<Option<ClientEvent>, ClientError> {
+fn client_run(
+    server_bytes: &[u8],
+    request: bool,
+    psk: Option<PskKey>,
+) -> Result<Option<ClientEvent>, ClientError> {
     let mut c = new_client(FP, psk);
     let mut out = vec![0u8; 2 * MAX_FRAME];
     c.poll_transmit(&mut out);
     let mut reply = vec![0u32; 48];
-    let welcome = frame(&Message::Welcome { protocol: PROTOCOL_VERSION, fingerprint: FP, max_rows: 4 });
+    let welcome = frame(&Message::Welcome {
+        protocol: PROTOCOL_VERSION,
+        fingerprint: FP,
+        max_rows: 4,
+    });
     let mut bytes = server_bytes.to_vec();
     if request {
         let n = welcome.len();
         c.recv_buffer()[..n].copy_from_slice(&welcome);
-        assert_eq!(c.handle_received(n, &mut reply), Ok(Some(ClientEvent::Connected { max_rows: 4 })));
-        let qkv = LinearId { layer: 0, kind: LinearKind::Qkv };
+        assert_eq!(
+            c.handle_received(n, &mut reply),
+            Ok(Some(ClientEvent::Connected { max_rows: 4 }))
+        );
+        let qkv = LinearId {
+            layer: 0,
+            kind: LinearKind::Qkv,
+        };
         c.begin_request(qkv, 1, 16, 48).unwrap();
         let rows = [0u32; 16];
         while c.poll_transmit_rows(MaskedRows::from_random_words(&rows), &mut out) > 0 {}
@@ -502,29 +813,191 @@ fn client_run(server_bytes: &[u8], request: bool, psk: Option<PskKey>) -> Result
 
 #[test]
 fn test_client_refusals() {
-    let ok_result = frame(&Message::Result { request: 0, rows: 1 });
+    let ok_result = frame(&Message::Result {
+        request: 0,
+        rows: 1,
+    });
     let data = |words: usize| {
         let b = vec![0u8; 4 * words];
-        frame(&Message::Data { words: WordBytes(&b) })
+        frame(&Message::Data {
+            words: WordBytes(&b),
+        })
     };
-    assert_eq!(client_run(&[ok_result.clone(), data(48)].concat(), true, None), Ok(Some(ClientEvent::Result { request: 0 })));
-    assert_eq!(client_run(&[ok_result.clone(), data(20), data(28)].concat(), true, None), Ok(Some(ClientEvent::Result { request: 0 })));
-    let cases: Vec<(&str, Vec<u8>, bool, Option<PskKey>, ClientError)> = vec![
-        ("version", frame(&Message::Welcome { protocol: 7, fingerprint: FP, max_rows: 4 }), false, None, ClientError::Version { theirs: 7 }),
-        ("weights", frame(&Message::Welcome { protocol: PROTOCOL_VERSION, fingerprint: [1; 32], max_rows: 4 }), false, None, ClientError::WeightsMismatch { theirs: Some([1; 32]), ours: FP }),
-        ("zero rows", frame(&Message::Welcome { protocol: PROTOCOL_VERSION, fingerprint: FP, max_rows: 0 }), false, None, ClientError::ZeroRows),
-        ("challenge without key", frame(&Message::Challenge { nonce: [0; 32] }), false, None, ClientError::PskRequired),
-        ("bad server proof", [frame(&Message::Challenge { nonce: [0; 32] }), frame(&Message::ServerProof { mac: [0; 32] })].concat(), false, Some(key(4)), ClientError::ServerProofInvalid),
-        ("welcome to a key holder", frame(&Message::Welcome { protocol: PROTOCOL_VERSION, fingerprint: FP, max_rows: 4 }), false, Some(key(4)), ClientError::PskNotRequired),
-        ("refused", frame(&Message::Error { code: ErrorCode::UnknownLayer }), true, None, ClientError::Refused(ErrorCode::UnknownLayer)),
-        ("wrong request id", frame(&Message::Result { request: 3, rows: 1 }), true, None, ClientError::WrongResult { request: 0, got_request: 3, got_rows: 1 }),
-        ("wrong rows", frame(&Message::Result { request: 0, rows: 2 }), true, None, ClientError::WrongResult { request: 0, got_request: 0, got_rows: 2 }),
-        ("data without result", data(48), true, None, ClientError::Unexpected { expected: "the Result of our request", got: "Data" }),
-        ("too much data", [ok_result.clone(), data(49)].concat(), true, None, ClientError::DataLength(DataLengthError { bytes: 196, received: 0, expected: 48 })),
-        ("empty data", [ok_result.clone(), data(0)].concat(), true, None, ClientError::DataLength(DataLengthError { bytes: 0, received: 0, expected: 48 })),
-        ("empty frame", 0u32.to_le_bytes().to_vec(), false, None, ClientError::Frame(FrameError::Empty)),
-        ("oversized frame", ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec(), true, None, ClientError::Frame(FrameError::TooLarge(MAX_FRAME_BODY as u32 + 1))),
-        ("hello to a client", frame(&Message::Hello { protocol: 1, fingerprint: FP }), false, None, ClientError::Unexpected { expected: "Welcome or Challenge", got: "Hello" }),
+    assert_eq!(
+        client_run(&[ok_result.clone(), data(48)].concat(), true, None),
+        Ok(Some(ClientEvent::Result { request: 0 }))
+    );
+    assert_eq!(
+        client_run(
+            &[ok_result.clone(), data(20), data(28)].concat(),
+            true,
+            None
+        ),
+        Ok(Some(ClientEvent::Result { request: 0 }))
+    );
+    type Case = (&'static str, Vec<u8>, bool, Option<PskKey>, ClientError);
+    let cases: Vec<Case> = vec![
+        (
+            "version",
+            frame(&Message::Welcome {
+                protocol: 7,
+                fingerprint: FP,
+                max_rows: 4,
+            }),
+            false,
+            None,
+            ClientError::Version { theirs: 7 },
+        ),
+        (
+            "weights",
+            frame(&Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+                fingerprint: [1; 32],
+                max_rows: 4,
+            }),
+            false,
+            None,
+            ClientError::WeightsMismatch {
+                theirs: Some([1; 32]),
+                ours: FP,
+            },
+        ),
+        (
+            "zero rows",
+            frame(&Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+                fingerprint: FP,
+                max_rows: 0,
+            }),
+            false,
+            None,
+            ClientError::ZeroRows,
+        ),
+        (
+            "challenge without key",
+            frame(&Message::Challenge { nonce: [0; 32] }),
+            false,
+            None,
+            ClientError::PskRequired,
+        ),
+        (
+            "bad server proof",
+            [
+                frame(&Message::Challenge { nonce: [0; 32] }),
+                frame(&Message::ServerProof { mac: [0; 32] }),
+            ]
+            .concat(),
+            false,
+            Some(key(4)),
+            ClientError::ServerProofInvalid,
+        ),
+        (
+            "welcome to a key holder",
+            frame(&Message::Welcome {
+                protocol: PROTOCOL_VERSION,
+                fingerprint: FP,
+                max_rows: 4,
+            }),
+            false,
+            Some(key(4)),
+            ClientError::PskNotRequired,
+        ),
+        (
+            "refused",
+            frame(&Message::Error {
+                code: ErrorCode::UnknownLayer,
+            }),
+            true,
+            None,
+            ClientError::Refused(ErrorCode::UnknownLayer),
+        ),
+        (
+            "wrong request id",
+            frame(&Message::Result {
+                request: 3,
+                rows: 1,
+            }),
+            true,
+            None,
+            ClientError::WrongResult {
+                request: 0,
+                got_request: 3,
+                got_rows: 1,
+            },
+        ),
+        (
+            "wrong rows",
+            frame(&Message::Result {
+                request: 0,
+                rows: 2,
+            }),
+            true,
+            None,
+            ClientError::WrongResult {
+                request: 0,
+                got_request: 0,
+                got_rows: 2,
+            },
+        ),
+        (
+            "data without result",
+            data(48),
+            true,
+            None,
+            ClientError::Unexpected {
+                expected: "the Result of our request",
+                got: "Data",
+            },
+        ),
+        (
+            "too much data",
+            [ok_result.clone(), data(49)].concat(),
+            true,
+            None,
+            ClientError::DataLength(DataLengthError {
+                bytes: 196,
+                received: 0,
+                expected: 48,
+            }),
+        ),
+        (
+            "empty data",
+            [ok_result.clone(), data(0)].concat(),
+            true,
+            None,
+            ClientError::DataLength(DataLengthError {
+                bytes: 0,
+                received: 0,
+                expected: 48,
+            }),
+        ),
+        (
+            "empty frame",
+            0u32.to_le_bytes().to_vec(),
+            false,
+            None,
+            ClientError::Frame(FrameError::Empty),
+        ),
+        (
+            "oversized frame",
+            ((MAX_FRAME_BODY + 1) as u32).to_le_bytes().to_vec(),
+            true,
+            None,
+            ClientError::Frame(FrameError::TooLarge(MAX_FRAME_BODY as u32 + 1)),
+        ),
+        (
+            "hello to a client",
+            frame(&Message::Hello {
+                protocol: 1,
+                fingerprint: FP,
+            }),
+            false,
+            None,
+            ClientError::Unexpected {
+                expected: "Welcome or Challenge",
+                got: "Hello",
+            },
+        ),
     ];
     for (what, bytes, request, psk, want) in cases {
         assert_eq!(client_run(&bytes, request, psk), Err(want), "{what}");
@@ -534,18 +1007,38 @@ fn test_client_refusals() {
 #[test]
 fn test_client_timeouts_and_eof_say_what_was_pending() {
     let mut c = new_client(FP, None);
-    assert_eq!(c.handle_timeout(), ClientError::TimedOut(Waiting::Handshake));
+    assert_eq!(
+        c.handle_timeout(),
+        ClientError::TimedOut(Waiting::Handshake)
+    );
     let e = client_run(&[], true, None);
     assert_eq!(e, Ok(None));
     let mut c = new_client(FP, None);
-    let welcome = frame(&Message::Welcome { protocol: PROTOCOL_VERSION, fingerprint: FP, max_rows: 4 });
+    let welcome = frame(&Message::Welcome {
+        protocol: PROTOCOL_VERSION,
+        fingerprint: FP,
+        max_rows: 4,
+    });
     c.recv_buffer()[..welcome.len()].copy_from_slice(&welcome);
     c.handle_received(welcome.len(), &mut []).unwrap();
-    let up = LinearId { layer: 1, kind: LinearKind::MlpUp };
+    let up = LinearId {
+        layer: 1,
+        kind: LinearKind::MlpUp,
+    };
     c.begin_request(up, 1, 16, 64).unwrap();
-    assert_eq!(c.begin_request(up, 1, 16, 64), Err(ClientError::NotReady), "one request at a time");
+    assert_eq!(
+        c.begin_request(up, 1, 16, 64),
+        Err(ClientError::NotReady),
+        "one request at a time"
+    );
     let e = c.handle_timeout();
-    assert_eq!(e, ClientError::TimedOut(Waiting::Reply { request: 0, linear: up }));
+    assert_eq!(
+        e,
+        ClientError::TimedOut(Waiting::Reply {
+            request: 0,
+            linear: up
+        })
+    );
     assert!(e.is_transient());
     assert!(std::format!("{e}").contains("block 1 mlp.c_fc"), "{e}");
     let mut c = new_client(FP, None);
@@ -555,12 +1048,25 @@ fn test_client_timeouts_and_eof_say_what_was_pending() {
 #[test]
 fn test_client_refuses_rows_beyond_the_servers_limit() {
     let mut c = new_client(FP, None);
-    let welcome = frame(&Message::Welcome { protocol: PROTOCOL_VERSION, fingerprint: FP, max_rows: 2 });
+    let welcome = frame(&Message::Welcome {
+        protocol: PROTOCOL_VERSION,
+        fingerprint: FP,
+        max_rows: 2,
+    });
     c.recv_buffer()[..welcome.len()].copy_from_slice(&welcome);
     c.handle_received(welcome.len(), &mut []).unwrap();
-    let qkv = LinearId { layer: 0, kind: LinearKind::Qkv };
-    assert_eq!(c.begin_request(qkv, 3, 16, 48), Err(ClientError::TooManyRows { rows: 3, max: 2 }));
-    assert_eq!(c.begin_request(qkv, 0, 16, 48), Err(ClientError::TooManyRows { rows: 0, max: 2 }));
+    let qkv = LinearId {
+        layer: 0,
+        kind: LinearKind::Qkv,
+    };
+    assert_eq!(
+        c.begin_request(qkv, 3, 16, 48),
+        Err(ClientError::TooManyRows { rows: 3, max: 2 })
+    );
+    assert_eq!(
+        c.begin_request(qkv, 0, 16, 48),
+        Err(ClientError::TooManyRows { rows: 0, max: 2 })
+    );
 }
 
 proptest! {

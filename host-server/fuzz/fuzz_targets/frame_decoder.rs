@@ -1,4 +1,5 @@
-//! The frame decoder: `decode_body` on the input as one body, and `read_frame` over it as a stream.
+//! The frame decoder: the input as one body, and as a stream in arbitrary fragmentation (the same
+//! messages as one-shot decoding).
 
 #![no_main]
 

@@ -1,4 +1,5 @@
-//! The server's request handling: the input is everything a client sends on one connection.
+//! The server's connection machine: the input (after a control byte) is everything a client sends
+//! on one connection.
 
 #![no_main]
 

@@ -2,28 +2,43 @@
 //! can include this file (`#[path]`) and run the same checks in the normal test suite, and
 //! regenerate the seed corpus when the wire format changes.
 //!
-//! - [`check_frames`]: `decode_body` and `read_frame` never panic, and what they accept
-//!   re-encodes to the same message.
-//! - [`check_session`]: one connection's client bytes driven into `handle_connection` over
-//!   `tokio::io::duplex` (no sockets) against a small in-memory model; it must return, and its
-//!   replies and ending must be exactly what [`predict`] (an independent model of the protocol,
-//!   products from `matmul_u32_i8`) says.
-//! - [`seeds`]: the seed corpus, valid conversations with this model's fingerprint.
+//! The targets drive core's sans-IO machines directly (no tokio, no sockets); the protocol itself
+//! is tested exhaustively by core's pair test, so these check invariants, not a second model:
+//!
+//! - [`check_frames`]: a [`FrameDecoder`] fed the input in arbitrary pieces yields exactly the
+//!   messages (or the error) that one-shot decoding of the whole input yields, never stalls, and
+//!   whatever decodes re-encodes to the same message.
+//! - [`check_session`]: the input (after one control byte) is everything a client sends on one
+//!   connection, fed to a [`ServerConnection`]. It must end; everything it sends is whole valid
+//!   frames; at most one `Error`, last, and exactly when the outcome is a refusal with that code;
+//!   each job's rows are the words the client sent for that request, and each `Result` is followed
+//!   by exactly that job's products (`matmul_u32_i8`).
+//! - [`check_client`]: the input (after one control byte) is everything a server sends, fed to a
+//!   [`ClientConnection`] after its hello, optionally with a request pending. It must end; it
+//!   sends only whole valid frames, at most one `Error`, last; a failure sticks; a `Result` event
+//!   names the pending request.
+//! - [`seeds`]: the seed corpus.
+//!
+//! The control byte of the session targets: bit 0, a pre-shared key on the machine's side;
+//! bit 1, the server fails its jobs (client: a request is pending once connected); bit 2, the
+//! input ends with the host's timer firing instead of end of stream; bits 3..8, the read size
+//! (0: as much as fits, else 37 bytes per step).
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sha2::{Digest as _, Sha256};
 use veil_core::kernels::matmul_u32_i8;
+use veil_core::mask::MaskedRows;
 use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
-use veil_core::model::{LinearId, LinearKind, ModelConfig};
+use veil_core::model::{LinearId, LinearKind, LinearWeights, ModelConfig};
+use veil_core::wire::auth::PskKey;
 use veil_core::wire::{
-    decode_body, encode_frame, read_frame, ErrorCode, Message, WordBytes, LEN_PREFIX,
-    MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
+    decode_body, encode_frame, ClientConnection, ClientEvent, ClientSettings, ErrorCode,
+    FrameDecoder, FrameError, Message, ServerConnection, ServerSettings, WordBytes, LEN_PREFIX,
+    MAX_CHUNK_BYTES, MAX_FRAME, PROTOCOL_VERSION,
 };
-use veil_server::{handle_connection, ConnError, Ending, ServerConfig, ServerWeights};
 
-/// The fuzzed server's model: two blocks, d=16, inner 64, vocabulary 100.
+/// The fuzzed model: two blocks, d=16, inner 64, vocabulary 100.
 pub const CFG: ModelConfig = ModelConfig {
     n_layer: 2,
     n_embd: 16,
@@ -33,306 +48,557 @@ pub const CFG: ModelConfig = ModelConfig {
     n_inner: 64,
 };
 
-/// Limits of the fuzzed server: few rows, so one input costs microseconds; a short idle timeout,
-/// though every input ends with the client closing, so no timeout should ever be waited for.
-pub fn server_config() -> ServerConfig {
-    ServerConfig {
-        max_rows: 4,
-        max_connections: 1,
-        idle_timeout: Duration::from_secs(1),
-        ..ServerConfig::default()
-    }
-}
+/// Most rows per request of the fuzzed server: few, so one input costs microseconds.
+pub const MAX_ROWS: u32 = 4;
+
+/// The key of the runs with a pre-shared key (the fuzzer cannot forge MACs: these runs explore
+/// the challenge and its refusals).
+pub const PSK: &[u8; 16] = b"veil-fuzz-psk-16";
 
 /// `linear.veil` bytes of [`CFG`] with deterministic weights covering the whole int8 range.
-pub fn model_bytes() -> Vec<u8> {
-    let layout = LinearLayout::new(&CFG);
-    let mut bytes = vec![0u8; layout.total_len];
-    let mut h = [0u8; HEADER_LEN];
-    encode_linear_header(&CFG, &mut h);
-    bytes[..HEADER_LEN].copy_from_slice(&h);
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for b in &mut bytes[HEADER_LEN..] {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = (x >> 24) as u8;
-    }
-    bytes
+pub fn model_bytes() -> &'static [u8] {
+    static B: OnceLock<Vec<u8>> = OnceLock::new();
+    B.get_or_init(|| {
+        let layout = LinearLayout::new(&CFG);
+        let mut bytes = vec![0u8; layout.total_len];
+        let mut h = [0u8; HEADER_LEN];
+        encode_linear_header(&CFG, &mut h);
+        bytes[..HEADER_LEN].copy_from_slice(&h);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in &mut bytes[HEADER_LEN..] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        LinearWeights::parse(&bytes).expect("fuzz model parses");
+        bytes
+    })
 }
 
-/// The model, parsed once per process.
-pub fn weights() -> Arc<ServerWeights> {
-    static W: OnceLock<Arc<ServerWeights>> = OnceLock::new();
-    W.get_or_init(|| Arc::new(ServerWeights::from_bytes(model_bytes()).expect("model parses")))
-        .clone()
+/// SHA-256 of [`model_bytes`], as `veil-server` computes it.
+pub fn fingerprint() -> [u8; 32] {
+    Sha256::digest(model_bytes()).into()
+}
+
+/// The products of `x` through layer `id` of the fuzz model.
+pub fn product(id: LinearId, x: &[u32]) -> Vec<u32> {
+    let w = LinearWeights::parse(model_bytes()).expect("fuzz model parses");
+    let (i, o) = id.dims(&CFG);
+    let mut y = vec![0u32; x.len() / i * o];
+    matmul_u32_i8(x, w.matrix(id), i, o, &mut y);
+    y
 }
 
 /// Encodes one frame (prefix and body).
 pub fn frame(msg: &Message<'_>) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_FRAME_BODY + LEN_PREFIX];
-    encode_frame(msg, &mut buf)
-        .expect("message fits a frame")
-        .to_vec()
+    let mut buf = vec![0u8; MAX_FRAME];
+    let n = encode_frame(msg, &mut buf).expect("message fits a frame");
+    buf.truncate(n);
+    buf
 }
 
-fn reencodes(msg: &Message<'_>) {
-    let mut buf = vec![0u8; MAX_FRAME_BODY + LEN_PREFIX];
-    let frame = encode_frame(msg, &mut buf).expect("a decoded message re-encodes");
-    let back = decode_body(&frame[LEN_PREFIX..]).expect("a re-encoded message decodes");
+/// A message re-encoded as a frame; asserts that it decodes back to itself.
+fn reencode(msg: &Message<'_>) -> Vec<u8> {
+    let f = frame(msg);
+    let back = decode_body(&f[LEN_PREFIX..]).expect("a re-encoded message decodes");
     assert_eq!(
         &back, msg,
         "decode ∘ encode is the identity on decoded messages"
     );
+    f
 }
 
-/// The frame decoder on arbitrary bytes: as one body, and as a stream of frames.
+/// What a decoder made of a stream: each message re-encoded, then how it stopped.
+#[derive(Debug, PartialEq, Eq)]
+struct Decoded {
+    frames: Vec<Vec<u8>>,
+    error: Option<FrameError>,
+    /// Bytes of an incomplete frame left at the end.
+    pending: usize,
+}
+
+/// Feeds `data` to a decoder over a buffer of `cap` bytes, `step` bytes at a time (through
+/// `spare`/`filled`, as hosts do).
+fn decode_stream(data: &[u8], cap: usize, step: usize) -> Decoded {
+    let mut dec = FrameDecoder::new(vec![0u8; cap.max(MAX_FRAME)]).expect("buffer is large enough");
+    let mut out = Decoded {
+        frames: Vec::new(),
+        error: None,
+        pending: 0,
+    };
+    let mut rest = data;
+    loop {
+        let mut progressed = false;
+        while let Some(m) = dec.next_message() {
+            progressed = true;
+            match m {
+                Ok(m) => out.frames.push(reencode(&m)),
+                Err(e) => {
+                    out.error = Some(e);
+                    return out;
+                }
+            }
+        }
+        if rest.is_empty() {
+            break;
+        }
+        let spare = dec.spare();
+        let n = spare.len().min(rest.len()).min(step.max(1));
+        spare[..n].copy_from_slice(&rest[..n]);
+        dec.filled(n);
+        rest = &rest[n..];
+        assert!(
+            n > 0 || progressed,
+            "the decoder stalled with {} bytes to go",
+            rest.len()
+        );
+    }
+    out.pending = dec.buffered();
+    out
+}
+
+/// The `frame_decoder` target. The input as one body (whatever decodes re-encodes to itself, and
+/// a `Data` body equals [`veil_core::wire::encode_data_frame`]'s); then the input as a stream:
+/// decoded in one piece, and in pieces whose sizes come from the input's first bytes, the same
+/// messages and the same ending.
 pub fn check_frames(data: &[u8]) {
     if let Ok(msg) = decode_body(data) {
-        reencodes(&msg);
+        let f = reencode(&msg);
+        if let Message::Data { words } = msg {
+            if words.0.len() % 4 == 0 {
+                let w: Vec<u32> = words.iter().collect();
+                let mut buf = vec![0u8; MAX_FRAME];
+                let n = veil_core::wire::encode_data_frame(&w, &mut buf).expect("a chunk fits");
+                assert_eq!(buf[..n], f[..], "encode_data_frame equals encode_frame");
+            }
+        }
     }
-    let mut stream = data;
-    let mut buf = vec![0u8; MAX_FRAME_BODY];
-    while let Ok(msg) = read_frame(&mut stream, &mut buf) {
-        reencodes(&msg);
+    let one_shot = decode_stream(data, data.len() + MAX_FRAME, usize::MAX);
+    let (a, b) = (
+        data.first().copied().unwrap_or(0),
+        data.get(1).copied().unwrap_or(0),
+    );
+    let step = 1 + a as usize * 131 + b as usize;
+    let cap = MAX_FRAME + b as usize * 97;
+    let pieces = decode_stream(data, cap, step);
+    assert_eq!(
+        pieces, one_shot,
+        "fragmentation changed what was decoded (step {step}, cap {cap})"
+    );
+}
+
+/// How a session target reads its control byte.
+#[derive(Clone, Copy, Debug)]
+pub struct Control {
+    /// The machine holds [`PSK`].
+    pub psk: bool,
+    /// Server: fail every job. Client: begin a request once connected.
+    pub flag: bool,
+    /// End with the timer instead of end of stream.
+    pub timeout: bool,
+    /// Bytes per read.
+    pub step: usize,
+}
+
+impl Control {
+    /// Parses the control byte.
+    pub fn of(b: u8) -> Control {
+        Control {
+            psk: b & 1 != 0,
+            flag: b & 2 != 0,
+            timeout: b & 4 != 0,
+            step: match b >> 3 {
+                0 => usize::MAX,
+                k => k as usize * 37,
+            },
+        }
+    }
+
+    /// The byte for these settings (`step` in multiples of 37, 0 for as much as fits).
+    pub fn byte(psk: bool, flag: bool, timeout: bool, step37: u8) -> u8 {
+        u8::from(psk) | u8::from(flag) << 1 | u8::from(timeout) << 2 | (step37.min(31) << 3)
     }
 }
 
-/// What one conversation produced.
+/// Splits what a machine sent into messages: whole, valid frames only.
+fn sent_frames(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let d = decode_stream(bytes, bytes.len() + MAX_FRAME, usize::MAX);
+    assert_eq!(d.error, None, "a machine sent an invalid frame");
+    assert_eq!(d.pending, 0, "a machine sent a partial frame");
+    d.frames
+}
+
+fn msg(frame: &[u8]) -> Message<'_> {
+    decode_body(&frame[LEN_PREFIX..]).expect("checked by sent_frames")
+}
+
+/// A request as the client sent it: the `Compute` and the words of the `Data` after it.
+struct Sent {
+    request: u32,
+    linear: LinearId,
+    rows: u32,
+    words: Vec<u32>,
+}
+
+/// The client's `Compute` requests in order, each with the words of the `Data` frames that follow
+/// it (an independent reading of the input, used only to check what reached the jobs).
+fn requests_in(client: &[u8]) -> Vec<Sent> {
+    let d = decode_stream(client, client.len() + MAX_FRAME, usize::MAX);
+    let mut out: Vec<Sent> = Vec::new();
+    for f in &d.frames {
+        match msg(f) {
+            Message::Compute {
+                request,
+                linear,
+                rows,
+            } => out.push(Sent {
+                request,
+                linear,
+                rows,
+                words: Vec::new(),
+            }),
+            Message::Data { words } => {
+                if let Some(last) = out.last_mut() {
+                    last.words.extend(words.iter());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What one server session produced (for the tests that drive the same input through tokio).
 #[derive(Debug)]
-pub struct Outcome {
-    /// What `handle_connection` returned.
-    pub result: Result<Ending, ConnError>,
-    /// Frame bodies the server sent, in order.
+pub struct ServerRun {
+    /// How the machine ended.
+    pub outcome: Result<veil_core::wire::Ending, veil_core::wire::ServerError>,
+    /// Whole frames it sent.
     pub frames: Vec<Vec<u8>>,
+    /// Jobs computed: request id, layer, rows in, products.
+    pub jobs: Vec<(u32, LinearId, Vec<u32>, Vec<u32>)>,
 }
 
-/// Sends `input` (in writes of at most `fragment` bytes) as the client side of a duplex pipe
-/// into `handle_connection`, closes the client's side, and collects the server's frames.
-pub async fn converse(
-    weights: Arc<ServerWeights>,
-    config: ServerConfig,
-    input: &[u8],
-    fragment: usize,
-) -> Outcome {
-    let (client, server_end) = tokio::io::duplex(1 << 16);
-    let (mut rx, mut tx) = tokio::io::split(client);
-    let write = async move {
-        for piece in input.chunks(fragment.max(1)) {
-            // The server may already have closed: a failed write is part of what is tested.
-            if tx.write_all(piece).await.is_err() {
+/// Checks that `frames` (what a server sent) hold, after the hello replies, a `Result` and exactly
+/// the products of each job in `jobs` in order, then nothing but an optional final `Error`, which
+/// is there exactly when `refusal` is `Some` and carries it. Shared with the tokio proptests.
+pub fn check_server_frames(
+    frames: &[Vec<u8>],
+    jobs: &[(u32, LinearId, Vec<u32>, Vec<u32>)],
+    refusal: Option<ErrorCode>,
+) {
+    let errors = frames
+        .iter()
+        .filter(|f| matches!(msg(f), Message::Error { .. }))
+        .count();
+    assert!(errors <= 1, "more than one Error frame");
+    let mut it = frames.iter().map(|f| msg(f)).peekable();
+    while let Some(m) = it.peek() {
+        match m {
+            Message::Challenge { .. } | Message::ServerProof { .. } | Message::Welcome { .. } => {
+                it.next();
+            }
+            _ => break,
+        }
+    }
+    for (request, linear, x, y) in jobs {
+        let rows = (x.len() / linear.dims(&CFG).0) as u32;
+        match it.next() {
+            Some(Message::Result {
+                request: r,
+                rows: n,
+            }) if r == *request && n == rows => {}
+            // A failed job: its refusal comes instead, and nothing after it.
+            Some(Message::Error { code }) if y.is_empty() => {
+                assert_eq!(Some(code), refusal);
+                assert!(it.next().is_none(), "frames after the Error");
+                return;
+            }
+            other => panic!("expected the Result of request {request}, got {other:?}"),
+        }
+        let mut got = Vec::new();
+        while got.len() < y.len() {
+            match it.next() {
+                Some(Message::Data { words }) => {
+                    assert!(words.0.len() <= MAX_CHUNK_BYTES && !words.0.is_empty());
+                    got.extend(words.iter());
+                }
+                other => panic!("request {request}: expected Data, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            &got, y,
+            "request {request}: products differ from matmul_u32_i8"
+        );
+    }
+    match (it.next(), refusal) {
+        (None, None) => {}
+        (Some(Message::Error { code }), Some(want)) => assert_eq!(code, want),
+        (got, want) => panic!("after the results: {got:?}, expected an Error of {want:?}"),
+    }
+    assert!(it.next().is_none(), "frames after the Error");
+}
+
+/// The server's settings for a run.
+pub fn server_settings(psk: bool) -> ServerSettings {
+    ServerSettings {
+        model: CFG,
+        fingerprint: fingerprint(),
+        max_rows: MAX_ROWS,
+        psk: psk.then(|| PskKey::new(PSK).expect("key is long enough")),
+    }
+}
+
+/// Drives a [`ServerConnection`] through `client` (control byte stripped) and checks it.
+pub fn run_server(ctl: Control, client: &[u8]) -> ServerRun {
+    let settings = server_settings(ctl.psk);
+    let (iw, ow) = (settings.input_words(), settings.output_words());
+    let mut conn = ServerConnection::new(
+        settings,
+        [0x5a; 32],
+        vec![0u8; MAX_FRAME].into_boxed_slice(),
+        vec![0u32; iw],
+        vec![0u32; ow],
+    )
+    .expect("buffers are large enough");
+    let requests = requests_in(client);
+    let mut out = vec![0u8; 2 * MAX_FRAME];
+    let mut sent = Vec::new();
+    let mut jobs = Vec::new();
+    let mut rest = client;
+    // Every step consumes input, a job, or output: bounded by the input.
+    let mut budget = 64 + 4 * client.len();
+    loop {
+        budget = budget
+            .checked_sub(1)
+            .expect("the server machine does not terminate");
+        loop {
+            let n = conn.poll_transmit(&mut out);
+            assert!(n <= out.len());
+            if n == 0 {
+                break;
+            }
+            sent.extend_from_slice(&out[..n]);
+        }
+        if conn.is_closed() {
+            break;
+        }
+        if let Some(mut job) = conn.poll_job() {
+            let k = jobs.len();
+            let want = requests.get(k).expect("a job without a Compute");
+            assert_eq!(
+                (job.request, job.linear, job.rows as u32),
+                (want.request, want.linear, want.rows),
+                "job {k} is not the client's request"
+            );
+            assert_eq!(
+                job.masked_rows(),
+                &want.words[..job.masked_rows().len()],
+                "job {k}: rows differ from the words the client sent"
+            );
+            let x = job.masked_rows().to_vec();
+            if ctl.flag {
+                jobs.push((job.request, job.linear, x, Vec::new()));
+                conn.fail_job(job);
+                continue;
+            }
+            let y = product(job.linear, &x);
+            job.products_mut().copy_from_slice(&y);
+            jobs.push((job.request, job.linear, x, y));
+            conn.finish_job(job);
+            continue;
+        }
+        assert!(
+            conn.wants_input(),
+            "the server machine stalled: not closed, no job, nothing to send, no input wanted"
+        );
+        if rest.is_empty() {
+            if ctl.timeout {
+                conn.handle_timeout();
+            } else {
+                conn.handle_eof();
+            }
+            continue;
+        }
+        let buf = conn.recv_buffer();
+        assert!(
+            !buf.is_empty(),
+            "the server machine wants input but has no room"
+        );
+        let n = buf.len().min(rest.len()).min(ctl.step);
+        buf[..n].copy_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        conn.handle_received(n);
+    }
+    let outcome = conn.outcome().expect("closed means ended");
+    let frames = sent_frames(&sent);
+    let refusal = outcome.err().and_then(|e| e.code());
+    check_server_frames(&frames, &jobs, refusal);
+    if ctl.flag && !jobs.is_empty() {
+        assert_eq!(refusal, Some(ErrorCode::ComputeFailed));
+    }
+    ServerRun {
+        outcome,
+        frames,
+        jobs,
+    }
+}
+
+/// The `server_session` target: checked as it comes, and the same conversation, frames and
+/// outcome when the input arrives in one piece (how the client's bytes are cut into reads must
+/// not matter).
+pub fn check_session(data: &[u8]) {
+    let Some((&ctl, client)) = data.split_first() else {
+        return;
+    };
+    let ctl = Control::of(ctl);
+    let cut = run_server(ctl, client);
+    if ctl.step != usize::MAX {
+        let whole = run_server(
+            Control {
+                step: usize::MAX,
+                ..ctl
+            },
+            client,
+        );
+        assert_eq!(
+            (cut.outcome, &cut.frames),
+            (whole.outcome, &whole.frames),
+            "reads of {} bytes changed the conversation",
+            ctl.step
+        );
+    }
+}
+
+/// The `client_session` target.
+pub fn check_client(data: &[u8]) {
+    let Some((&b, server)) = data.split_first() else {
+        return;
+    };
+    let ctl = Control::of(b);
+    let settings = ClientSettings {
+        fingerprint: fingerprint(),
+        psk: ctl
+            .psk
+            .then(|| PskKey::new(PSK).expect("key is long enough")),
+    };
+    let mut c = ClientConnection::new(
+        settings,
+        [0xc1; 32],
+        vec![0u8; MAX_FRAME].into_boxed_slice(),
+    )
+    .expect("buffer is large enough");
+    let mut out = vec![0u8; 2 * MAX_FRAME];
+    let mut sent = Vec::new();
+    let masked: Vec<u32> = (0..MAX_ROWS as usize * 64)
+        .map(|i| (i as u32).wrapping_mul(0x9e37_79b9))
+        .collect();
+    let mut reply = vec![0u32; MAX_ROWS as usize * CFG.vocab_size as usize];
+    // The request in flight: id, layer, rows.
+    let mut pending: Option<(u32, LinearId, usize)> = None;
+    let mut requests = 0usize;
+    let mut rest = server;
+    let mut budget = 64 + 4 * server.len();
+    let mut failed = None;
+    let mut closed = false;
+    'conv: loop {
+        budget = budget
+            .checked_sub(1)
+            .expect("the client machine does not terminate");
+        loop {
+            let n = c.poll_transmit(&mut out);
+            sent.extend_from_slice(&out[..n]);
+            let m = match pending {
+                Some((_, linear, rows)) => {
+                    let words = &masked[..rows * linear.dims(&CFG).0];
+                    c.poll_transmit_rows(MaskedRows::from_random_words(words), &mut out)
+                }
+                None => 0,
+            };
+            sent.extend_from_slice(&out[..m]);
+            if n == 0 && m == 0 {
                 break;
             }
         }
-        let _ = tx.shutdown().await;
-    };
-    let read = async move {
-        let mut out = Vec::new();
-        let _ = rx.read_to_end(&mut out).await;
-        out
-    };
-    let (result, (), out) =
-        tokio::join!(handle_connection(server_end, weights, config), write, read);
-    let mut frames = Vec::new();
-    let mut rest = &out[..];
-    while !rest.is_empty() {
-        assert!(
-            rest.len() >= LEN_PREFIX,
-            "server sent a partial length prefix"
-        );
-        let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        assert!(
-            (1..=MAX_FRAME_BODY).contains(&n) && rest.len() >= LEN_PREFIX + n,
-            "server sent a bad or partial frame"
-        );
-        frames.push(rest[LEN_PREFIX..LEN_PREFIX + n].to_vec());
-        rest = &rest[LEN_PREFIX + n..];
-    }
-    Outcome { result, frames }
-}
-
-/// How a conversation ended, as far as the client can tell it apart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
-    /// `handle_connection` returned `Ok`.
-    Ok(Ending),
-    /// It refused the client with this code (and sent it).
-    Refused(ErrorCode),
-    /// The client vanished inside a frame or a request.
-    Transport,
-}
-
-impl End {
-    /// The end of a real conversation.
-    pub fn of(result: &Result<Ending, ConnError>) -> End {
-        match result {
-            Ok(e) => End::Ok(*e),
-            Err(ConnError::Refused { code, .. }) => End::Refused(*code),
-            Err(ConnError::Io(_)) => End::Transport,
+        if let Some(e) = failed {
+            assert_eq!(c.failure(), Some(e), "a failure sticks");
+            break;
         }
-    }
-}
-
-/// What the server must answer to `input` (all of it sent, then the client's side closed).
-#[derive(Debug, PartialEq, Eq)]
-pub struct Prediction {
-    /// Frame bodies, in order (a refusal's `Error` frame last).
-    pub frames: Vec<Vec<u8>>,
-    /// How the conversation ends.
-    pub end: End,
-}
-
-/// An independent model of the protocol (written from the `veil_core::wire` docs, not from the
-/// server's code): the replies and the ending for a client that sends `input` and closes.
-pub fn predict(weights: &ServerWeights, max_rows: u32, input: &[u8]) -> Prediction {
-    enum Next<'a> {
-        Msg(Message<'a>),
-        Eof,
-        Stop(End),
-    }
-    fn next<'a>(rest: &mut &'a [u8]) -> Next<'a> {
+        if closed {
+            break;
+        }
         if rest.is_empty() {
-            return Next::Eof;
+            failed = Some(if ctl.timeout {
+                c.handle_timeout()
+            } else {
+                c.handle_eof()
+            });
+            continue;
         }
-        if rest.len() < LEN_PREFIX {
-            return Next::Stop(End::Transport);
-        }
-        let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if n == 0 || n > MAX_FRAME_BODY {
-            return Next::Stop(End::Refused(ErrorCode::MalformedFrame));
-        }
-        if rest.len() < LEN_PREFIX + n {
-            return Next::Stop(End::Transport);
-        }
-        let body = &rest[LEN_PREFIX..LEN_PREFIX + n];
-        *rest = &rest[LEN_PREFIX + n..];
-        match decode_body(body) {
-            Ok(m) => Next::Msg(m),
-            Err(_) => Next::Stop(End::Refused(ErrorCode::MalformedFrame)),
-        }
-    }
-
-    let cfg = *weights.config();
-    let mut frames = Vec::new();
-    let mut rest = input;
-    let unexpected = End::Refused(ErrorCode::UnexpectedMessage);
-    let end = 'conv: {
-        match next(&mut rest) {
-            Next::Eof => break 'conv End::Ok(Ending::PeerClosed),
-            Next::Stop(e) => break 'conv e,
-            Next::Msg(Message::Hello {
-                protocol,
-                fingerprint,
-            }) => {
-                if protocol != PROTOCOL_VERSION {
-                    break 'conv End::Refused(ErrorCode::VersionMismatch);
-                }
-                if fingerprint != weights.fingerprint() {
-                    break 'conv End::Refused(ErrorCode::WeightsMismatch);
-                }
-            }
-            Next::Msg(Message::Error { code }) => break 'conv End::Ok(Ending::PeerError(code)),
-            Next::Msg(_) => break 'conv unexpected,
-        }
-        frames.push(body(&Message::Welcome {
-            protocol: PROTOCOL_VERSION,
-            fingerprint: weights.fingerprint(),
-            max_rows,
-        }));
+        let buf = c.recv_buffer();
+        assert!(!buf.is_empty(), "the client machine has no room for input");
+        let mut n = buf.len().min(rest.len()).min(ctl.step);
+        buf[..n].copy_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        // Process everything buffered: each call stops at an event.
         loop {
-            let (request, linear, rows) = match next(&mut rest) {
-                Next::Eof => break 'conv End::Ok(Ending::PeerClosed),
-                Next::Stop(e) => break 'conv e,
-                Next::Msg(Message::Compute {
-                    request,
-                    linear,
-                    rows,
-                }) => (request, linear, rows),
-                Next::Msg(Message::Bye) => break 'conv End::Ok(Ending::Bye),
-                Next::Msg(Message::Error { code }) => break 'conv End::Ok(Ending::PeerError(code)),
-                Next::Msg(_) => break 'conv unexpected,
-            };
-            let Some(w) = weights.matrix(linear) else {
-                break 'conv End::Refused(ErrorCode::UnknownLayer);
-            };
-            if rows == 0 || rows > max_rows {
-                break 'conv End::Refused(ErrorCode::TooManyRows);
-            }
-            let (in_dim, out_dim) = linear.dims(&cfg);
-            let want = rows as usize * in_dim;
-            let mut x: Vec<u32> = Vec::new();
-            while x.len() < want {
-                match next(&mut rest) {
-                    Next::Eof => break 'conv End::Transport,
-                    Next::Stop(e) => break 'conv e,
-                    Next::Msg(Message::Data { words }) => {
-                        let len = words.0.len();
-                        if len == 0 || len % 4 != 0 || x.len() + len / 4 > want {
-                            break 'conv End::Refused(ErrorCode::WrongDataLength);
-                        }
-                        x.extend(words.iter());
+            let ev = c.handle_received(n, &mut reply);
+            n = 0;
+            match ev {
+                Ok(None) => break,
+                Ok(Some(ClientEvent::Connected { max_rows })) => {
+                    assert!(max_rows >= 1 && c.is_ready());
+                    assert!(requests == 0, "connected twice");
+                    if ctl.flag {
+                        pending = Some(begin(&mut c, max_rows));
+                        requests += 1;
                     }
-                    Next::Msg(_) => break 'conv unexpected,
+                }
+                Ok(Some(ClientEvent::Result { request })) => {
+                    let (ours, _, _) = pending.take().expect("a result without a request");
+                    assert_eq!(request, ours, "the result of another request");
+                    assert!(c.is_ready());
+                    // Say goodbye after one answered request.
+                    c.close();
+                    closed = true;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    continue 'conv;
                 }
             }
-            let mut y = vec![0u32; rows as usize * out_dim];
-            matmul_u32_i8(&x, w, in_dim, out_dim, &mut y);
-            frames.push(body(&Message::Result { request, rows }));
-            for words in y.chunks(MAX_CHUNK_BYTES / 4) {
-                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                frames.push(body(&Message::Data {
-                    words: WordBytes(&bytes),
-                }));
-            }
         }
-    };
-    if let End::Refused(code) = end {
-        frames.push(body(&Message::Error { code }));
     }
-    Prediction { frames, end }
-}
-
-fn body(msg: &Message<'_>) -> Vec<u8> {
-    frame(msg)[LEN_PREFIX..].to_vec()
-}
-
-/// Asserts that a conversation over `input` went exactly as [`predict`] says.
-pub fn check_outcome(weights: &ServerWeights, max_rows: u32, input: &[u8], o: &Outcome) {
-    let want = predict(weights, max_rows, input);
-    let got = Prediction {
-        frames: o.frames.clone(),
-        end: End::of(&o.result),
-    };
-    if got != want {
-        let show = |p: &Prediction| {
-            let msgs: Vec<_> = p
-                .frames
-                .iter()
-                .map(|f| format!("{:?}", decode_body(f)))
-                .collect();
-            format!("{:?} after {}", p.end, msgs.join(", "))
-        };
-        panic!(
-            "server answered {} ({:?}), expected {}",
-            show(&got),
-            o.result,
-            show(&want)
-        );
+    // What the client sent: Hello first, then Proof, Compute and Data, Bye; at most one Error, last.
+    let frames = sent_frames(&sent);
+    assert!(
+        matches!(frames.first().map(|f| msg(f)), Some(Message::Hello { protocol, .. }) if protocol == PROTOCOL_VERSION)
+    );
+    let errors: Vec<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(msg(f), Message::Error { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(errors.len() <= 1, "more than one Error from the client");
+    if let Some(&i) = errors.first() {
+        assert_eq!(i, frames.len() - 1, "frames after the client's Error");
     }
 }
 
-/// The `server_session` target: one conversation on a current-thread runtime, checked.
-pub fn check_session(data: &[u8]) {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let rt = RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime")
-    });
-    let config = server_config();
-    let outcome = rt.block_on(converse(weights(), config.clone(), data, usize::MAX));
-    check_outcome(&weights(), config.max_rows, data, &outcome);
+/// The request the client target sends once connected (with bit 1 of the control byte).
+pub const CLIENT_REQUEST: (LinearId, usize) = (LinearId::LM_HEAD, 2);
+
+/// Begins [`CLIENT_REQUEST`] (fewer rows if the server takes fewer).
+fn begin(c: &mut ClientConnection<Box<[u8]>>, max_rows: u32) -> (u32, LinearId, usize) {
+    let (linear, rows) = CLIENT_REQUEST;
+    let rows = rows.min(max_rows as usize);
+    let (i, o) = linear.dims(&CFG);
+    let id = c
+        .begin_request(linear, rows, i, o)
+        .expect("ready for a request");
+    (id, linear, rows)
 }
 
 fn hello(fingerprint: [u8; 32]) -> Message<'static> {
@@ -342,11 +608,19 @@ fn hello(fingerprint: [u8; 32]) -> Message<'static> {
     }
 }
 
+/// The words of a seed request.
+pub fn seed_words(request: u32, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| i.wrapping_mul(0x0101_00a7).wrapping_add(request))
+        .collect()
+}
+
 /// `rows` rows for `linear` as Compute plus Data frames of at most `chunk` bytes.
-fn request(request: u32, linear: LinearId, rows: u32, chunk: usize) -> Vec<u8> {
+pub fn request(request: u32, linear: LinearId, rows: u32, chunk: usize) -> Vec<u8> {
     let (in_dim, _) = linear.dims(&CFG);
-    let bytes: Vec<u8> = (0..rows as usize * in_dim * 4)
-        .map(|i| (i as u8).wrapping_mul(167).wrapping_add(request as u8))
+    let bytes: Vec<u8> = seed_words(request, rows as usize * in_dim)
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
         .collect();
     let mut out = frame(&Message::Compute {
         request,
@@ -361,9 +635,23 @@ fn request(request: u32, linear: LinearId, rows: u32, chunk: usize) -> Vec<u8> {
     out
 }
 
-/// The seed corpus: `(target, file name, bytes)`.
+/// A server's reply to a seed request: Result and the products in full chunks.
+fn reply(request: u32, linear: LinearId, rows: u32) -> Vec<u8> {
+    let (in_dim, _) = linear.dims(&CFG);
+    let y = product(linear, &seed_words(request, rows as usize * in_dim));
+    let mut out = frame(&Message::Result { request, rows });
+    for c in y.chunks(MAX_CHUNK_BYTES / 4) {
+        let b: Vec<u8> = c.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.extend(frame(&Message::Data {
+            words: WordBytes(&b),
+        }));
+    }
+    out
+}
+
+/// The seed corpus: `(target, file name, bytes)`. Session seeds start with their control byte.
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
-    let fp = weights().fingerprint();
+    let fp = fingerprint();
     let id = |layer, kind| LinearId { layer, kind };
     let bye = frame(&Message::Bye);
     let mut s = Vec::new();
@@ -404,16 +692,71 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             rows: 1,
         }),
     ]);
-    for (name, bytes) in [
-        ("hello_bye", &hello_bye),
-        ("every_layer", &every_layer),
-        ("chunked", &chunked),
-        ("no_bye", &no_bye),
-        ("unknown_layer", &refused),
+    let proof = conv(&[
+        frame(&hello(fp)),
+        frame(&Message::Proof {
+            mac: [9; 32],
+            nonce: [8; 32],
+        }),
+    ]);
+    let whole = Control::byte(false, false, false, 0);
+    for (name, ctl, bytes) in [
+        ("hello_bye", whole, &hello_bye),
+        ("every_layer", whole, &every_layer),
+        ("chunked", Control::byte(false, false, false, 3), &chunked),
+        ("no_bye", Control::byte(false, false, true, 0), &no_bye),
+        (
+            "compute_failed",
+            Control::byte(false, true, false, 0),
+            &no_bye,
+        ),
+        ("unknown_layer", whole, &refused),
+        ("psk_proof", Control::byte(true, false, false, 1), &proof),
     ] {
-        s.push(("server_session", name, bytes.clone()));
-        s.push(("frame_decoder", name, bytes.clone()));
+        s.push(("server_session", name, [&[ctl][..], bytes].concat()));
+        if name != "compute_failed" {
+            // (the same bytes as `no_bye`)
+            s.push(("frame_decoder", name, bytes.clone()));
+        }
     }
+
+    // The client's side: what a server sends.
+    let welcome = frame(&Message::Welcome {
+        protocol: PROTOCOL_VERSION,
+        fingerprint: fp,
+        max_rows: MAX_ROWS,
+    });
+    for (name, with_request) in [("welcome", false), ("welcome_result", true)] {
+        let b = Control::byte(false, with_request, false, 0);
+        let mut bytes = welcome.clone();
+        if with_request {
+            let (linear, rows) = CLIENT_REQUEST;
+            bytes.extend(reply(0, linear, rows as u32));
+        }
+        s.push(("client_session", name, [&[b][..], &bytes].concat()));
+    }
+    s.push((
+        "client_session",
+        "challenge",
+        [
+            &[Control::byte(true, false, false, 0)][..],
+            &frame(&Message::Challenge { nonce: [3; 32] }),
+            &frame(&Message::ServerProof { mac: [4; 32] }),
+            &welcome,
+        ]
+        .concat(),
+    ));
+    s.push((
+        "client_session",
+        "refused",
+        [
+            &[Control::byte(false, false, false, 2)][..],
+            &frame(&Message::Error {
+                code: ErrorCode::Busy,
+            }),
+        ]
+        .concat(),
+    ));
 
     // One frame of each message as a lone body, for the decoder.
     let words = [0xA5u8; 64];
@@ -455,6 +798,15 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             },
         ),
         ("body_bye", Message::Bye),
+        ("body_challenge", Message::Challenge { nonce: [1; 32] }),
+        (
+            "body_proof",
+            Message::Proof {
+                mac: [2; 32],
+                nonce: [3; 32],
+            },
+        ),
+        ("body_server_proof", Message::ServerProof { mac: [4; 32] }),
     ] {
         s.push(("frame_decoder", name, frame(&msg)[LEN_PREFIX..].to_vec()));
     }

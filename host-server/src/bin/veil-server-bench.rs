@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use veil_core::mask::MaskedRows;
 use veil_core::model::{LinearId, LinearKind, ModelConfig};
-use veil_core::wire::{
-    decode_body, encode_frame, FrameHeader, Message, WordBytes, LEN_PREFIX, MAX_CHUNK_BYTES,
-    MAX_FRAME_BODY, PROTOCOL_VERSION,
-};
+use veil_core::wire::{ClientConnection, ClientEvent, ClientSettings, MAX_FRAME};
 use veil_server::{serve_with, BatchConfig, Batcher, ServerConfig, ServerWeights};
 
 /// Decode throughput of an in-process veil-server with N concurrent simulated clients.
@@ -225,58 +223,82 @@ fn run_clients<T>(
     ))
 }
 
-/// A blocking protocol client sending random rows.
+/// A blocking client sending random rows: core's `ClientConnection` (the conversation, written
+/// once) driven over a `TcpStream`.
 struct Client {
     s: TcpStream,
-    buf: Vec<u8>,
-    body: Vec<u8>,
-    row: Vec<u8>,
-    request: u32,
+    conn: ClientConnection<Box<[u8]>>,
+    tx: Vec<u8>,
+    /// Random words (the server cannot tell them from masked rows), enough for inputs up to
+    /// 4096 words (distilgpt2: 3072).
+    row: Vec<u32>,
+    /// Products of the request in flight (up to the widest output, the vocabulary).
+    reply: Vec<u32>,
 }
 
 impl Client {
     fn connect(addr: SocketAddr, fingerprint: [u8; 32], seed: u64) -> anyhow::Result<Client> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
-        // Random words, enough for inputs up to 4096 words (distilgpt2: 3072).
         let mut x = seed | 1;
-        let row = (0..4 * 4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let row = (0..4096).map(|_| next() as u32).collect();
+        let mut nonce = [0u8; 32];
+        for b in &mut nonce {
+            *b = next() as u8;
+        }
+        let settings = ClientSettings {
+            fingerprint,
+            psk: None,
+        };
         let mut c = Client {
             s,
-            buf: vec![0; MAX_FRAME_BODY + LEN_PREFIX],
-            body: vec![0; MAX_FRAME_BODY],
+            conn: ClientConnection::new(settings, nonce, vec![0u8; MAX_FRAME].into_boxed_slice())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            tx: vec![0u8; 2 * MAX_FRAME],
             row,
-            request: 0,
+            reply: Vec::new(),
         };
-        c.send(&Message::Hello {
-            protocol: PROTOCOL_VERSION,
-            fingerprint,
-        })?;
-        match c.recv()? {
-            Message::Welcome { .. } => Ok(c),
-            other => bail!("expected Welcome, got {other:?}"),
+        c.flush()?;
+        match c.event(0)? {
+            ClientEvent::Connected { .. } => Ok(c),
+            other => bail!("expected to connect, got {other:?}"),
         }
     }
 
-    fn send(&mut self, msg: &Message<'_>) -> anyhow::Result<()> {
-        let frame = encode_frame(msg, &mut self.buf).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        self.s.write_all(frame)?;
-        Ok(())
+    /// Writes the control frames due (hello, bye).
+    fn flush(&mut self) -> anyhow::Result<()> {
+        loop {
+            let n = self.conn.poll_transmit(&mut self.tx);
+            if n == 0 {
+                return Ok(());
+            }
+            self.s.write_all(&self.tx[..n])?;
+        }
     }
 
-    fn recv(&mut self) -> anyhow::Result<Message<'_>> {
-        let mut prefix = [0u8; LEN_PREFIX];
-        self.s.read_exact(&mut prefix)?;
-        let h = FrameHeader::parse(prefix).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        self.s.read_exact(&mut self.body[..h.body_len])?;
-        decode_body(&self.body[..h.body_len]).map_err(|e| anyhow::anyhow!("{e:?}"))
+    /// Reads until the next event; products land in `reply[..reply_words]`.
+    fn event(&mut self, reply_words: usize) -> anyhow::Result<ClientEvent> {
+        if self.reply.len() < reply_words {
+            self.reply.resize(reply_words, 0);
+        }
+        let mut n = 0;
+        loop {
+            match self.conn.handle_received(n, &mut self.reply[..reply_words]) {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => {}
+                Err(e) => bail!("{e}"),
+            }
+            n = self.s.read(self.conn.recv_buffer())?;
+            if n == 0 {
+                bail!("{}", self.conn.handle_eof());
+            }
+        }
     }
 
     /// One decode step: every linear layer once, one row each.
@@ -291,39 +313,26 @@ impl Client {
 
     fn compute(&mut self, cfg: &ModelConfig, linear: LinearId) -> anyhow::Result<()> {
         let (in_dim, out_dim) = linear.dims(cfg);
-        self.request = self.request.wrapping_add(1);
-        let request = self.request;
-        self.send(&Message::Compute {
-            request,
-            linear,
-            rows: 1,
-        })?;
-        let row = std::mem::take(&mut self.row);
-        for chunk in row[..in_dim * 4].chunks(MAX_CHUNK_BYTES) {
-            self.send(&Message::Data {
-                words: WordBytes(chunk),
-            })?;
-        }
-        self.row = row;
-        match self.recv()? {
-            Message::Result {
-                request: r,
-                rows: 1,
-            } if r == request => {}
-            other => bail!("expected Result of request {request}, got {other:?}"),
-        }
-        let mut got = 0;
-        while got < out_dim {
-            match self.recv()? {
-                Message::Data { words } => got += words.words(),
-                other => bail!("expected Data, got {other:?}"),
+        let request = self
+            .conn
+            .begin_request(linear, 1, in_dim, out_dim)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        loop {
+            let rows = MaskedRows::from_random_words(&self.row[..in_dim]);
+            let n = self.conn.poll_transmit_rows(rows, &mut self.tx);
+            if n == 0 {
+                break;
             }
+            self.s.write_all(&self.tx[..n])?;
         }
-        Ok(())
+        match self.event(out_dim)? {
+            ClientEvent::Result { request: r } if r == request => Ok(()),
+            other => bail!("expected the result of request {request}, got {other:?}"),
+        }
     }
 
     fn bye(mut self) -> anyhow::Result<()> {
-        self.send(&Message::Bye)?;
-        Ok(())
+        self.conn.close();
+        self.flush()
     }
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use veil_core::kernels::matmul_u32_i8;
 use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
 use veil_core::model::{LinearId, LinearWeights, ModelConfig};
-use veil_core::wire::MAX_FRAME_BODY;
+use veil_core::wire::{encode_frame, FrameDecoder, LEN_PREFIX, MAX_FRAME};
 use veil_server::{serve, serve_with, Batcher, ServerConfig, ServerWeights};
 
 /// xorshift64*: deterministic test randomness without a dependency.
@@ -96,15 +96,31 @@ pub async fn spawn_server(
     (addr, task)
 }
 
-/// One frame from the server: its body, or `None` once the server has closed (or reset) the
-/// connection. A length prefix above `MAX_FRAME_BODY` fails the test: a server never sends one.
-/// No timeout here: each client puts its own around it.
-pub async fn read_frame_body(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut prefix = [0u8; 4];
-    s.read_exact(&mut prefix).await.ok()?;
-    let n = u32::from_le_bytes(prefix) as usize;
-    assert!(n <= MAX_FRAME_BODY, "server sent an oversized frame");
-    let mut body = vec![0u8; n];
-    s.read_exact(&mut body).await.ok()?;
-    Some(body)
+/// Frames from the server, rebuilt from socket reads by core's [`FrameDecoder`] (the one frame
+/// reader). No timeout here: each client puts its own around [`FrameReader::next`].
+pub struct FrameReader(FrameDecoder<Vec<u8>>);
+
+impl FrameReader {
+    pub fn new() -> Self {
+        FrameReader(FrameDecoder::new(vec![0u8; MAX_FRAME]).unwrap())
+    }
+
+    /// The next frame's body, or `None` once the server has closed (or reset) the connection. A
+    /// frame that does not decode (oversized, empty, not a message) fails the test: a server never
+    /// sends one.
+    pub async fn next(&mut self, s: &mut TcpStream) -> Option<Vec<u8>> {
+        loop {
+            if let Some(m) = self.0.next_message() {
+                let m = m.expect("the server sends only valid frames");
+                let mut buf = vec![0u8; MAX_FRAME];
+                let n = encode_frame(&m, &mut buf).unwrap();
+                return Some(buf[LEN_PREFIX..n].to_vec());
+            }
+            let n = s.read(self.0.spare()).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.0.filled(n);
+        }
+    }
 }
