@@ -8,10 +8,9 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use veil_core::mask::MaskKey;
 use veil_core::model::{
-    sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearWeights, LogitRows,
-    SampleError, SamplingParams, StepState, Workspace, WorkspaceSizes,
+    sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearId, LinearWeights,
+    LogitRows, SampleError, SamplingParams, StepState, Workspace, WorkspaceSizes,
 };
-use veil_core::model::{LinearId, LinearKind};
 use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource, Verifier};
 
 use crate::transport::{Connection, TransportError, WireStats};
@@ -59,28 +58,20 @@ pub struct GenStats {
     pub reconnects: usize,
 }
 
-fn add_stats(a: WireStats, b: WireStats) -> WireStats {
-    WireStats {
-        bytes_up: a.bytes_up + b.bytes_up,
-        bytes_down: a.bytes_down + b.bytes_down,
-        round_trips: a.round_trips + b.round_trips,
-    }
-}
-
 /// Why generation stopped early.
 #[derive(Debug, thiserror::Error)]
-pub enum GenError<E: std::fmt::Debug> {
+pub enum GenError<E: std::fmt::Debug + std::fmt::Display> {
     /// The forward pass refused (context full, bad token...).
     #[error("{0}")]
     Forward(ForwardError),
-    /// The mask source failed.
-    #[error("mask source: {0:?}")]
+    /// The mask source failed (its message says what to do, e.g. extend an exhausted pool).
+    #[error("{0}")]
     Source(E),
     /// A reply failed its integrity check: the server altered a result.
-    #[error("integrity check failed: the server's reply for block {} {:?} was altered (after {generated} generated tokens); no token computed from it was used", .linear.layer, .linear.kind)]
+    #[error("integrity check failed: the server's reply for {linear} was altered (after {generated} generated tokens); no token computed from it was used")]
     Integrity {
         /// The layer.
-        linear: veil_core::model::LinearId,
+        linear: LinearId,
         /// Tokens generated before it.
         generated: usize,
     },
@@ -95,17 +86,19 @@ pub enum GenError<E: std::fmt::Debug> {
         /// Tokens generated before it.
         generated: usize,
     },
+    /// The host offered a reply for a layer whose rows it never masked (a bug here, not a fault
+    /// of the server or the files).
+    #[error("internal error: a reply for {0} before its rows were masked")]
+    MasksNotDrawn(LinearId),
 }
 
-impl<E: std::fmt::Debug> From<SessionError<E>> for GenError<E> {
-    fn from(e: SessionError<E>) -> Self {
+impl<E: std::fmt::Debug + std::fmt::Display> GenError<E> {
+    fn from_session(e: SessionError<E>, generated: usize) -> Self {
         match e {
             SessionError::Forward(f) => GenError::Forward(f),
             SessionError::Source(s) => GenError::Source(s),
-            SessionError::IntegrityFailure(linear) => GenError::Integrity {
-                linear,
-                generated: 0,
-            },
+            SessionError::IntegrityFailure(linear) => GenError::Integrity { linear, generated },
+            SessionError::MasksNotDrawn(linear) => GenError::MasksNotDrawn(linear),
             _ => GenError::Forward(ForwardError::BufferTooSmall),
         }
     }
@@ -185,9 +178,6 @@ impl Buffers {
 /// A forward pass over these buffers, the four session word buffers and the sampling scratch.
 type Lent<'w, 'a> = (Forward<'w, 'a>, [&'a mut [u32]; 4], &'a mut [u32]);
 
-/// Runs one step (a prefill chunk or one decoded token).
-type StepFn<'s, E> = dyn FnMut(&[u32]) -> Result<(), GenError<E>> + 's;
-
 /// KV positions a generation needs: the prompt and the new tokens, at most the model's context.
 /// Sizing the cache by need rather than by `n_positions` keeps a short generation's memory small
 /// (distilgpt2's full 1024-position cache is 19 MB).
@@ -195,15 +185,29 @@ fn kv_capacity(cfg: &veil_core::model::ModelConfig, prompt: &[u32], opts: &GenOp
     (prompt.len() + opts.max_new_tokens).min(cfg.n_positions as usize)
 }
 
-/// Drives token selection and timing around a "run one step" closure.
-fn drive<E: std::fmt::Debug>(
+/// One way of running the model a step at a time (locally, or privately with a server), under
+/// the token loop that is written once in [`token_loop`].
+trait Stepper {
+    /// The mask source's error (none for the local reference).
+    type Error: std::fmt::Debug + std::fmt::Display;
+    /// Feeds `tokens` (a prefill chunk or one decoded token); `generated` tokens so far.
+    fn step(&mut self, tokens: &[u32], generated: usize) -> Result<(), GenError<Self::Error>>;
+    /// The last step's logits.
+    fn logits(&self) -> &[i32];
+    /// Traffic so far (zero for the local reference).
+    fn wire(&self) -> WireStats;
+}
+
+/// Prefill in chunks, then pick a token and decode it until the limit, end of text or a full
+/// context; times the prefill and the decode steps and counts traffic per decoded token.
+fn token_loop<S: Stepper>(
+    stepper: &mut S,
     prompt: &[u32],
     opts: &GenOptions,
     capacity: usize,
-    step: &mut StepFn<'_, E>,
-    pick: &mut dyn FnMut(u32) -> Result<u32, SampleError>,
+    scratch: &mut [u32],
     on_token: &mut dyn FnMut(u32),
-) -> Result<(Vec<u32>, GenStats), GenError<E>> {
+) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),
         ..Default::default()
@@ -211,14 +215,15 @@ fn drive<E: std::fmt::Debug>(
     let mut rng = ChaCha20Rng::seed_from_u64(opts.seed);
     let t0 = Instant::now();
     for chunk in prompt.chunks(opts.prefill_rows.max(1)) {
-        step(chunk)?;
+        stepper.step(chunk, 0)?;
     }
     stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut out = Vec::new();
-    let (t1, c1) = (Instant::now(), cpu_ms());
+    let (t1, c1, w1) = (Instant::now(), cpu_ms(), stepper.wire());
     let mut decode_steps = 0usize;
     loop {
-        let t = pick(rng.next_u32()).map_err(GenError::Sample)?;
+        let t = sample(stepper.logits(), &opts.sampling, rng.next_u32(), scratch)
+            .map_err(GenError::Sample)?;
         out.push(t);
         on_token(t);
         if out.len() >= opts.max_new_tokens
@@ -227,15 +232,42 @@ fn drive<E: std::fmt::Debug>(
         {
             break;
         }
-        step(&[t])?;
+        stepper.step(&[t], out.len())?;
         decode_steps += 1;
     }
     stats.generated_tokens = out.len();
+    stats.wire = stepper.wire();
     if decode_steps > 0 {
-        stats.decode_ms_per_token = t1.elapsed().as_secs_f64() * 1e3 / decode_steps as f64;
-        stats.client_cpu_ms_per_token = (cpu_ms() - c1) / decode_steps as f64;
+        let n = decode_steps as f64;
+        stats.decode_ms_per_token = t1.elapsed().as_secs_f64() * 1e3 / n;
+        stats.client_cpu_ms_per_token = (cpu_ms() - c1) / n;
+        let w = stats.wire;
+        stats.round_trips_per_token = w.round_trips.saturating_sub(w1.round_trips) as f64 / n;
+        stats.bytes_up_per_token = w.bytes_up.saturating_sub(w1.bytes_up) as f64 / n;
+        stats.bytes_down_per_token = w.bytes_down.saturating_sub(w1.bytes_down) as f64 / n;
     }
     Ok((out, stats))
+}
+
+/// The plaintext integer pipeline, a step at a time.
+struct LocalStepper<'w, 'a, 'l> {
+    fwd: Forward<'w, 'a>,
+    linear: &'l LinearWeights<'l>,
+}
+
+impl Stepper for LocalStepper<'_, '_, '_> {
+    type Error = std::convert::Infallible;
+    fn step(&mut self, tokens: &[u32], _: usize) -> Result<(), GenError<Self::Error>> {
+        self.fwd
+            .step_locally(self.linear, tokens)
+            .map_err(GenError::Forward)
+    }
+    fn logits(&self) -> &[i32] {
+        self.fwd.logits().unwrap_or(&[])
+    }
+    fn wire(&self) -> WireStats {
+        WireStats::default()
+    }
 }
 
 /// Generates locally with the plaintext integer pipeline (`--reference`): the same numbers the
@@ -251,15 +283,8 @@ pub fn generate_reference(
     let capacity = kv_capacity(&cfg, prompt, opts);
     let mut bufs = Buffers::new(&cfg, opts.prefill_rows.min(prompt.len()).max(1), capacity);
     let (fwd, _, scratch) = bufs.forward(client).map_err(GenError::Forward)?;
-    let fwd = std::cell::RefCell::new(fwd);
-    let mut step = |tokens: &[u32]| {
-        fwd.borrow_mut()
-            .step_locally(linear, tokens)
-            .map_err(GenError::Forward)
-    };
-    let sampling = opts.sampling;
-    let mut pick = |u: u32| sample(fwd.borrow().logits().unwrap_or(&[]), &sampling, u, scratch);
-    drive(prompt, opts, capacity, &mut step, &mut pick, on_token)
+    let mut stepper = LocalStepper { fwd, linear };
+    token_loop(&mut stepper, prompt, opts, capacity, scratch, on_token)
 }
 
 /// Freivalds check data for every layer (see `veil_core::integrity`): the secret check vectors,
@@ -295,173 +320,215 @@ impl Verification {
     }
 }
 
-/// Generates privately without checking replies; see [`generate_private_checked`].
-pub fn generate_private<S: UnmaskSource, R: Read, W: Write>(
-    client: ClientWeights<'_>,
-    conn: &mut Connection<R, W>,
-    source: &mut S,
-    key: MaskKey,
-    prompt: &[u32],
-    opts: &GenOptions,
-    on_token: &mut dyn FnMut(u32),
-) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
-    generate_private_checked(client, conn, source, key, None, prompt, opts, on_token)
+/// Opens a new connection (and handshakes) when the current one is lost.
+pub type Reconnect<'r, R, W> = Box<dyn FnMut() -> Result<Connection<R, W>, TransportError> + 'r>;
+
+/// The server link of a private generation: the connection, the policy for losing it, and the
+/// traffic of connections given up on.
+struct Link<'r, R: Read, W: Write> {
+    conn: Connection<R, W>,
+    reconnect: Option<Reconnect<'r, R, W>>,
+    /// Reconnections still allowed over the whole generation.
+    retries: usize,
+    reconnects: usize,
+    carried: WireStats,
 }
 
-/// Generates privately: every linear layer goes to the server over `conn`, masked with `key`,
-/// unmasked with terms from `source`, and (with `verification`) every reply checked before use.
-/// Per decoded token: one round trip per linear layer.
-#[allow(clippy::too_many_arguments)]
-pub fn generate_private_checked<S: UnmaskSource, R: Read, W: Write>(
-    client: ClientWeights<'_>,
-    conn: &mut Connection<R, W>,
-    source: &mut S,
-    key: MaskKey,
-    verification: Option<&Verification>,
-    prompt: &[u32],
-    opts: &GenOptions,
-    on_token: &mut dyn FnMut(u32),
-) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
-    generate_private_resumable(
-        client,
-        conn,
-        source,
-        key,
-        verification,
-        prompt,
-        opts,
-        on_token,
-        None,
-        None,
-    )
+impl<R: Read, W: Write> Link<'_, R, W> {
+    /// After `err` broke the connection: opens a new one if the error is one a new connection
+    /// may cure and retries are left. Each new connection's own failures count as retries too.
+    fn resume(&mut self, err: TransportError) -> Result<(), TransportError> {
+        let mut err = err;
+        loop {
+            match self.reconnect.as_mut() {
+                Some(open) if self.retries > 0 && err.is_transient() => {
+                    self.retries -= 1;
+                    eprintln!(
+                        "\nveil-client: {err}; reconnecting and redoing the step with fresh masks"
+                    );
+                    match open() {
+                        Ok(conn) => {
+                            let old = std::mem::replace(&mut self.conn, conn);
+                            self.carried = self.carried + old.stats();
+                            self.reconnects += 1;
+                            return Ok(());
+                        }
+                        Err(e) => err = e,
+                    }
+                }
+                _ => return Err(err),
+            }
+        }
+    }
 }
 
-/// How to carry on when the server connection breaks mid-generation.
-pub struct Resume<'r, R: Read, W: Write> {
-    /// Opens (and handshakes) a new connection.
-    pub reconnect: &'r mut dyn FnMut() -> Result<Connection<R, W>, TransportError>,
-    /// Reconnections allowed over the whole generation.
-    pub retries: usize,
+/// The private path, a step at a time: every offloaded layer goes to the server masked.
+struct PrivateStepper<'w, 'a, 'l, 'r, 's, R: Read, W: Write, S> {
+    pf: PrivateForward<'w, 'a>,
+    link: &'l mut Link<'r, R, W>,
+    source: &'s mut S,
 }
 
-impl<R: Read, W: Write> std::fmt::Debug for Resume<'_, R, W> {
+impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, '_, '_, R, W, S> {
+    type Error = S::Error;
+
+    fn step(&mut self, tokens: &[u32], generated: usize) -> Result<(), GenError<S::Error>> {
+        let session = |e: SessionError<S::Error>| GenError::from_session(e, generated);
+        self.pf.begin(tokens, self.source).map_err(session)?;
+        loop {
+            let exchanged = {
+                let out = self
+                    .pf
+                    .outgoing()
+                    .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
+                let (linear, rows, in_dim, out_dim) =
+                    (out.linear, out.rows, out.in_dim, out.out_dim);
+                self.link
+                    .conn
+                    .send_request(linear, rows, in_dim, out_dim, out.masked)
+            };
+            if exchanged.is_ok() {
+                // While the server computes: fetch or compute the unmasking terms.
+                self.pf.prepare_unmask(self.source).map_err(session)?;
+            }
+            let exchanged = exchanged.and_then(|()| {
+                let reply = self.pf.reply_mut().unwrap_or(&mut []);
+                self.link.conn.receive_result(reply)
+            });
+            if let Err(err) = exchanged {
+                self.pf.abort_step();
+                self.link
+                    .resume(err)
+                    .map_err(|source| GenError::Transport { source, generated })?;
+                // Redo the whole step on the new connection, with new slots (so new masks).
+                self.pf.begin(tokens, self.source).map_err(session)?;
+                continue;
+            }
+            if self.pf.complete(self.source).map_err(session)? == StepState::Done {
+                return Ok(());
+            }
+        }
+    }
+
+    fn logits(&self) -> &[i32] {
+        self.pf.forward().logits().unwrap_or(&[])
+    }
+
+    fn wire(&self) -> WireStats {
+        self.link.carried + self.link.conn.stats()
+    }
+}
+
+/// A private generator: owns the server connection, the resume policy, the check data and the
+/// LM-head placement, and runs generations over buffers it owns. Per decoded token: one round
+/// trip per offloaded linear layer.
+pub struct PrivateGenerator<'w, 'r, R: Read, W: Write> {
+    client: ClientWeights<'w>,
+    link: Link<'r, R, W>,
+    verification: Option<Verification>,
+    local_lm_head: Option<LinearWeights<'w>>,
+    bufs: Option<Buffers>,
+}
+
+impl<R: Read, W: Write> std::fmt::Debug for PrivateGenerator<'_, '_, R, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resume")
-            .field("retries", &self.retries)
+        f.debug_struct("PrivateGenerator")
+            .field("conn", &self.link.conn)
+            .field("retries", &self.link.retries)
+            .field("verify", &self.verification.is_some())
+            .field("local_lm_head", &self.local_lm_head.is_some())
             .finish_non_exhaustive()
     }
 }
 
-/// As [`generate_private_checked`], and when the connection breaks, reconnects (up to
-/// `resume.retries` times) and redoes the interrupted step from its start with fresh slots, so
-/// fresh masks: the KV cache holds only completed steps, and no mask is ever sent twice.
-#[allow(clippy::too_many_arguments)]
-pub fn generate_private_resumable<S: UnmaskSource, R: Read, W: Write>(
-    client: ClientWeights<'_>,
-    conn: &mut Connection<R, W>,
-    source: &mut S,
-    key: MaskKey,
-    verification: Option<&Verification>,
-    prompt: &[u32],
-    opts: &GenOptions,
-    on_token: &mut dyn FnMut(u32),
-    mut resume: Option<Resume<'_, R, W>>,
-    local_lm_head: Option<&LinearWeights<'_>>,
-) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
-    let cfg = *client.config();
-    let capacity = kv_capacity(&cfg, prompt, opts);
-    let rows = opts
-        .prefill_rows
-        .min(conn.max_rows())
-        .min(prompt.len())
-        .max(1);
-    let mut bufs = Buffers::new(&cfg, rows, capacity);
-    let (fwd, [m, r, y, u], scratch) = bufs.forward(client).map_err(GenError::Forward)?;
-    let mut pf = PrivateForward::new::<S::Error>(fwd, key, m, r, y, u)?;
-    if let Some(v) = verification {
-        pf.set_verifier::<S::Error>(Verifier { s: &v.s, w: &v.w })?;
-    }
-    let pf = std::cell::RefCell::new(pf);
-    let generated = std::cell::Cell::new(0usize);
-    // Traffic of connections given up on, and how many times we reconnected.
-    let carried = std::cell::Cell::new(WireStats::default());
-    let reconnects = std::cell::Cell::new(0usize);
-    let wire_at_decode = std::cell::Cell::new(None::<WireStats>);
-    let mut step = |tokens: &[u32]| -> Result<(), GenError<S::Error>> {
-        if tokens.len() == 1 && wire_at_decode.get().is_none() && generated.get() > 0 {
-            wire_at_decode.set(Some(add_stats(carried.get(), conn.stats)));
+impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
+    /// A generator over a connected server; replies unchecked, LM head offloaded, no resume.
+    pub fn new(client: ClientWeights<'w>, conn: Connection<R, W>) -> Self {
+        PrivateGenerator {
+            client,
+            link: Link {
+                conn,
+                reconnect: None,
+                retries: 0,
+                reconnects: 0,
+                carried: WireStats::default(),
+            },
+            verification: None,
+            local_lm_head: None,
+            bufs: None,
         }
-        let mut pf = pf.borrow_mut();
-        pf.begin(tokens, source)?;
-        loop {
-            if let (
-                Some(w),
-                Some(LinearId {
-                    kind: LinearKind::LmHead,
-                    ..
-                }),
-            ) = (local_lm_head, pf.pending())
-            {
-                if pf.complete_locally::<S::Error>(w)? == StepState::Done {
-                    return Ok(());
-                }
-                continue;
-            }
-            let exchanged = pf
-                .exchange(|out, reply| conn.compute(out.linear, out.rows, out.masked, reply))
-                .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
-            if let Err(err) = exchanged {
-                pf.abort_step();
-                let fail = |source| GenError::Transport {
-                    source,
-                    generated: generated.get(),
-                };
-                match resume.as_mut() {
-                    Some(r) if r.retries > 0 && !matches!(err, TransportError::Refused(_)) => {
-                        r.retries -= 1;
-                        let old = conn.stats;
-                        *conn = (r.reconnect)().map_err(fail)?;
-                        carried.set(add_stats(carried.get(), old));
-                        reconnects.set(reconnects.get() + 1);
-                        // Redo the whole step on the new connection, with new slots.
-                        pf.begin(tokens, source)?;
-                        continue;
-                    }
-                    _ => return Err(fail(err)),
-                }
-            }
-            let done = pf.complete(source).map_err(|e| match GenError::from(e) {
-                GenError::Integrity { linear, .. } => GenError::Integrity {
-                    linear,
-                    generated: generated.get(),
-                },
-                other => other,
-            })?;
-            if done == StepState::Done {
-                return Ok(());
-            }
-        }
-    };
-    let sampling = opts.sampling;
-    let mut pick = |u: u32| {
-        generated.set(generated.get() + 1);
-        sample(
-            pf.borrow().forward().logits().unwrap_or(&[]),
-            &sampling,
-            u,
-            scratch,
-        )
-    };
-    let (tokens, mut stats) = drive(prompt, opts, capacity, &mut step, &mut pick, on_token)?;
-    stats.wire = add_stats(carried.get(), conn.stats);
-    stats.reconnects = reconnects.get();
-    let decode_steps = stats.generated_tokens.saturating_sub(1);
-    if let (Some(w0), true) = (wire_at_decode.get(), decode_steps > 0) {
-        let n = decode_steps as f64;
-        let w = stats.wire;
-        stats.round_trips_per_token = (w.round_trips - w0.round_trips) as f64 / n;
-        stats.bytes_up_per_token = (w.bytes_up - w0.bytes_up) as f64 / n;
-        stats.bytes_down_per_token = (w.bytes_down - w0.bytes_down) as f64 / n;
     }
-    Ok((tokens, stats))
+
+    /// Checks every reply with Freivalds' test before using it.
+    pub fn verify_with(mut self, v: Verification) -> Self {
+        self.verification = Some(v);
+        self
+    }
+
+    /// Computes the LM head on the client with `weights` instead of offloading it.
+    pub fn local_lm_head(mut self, weights: LinearWeights<'w>) -> Self {
+        self.local_lm_head = Some(weights);
+        self
+    }
+
+    /// When the connection breaks (or the server stalls past the timeout), opens a new one with
+    /// `reconnect`, up to `retries` times over the generator's life, and redoes the interrupted
+    /// step from its start with fresh slots, so fresh masks: the KV cache holds only completed
+    /// steps, and no mask is ever sent twice.
+    pub fn resume_with(mut self, retries: usize, reconnect: Reconnect<'r, R, W>) -> Self {
+        self.link.retries = retries;
+        self.link.reconnect = Some(reconnect);
+        self
+    }
+
+    /// The current connection (to say goodbye, or read its traffic).
+    pub fn into_connection(self) -> Connection<R, W> {
+        self.link.conn
+    }
+
+    /// Times the connection was re-established so far.
+    pub fn reconnects(&self) -> usize {
+        self.link.reconnects
+    }
+
+    /// Generates privately from `prompt`, masking with `key` and unmasking with `source`.
+    pub fn generate<S: UnmaskSource>(
+        &mut self,
+        source: &mut S,
+        key: MaskKey,
+        prompt: &[u32],
+        opts: &GenOptions,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
+        let cfg = *self.client.config();
+        let capacity = kv_capacity(&cfg, prompt, opts);
+        let rows = opts
+            .prefill_rows
+            .min(self.link.conn.max_rows())
+            .min(prompt.len())
+            .max(1);
+        let bufs = self.bufs.insert(Buffers::new(&cfg, rows, capacity));
+        let (fwd, [m, r, y, u], scratch) = bufs
+            .forward(self.client.clone())
+            .map_err(GenError::Forward)?;
+        let session = |e: SessionError<S::Error>| GenError::from_session(e, 0);
+        let mut pf = PrivateForward::new::<S::Error>(fwd, key, m, r, y, u).map_err(session)?;
+        if let Some(v) = &self.verification {
+            pf.set_verifier::<S::Error>(Verifier { s: &v.s, w: &v.w })
+                .map_err(session)?;
+        }
+        if let Some(w) = &self.local_lm_head {
+            pf.set_local_lm_head(w.clone());
+        }
+        let reconnects = self.link.reconnects;
+        let mut stepper = PrivateStepper {
+            pf,
+            link: &mut self.link,
+            source,
+        };
+        let (tokens, mut stats) =
+            token_loop(&mut stepper, prompt, opts, capacity, scratch, on_token)?;
+        stats.reconnects = self.link.reconnects - reconnects;
+        Ok((tokens, stats))
+    }
 }

@@ -1,7 +1,6 @@
 //! `veil-client`: private GPT-2 generation on a small device with a blind server.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,14 +8,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use veil_client::files::ModelFiles;
 use veil_client::generate::{
-    generate_private_resumable, generate_reference, GenOptions, GenStats, Resume, Verification,
-    DEFAULT_PREFILL_ROWS,
+    generate_reference, GenOptions, GenStats, PrivateGenerator, Verification, DEFAULT_PREFILL_ROWS,
 };
 use veil_client::pool::PoolSource;
-use veil_client::transport::{read_psk_file, Connection, TransportError};
+use veil_client::transport::{read_psk_file, ConnectOptions, Connection};
 use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
 use veil_core::session::OnlineUnmask;
+use veil_core::wire::ClientSettings;
 
 /// Private text generation: the prompt never leaves this device unmasked.
 ///
@@ -110,10 +109,15 @@ struct RunArgs {
     /// server silently corrupts the output.
     #[arg(long)]
     no_verify: bool,
-    /// Reconnections allowed when the server connection breaks mid-generation; the interrupted
-    /// step is redone on the new connection with fresh masks.
+    /// Reconnections allowed when the server connection breaks, or the server does not answer
+    /// within --timeout-secs (also while connecting); an interrupted step is redone on the new
+    /// connection with fresh masks.
     #[arg(long, default_value_t = 2)]
     retries: usize,
+    /// Longest wait, in seconds, to connect to the server and for any one read or write after
+    /// that; a server that stays silent longer counts as a lost connection (see --retries).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    timeout_secs: f64,
     /// Where the LM head (vocabulary-wide, tied to the embeddings) runs.
     #[arg(long, value_enum, default_value_t = LmHeadPlacement::Auto)]
     lm_head: LmHeadPlacement,
@@ -233,54 +237,69 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let linear = files
             .linear()?
             .context("linear.veil is needed for --reference")?;
-        generate_reference(client, &linear, &ids, &opts, &mut on_token)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+        generate_reference(client, &linear, &ids, &opts, &mut on_token)?
     } else {
         let addr = args
             .server
             .as_deref()
             .context("--server ADDR is required (or --reference)")?;
         let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
-        let psk = psk.as_ref().map(|k| k.as_slice());
-        let fingerprint = files.fingerprint()?;
-        let open = || -> Result<Connection<TcpStream, TcpStream>, TransportError> {
-            let stream = TcpStream::connect(addr)?;
-            stream.set_nodelay(true).ok();
-            let reader = stream.try_clone()?;
-            Connection::handshake(reader, stream, fingerprint, psk)
+        let timeout = std::time::Duration::try_from_secs_f64(args.timeout_secs)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .context("--timeout-secs must be a positive number of seconds")?;
+        let options = ConnectOptions {
+            settings: ClientSettings {
+                fingerprint: files.fingerprint()?,
+                psk,
+            },
+            timeout,
         };
-        let mut conn = open().with_context(|| format!("connecting to the server at {addr}"))?;
-        let mut reconnect = || {
-            eprintln!("\nveil-client: connection to {addr} lost; reconnecting and redoing the step with fresh masks");
-            open()
+        let open = move || Connection::connect(addr, &options);
+        // The first connection is retried like a lost one (a server that is restarting, or that
+        // accepted and stalled); what a new connection cannot cure (wrong weights, key,
+        // version) fails at once.
+        let mut retries = args.retries;
+        let conn = loop {
+            match open() {
+                Ok(c) => break c,
+                Err(e) if e.is_transient() && retries > 0 => {
+                    retries -= 1;
+                    eprintln!("\nveil-client: {e}; trying again");
+                }
+                Err(e) => return Err(e).context(format!("connecting to the server at {addr}")),
+            }
         };
-        let result = match args.mask_source {
+        let reconnect: veil_client::generate::Reconnect<'_, _, _> = Box::new(open);
+        let linear = if need_linear { files.linear()? } else { None };
+        let key_source = |pool: Option<&PoolSource>| -> anyhow::Result<MaskKey> {
+            if let Some(p) = pool {
+                return Ok(p.key());
+            }
+            let mut key = [0u8; 32];
+            rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
+                .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
+            Ok(MaskKey::from_bytes(key))
+        };
+        let mut generator = PrivateGenerator::new(client, conn).resume_with(retries, reconnect);
+        if local_lm_head {
+            let w = linear.clone().context(
+                "linear.veil is needed to compute the LM head locally (--lm-head local)",
+            )?;
+            generator = generator.local_lm_head(w);
+        }
+        let context = || format!("private generation with the server at {addr}");
+        let out = match args.mask_source {
             MaskSourceKind::Online => {
-                let linear = files
-                    .linear()?
-                    .context("linear.veil is needed for --mask-source online")?;
-                let mut key = [0u8; 32];
-                rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
-                    .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
-                let key = MaskKey::from_bytes(key);
-                let verification = (!args.no_verify).then(|| Verification::compute(&key, &linear));
-                let mut source = OnlineUnmask::new(linear.clone());
-                generate_private_resumable(
-                    client,
-                    &mut conn,
-                    &mut source,
-                    key,
-                    verification.as_ref(),
-                    &ids,
-                    &opts,
-                    &mut on_token,
-                    Some(Resume {
-                        reconnect: &mut reconnect,
-                        retries: args.retries,
-                    }),
-                    local_lm_head.then_some(&linear),
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"))
+                let linear = linear.context("linear.veil is needed for --mask-source online")?;
+                let key = key_source(None)?;
+                if !args.no_verify {
+                    generator = generator.verify_with(Verification::compute(&key, &linear));
+                }
+                let mut source = OnlineUnmask::new(linear);
+                generator
+                    .generate(&mut source, key, &ids, &opts, &mut on_token)
+                    .with_context(context)?
             }
             MaskSourceKind::Pool => {
                 let path = args
@@ -288,39 +307,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     .as_deref()
                     .context("--pool FILE is needed with --mask-source pool")?;
                 let mut pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
-                let key = pool.key();
-                let lm_weights = if local_lm_head { files.linear()? } else { None };
-                let verification = if args.no_verify {
-                    None
-                } else {
-                    Some(pool.verification()?)
-                };
-                let generated = generate_private_resumable(
-                    client,
-                    &mut conn,
-                    &mut pool,
-                    key,
-                    verification.as_ref(),
-                    &ids,
-                    &opts,
-                    &mut on_token,
-                    Some(Resume {
-                        reconnect: &mut reconnect,
-                        retries: args.retries,
-                    }),
-                    lm_weights.as_ref(),
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"));
+                let key = key_source(Some(&pool))?;
+                if !args.no_verify {
+                    generator = generator.verify_with(pool.verification()?);
+                }
+                let generated = generator.generate(&mut pool, key, &ids, &opts, &mut on_token);
                 // Slots claimed ahead go back to the pool; if that fails they are only skipped.
                 if let Err(e) = pool.close() {
                     eprintln!("warning: {e} (a few unused pool slots will be skipped)");
                 }
-                generated
+                generated.with_context(context)?
             }
         };
-        let out =
-            result.with_context(|| format!("private generation with the server at {addr}"))?;
-        conn.bye();
+        generator.into_connection().bye();
         out
     };
     let text = tok

@@ -24,7 +24,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use veil_core::mask::MaskKey;
+use veil_core::mask::{MaskKey, MaskWords, UnmaskTerms};
 use veil_core::model::{LinearId, LinearWeights, ModelConfig};
 use veil_core::session::{
     compute_pool_record, pool_record_offset, pool_record_words, UnmaskSource,
@@ -87,8 +87,6 @@ pub struct PoolSource {
     /// The next-slot counter as last made durable: slots below it may already have left masked,
     /// so a later run never starts below it; `next..durable` are claimed but unused.
     durable: u64,
-    /// Slots handed out by this process, for tests and stats.
-    pub reserved_log: Vec<(u64, u64)>,
     /// Read buffer, kept between calls so the online phase does not allocate per token.
     io_buf: Vec<u8>,
     /// The whole record of one slot (every layer's terms), read with one `pread` when a decode
@@ -150,7 +148,6 @@ impl PoolSource {
             filled,
             next,
             durable: next,
-            reserved_log: vec![],
             io_buf: Vec::new(),
             record: Vec::new(),
             record_slot: None,
@@ -306,7 +303,6 @@ impl UnmaskSource for PoolSource {
             self.durable = mark;
         }
         self.next = first + rows;
-        self.reserved_log.push((first, rows));
         Ok(first)
     }
 
@@ -315,9 +311,10 @@ impl UnmaskSource for PoolSource {
         linear: LinearId,
         first_slot: u64,
         rows: usize,
-        _r: &[u32],
-        out: &mut [u32],
+        _r: MaskWords<'_>,
+        mut out: UnmaskTerms<'_>,
     ) -> Result<(), PoolError> {
+        let out = out.words_mut();
         let o = linear.dims(&self.cfg).1;
         let off = pool_record_offset(&self.cfg, linear);
         let io = |source| PoolError::Io {

@@ -79,8 +79,8 @@ fn clients(dir: &Path, prompts: &[Vec<u32>], addr: SocketAddr) -> Vec<(Vec<u32>,
 
 /// One client: its own connection and mask key, 64 greedy tokens privately.
 fn private(files: &ModelFiles, addr: SocketAddr, prompt: &[u32], key: u8) -> Vec<u32> {
-    let mut conn = connect(addr, files);
-    let (tokens, _) = generate_online(files, &mut conn, key, prompt, &opts());
+    let conn = connect(addr, files);
+    let (tokens, _, conn) = generate_online(files, conn, key, prompt, &opts());
     conn.bye();
     tokens
 }

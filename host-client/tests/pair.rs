@@ -54,8 +54,11 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
         inner: SyncIoBridge::new_with_handle(w, rt.handle().clone()),
         log: log.clone(),
     };
-    let mut conn =
-        Connection::handshake(reader, writer, files.fingerprint().unwrap(), None).unwrap();
+    let settings = veil_core::wire::ClientSettings {
+        fingerprint: files.fingerprint().unwrap(),
+        psk: None,
+    };
+    let conn = Connection::handshake(reader, writer, settings, None).unwrap();
     let opts = GenOptions {
         max_new_tokens: n,
         sampling: SamplingParams::GREEDY,
@@ -63,7 +66,7 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
         eos: None,
         prefill_rows: 64,
     };
-    let (tokens, _) = generate_online(&files, &mut conn, key, prompt, &opts);
+    let (tokens, _, conn) = generate_online(&files, conn, key, prompt, &opts);
     conn.bye();
     rt.block_on(server).unwrap().unwrap();
     let want = reference(&files, prompt, &opts);

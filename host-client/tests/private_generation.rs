@@ -11,10 +11,9 @@ use common::{
     connect, generate_online, golden_model, handshake, quantize_dir, reference, shared,
     splice_client, start_server,
 };
+use common::{generate_with, Recording};
 use veil_client::files::ModelFiles;
-use veil_client::generate::{
-    generate_private, generate_private_checked, GenError, GenOptions, Verification,
-};
+use veil_client::generate::{GenError, GenOptions, PrivateGenerator, Verification};
 use veil_client::pool::PoolSource;
 use veil_client::transport::Connection;
 use veil_core::mask::MaskKey;
@@ -39,22 +38,14 @@ fn online(
     o: &GenOptions,
     key: u8,
 ) -> Vec<u32> {
-    let mut conn = connect(addr, files);
+    let conn = connect(addr, files);
     let linear = files.linear().unwrap().unwrap();
     let key = MaskKey::from_bytes([key; 32]);
     let verification = Verification::compute(&key, &linear);
     let mut src = OnlineUnmask::new(linear);
-    let (t, stats) = generate_private_checked(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        key,
-        Some(&verification),
-        prompt,
-        o,
-        &mut |_| {},
-    )
-    .unwrap();
+    let mut g = PrivateGenerator::new(files.client().unwrap(), conn).verify_with(verification);
+    let (t, stats) = g.generate(&mut src, key, prompt, o, &mut |_| {}).unwrap();
+    let conn = g.into_connection();
     let n_layer = files.client().unwrap().config().n_layer as f64;
     if o.max_new_tokens > 1 {
         assert_eq!(
@@ -75,25 +66,16 @@ fn pooled(
     o: &GenOptions,
 ) -> (Vec<u32>, Vec<(u64, u64)>) {
     let cfg = *files.client().unwrap().config();
-    let mut src = PoolSource::open(pool, &cfg, &files.fingerprint().unwrap()).unwrap();
-    let mut conn = connect(addr, files);
-    let key = src.key();
-    let verification = src.verification().unwrap();
-    let (t, _) = generate_private_checked(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        key,
-        Some(&verification),
-        prompt,
-        o,
-        &mut |_| {},
-    )
-    .unwrap();
-    conn.bye();
-    let log = src.reserved_log.clone();
-    src.close().unwrap();
-    (t, log)
+    let pool = PoolSource::open(pool, &cfg, &files.fingerprint().unwrap()).unwrap();
+    let conn = connect(addr, files);
+    let key = pool.key();
+    let verification = pool.verification().unwrap();
+    let mut src = Recording::new(pool);
+    let mut g = PrivateGenerator::new(files.client().unwrap(), conn).verify_with(verification);
+    let (t, _) = g.generate(&mut src, key, prompt, o, &mut |_| {}).unwrap();
+    g.into_connection().bye();
+    src.inner.close().unwrap();
+    (t, src.reserved)
 }
 
 fn check_model(dir: &Path, prompt: &[u32], n: usize) {
@@ -263,7 +245,9 @@ fn server_with_other_weights_is_refused() {
     assert!(
         matches!(
             err,
-            veil_client::transport::TransportError::WeightsMismatch { .. }
+            veil_client::transport::TransportError::Server(
+                veil_core::wire::ClientError::WeightsMismatch { .. }
+            )
         ),
         "{err}"
     );
@@ -277,9 +261,9 @@ fn traffic_per_token_is_constant_in_sequence_length() {
     let files = ModelFiles::open(&dir, true).unwrap();
     let cfg = *files.client().unwrap().config();
     let per_token = |n: usize| {
-        let mut conn = connect(server.addr, &files);
+        let conn = connect(server.addr, &files);
         let o = opts(SamplingParams::GREEDY, n);
-        let (_, s) = generate_online(&files, &mut conn, 9, &[464, 3290], &o);
+        let (_, s, _) = generate_online(&files, conn, 9, &[464, 3290], &o);
         (
             s.bytes_up_per_token,
             s.bytes_down_per_token,
@@ -364,23 +348,15 @@ fn tampered_replies_are_always_detected() {
     let want = reference(&files, &prompt, &o);
     let run = |target: Option<(u64, u8)>| {
         let (addr, proxy) = tamper_proxy(server.addr, target);
-        let mut conn = connect(addr, &files);
+        let conn = connect(addr, &files);
         let linear = files.linear().unwrap().unwrap();
         let key = MaskKey::from_bytes([target.map_or(0, |t| t.0 as u8); 32]);
         let verification = Verification::compute(&key, &linear);
         let mut src = OnlineUnmask::new(linear);
         let mut emitted = vec![];
-        let result = generate_private_checked(
-            files.client().unwrap(),
-            &mut conn,
-            &mut src,
-            key,
-            Some(&verification),
-            &prompt,
-            &o,
-            &mut |t| emitted.push(t),
-        );
-        drop(conn);
+        let mut g = PrivateGenerator::new(files.client().unwrap(), conn).verify_with(verification);
+        let result = g.generate(&mut src, key, &prompt, &o, &mut |t| emitted.push(t));
+        drop(g);
         (result.map(|r| r.0), emitted, proxy.join().unwrap())
     };
     let (clean, _, payload_bytes) = run(None);
@@ -435,7 +411,6 @@ fn cutting_proxy(server: SocketAddr, frames: usize) -> SocketAddr {
 /// tokens are still exactly the reference's.
 #[test]
 fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
-    use veil_client::generate::{generate_private_resumable, Resume};
     let tmp = tempfile::tempdir().unwrap();
     let dir = golden_model(tmp.path());
     let server = start_server(&dir, ServerConfig::default());
@@ -458,19 +433,11 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
     .unwrap();
 
     // No retries: a clear error with the progress.
-    let mut conn = connect(cutting_proxy(server.addr, cut_after), &files);
+    let conn = connect(cutting_proxy(server.addr, cut_after), &files);
     let mut src = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
     let key = src.key();
-    let err = generate_private(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        key,
-        &prompt,
-        &o,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let (err, _) = generate_with(&files, conn, &mut src, key, &prompt, &o);
+    let err = err.unwrap_err();
     let msg = err.to_string();
     let GenError::Transport { generated, .. } = err else {
         panic!("{msg}")
@@ -482,38 +449,27 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
     );
 
     // With a reconnect: the same tokens as the reference, one reconnection, fresh slots only.
-    let mut src = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
-    let key = src.key();
-    let first_free = src.next_slot();
-    let mut conn = connect(cutting_proxy(server.addr, cut_after), &files);
-    let mut reconnect = || {
-        let s = TcpStream::connect(server.addr)?;
-        Connection::handshake(s.try_clone()?, s, files.fingerprint().unwrap(), None)
+    let pool = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
+    let key = pool.key();
+    let first_free = pool.next_slot();
+    let verification = pool.verification().unwrap();
+    let mut src = Recording::new(pool);
+    let conn = connect(cutting_proxy(server.addr, cut_after), &files);
+    let settings = veil_core::wire::ClientSettings {
+        fingerprint: files.fingerprint().unwrap(),
+        psk: None,
     };
-    let verification = src.verification().unwrap();
-    let (tokens, stats) = generate_private_resumable(
-        files.client().unwrap(),
-        &mut conn,
-        &mut src,
-        key,
-        Some(&verification),
-        &prompt,
-        &o,
-        &mut |_| {},
-        Some(Resume {
-            reconnect: &mut reconnect,
-            retries: 1,
-        }),
-        None,
-    )
-    .unwrap();
+    let reconnect = Box::new(move || {
+        let s = TcpStream::connect(server.addr)?;
+        Connection::handshake(s.try_clone()?, s, settings.clone(), None)
+    });
+    let mut g = PrivateGenerator::new(files.client().unwrap(), conn)
+        .verify_with(verification)
+        .resume_with(1, reconnect);
+    let (tokens, stats) = g.generate(&mut src, key, &prompt, &o, &mut |_| {}).unwrap();
     assert_eq!(tokens, want);
     assert_eq!(stats.reconnects, 1);
-    let slots: Vec<u64> = src
-        .reserved_log
-        .iter()
-        .flat_map(|&(f, n)| f..f + n)
-        .collect();
+    let slots: Vec<u64> = src.reserved.iter().flat_map(|&(f, n)| f..f + n).collect();
     assert!(
         slots.iter().all(|&s| s >= first_free),
         "a slot from before the restart was reused"
@@ -534,7 +490,6 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
 /// one round trip less per token.
 #[test]
 fn local_lm_head_gives_identical_tokens_with_one_round_trip_less() {
-    use veil_client::generate::generate_private_resumable;
     let tmp = tempfile::tempdir().unwrap();
     let dir = golden_model(tmp.path());
     let server = start_server(&dir, ServerConfig::default());
@@ -552,20 +507,11 @@ fn local_lm_head_gives_identical_tokens_with_one_round_trip_less() {
         let key = MaskKey::from_bytes([21; 32]);
         let verification = Verification::compute(&key, &linear);
         let mut src = OnlineUnmask::new(linear.clone());
-        let mut conn = connect(server.addr, &files);
-        let (tokens, stats) = generate_private_resumable(
-            files.client().unwrap(),
-            &mut conn,
-            &mut src,
-            key,
-            Some(&verification),
-            &prompt,
-            &o,
-            &mut |_| {},
-            None,
-            Some(&linear),
-        )
-        .unwrap();
+        let conn = connect(server.addr, &files);
+        let mut g = PrivateGenerator::new(files.client().unwrap(), conn)
+            .verify_with(verification)
+            .local_lm_head(linear);
+        let (tokens, stats) = g.generate(&mut src, key, &prompt, &o, &mut |_| {}).unwrap();
         assert_eq!(tokens, want);
         assert_eq!(stats.round_trips_per_token, 8.0);
     }

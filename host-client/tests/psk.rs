@@ -11,16 +11,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{generate_online, handshake, quantize_dir, reference, shared, start_server, Server};
-use embedded_io_adapters::std::FromStd;
+use std::io::Read as _;
 use veil_client::files::ModelFiles;
 use veil_client::generate::GenOptions;
 use veil_client::transport::{read_psk_file, TransportError};
 use veil_core::model::{LinearId, LinearKind, SamplingParams};
+use veil_core::wire::auth::PskKey as Psk;
 use veil_core::wire::{
-    encode_frame, read_frame, ErrorCode, Message, WordBytes, LEN_PREFIX, MAX_FRAME_BODY,
+    encode_frame, ClientError, ErrorCode, FrameDecoder, Message, WordBytes, MAX_FRAME,
     PROTOCOL_VERSION,
 };
-use veil_server::{Psk, ServerConfig};
+use veil_server::ServerConfig;
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -57,9 +58,9 @@ fn same_key_on_both_sides_generates_like_the_reference() {
     // The same hex key file (with a trailing newline, as `openssl rand -hex` writes) for both.
     let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
     let file = write_key_file(tmp.path(), "veil.psk", format!("{hex}\n").as_bytes());
-    let server = start_psk_server(Some(Psk::from_file(&file).unwrap()));
     let key = read_psk_file(&file).unwrap();
-    assert_eq!(&key[..], &KEY[..]);
+    assert_eq!(key, Psk::new(&KEY).unwrap());
+    let server = start_psk_server(Some(key));
 
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let prompt = [464, 3290, 318];
@@ -72,10 +73,10 @@ fn same_key_on_both_sides_generates_like_the_reference() {
     };
     let expected = reference(&files, &prompt, &o);
 
-    let mut conn = handshake(server.addr, &files, Some(&key)).unwrap();
+    let conn = handshake(server.addr, &files, Some(&KEY)).unwrap();
     // Hello/Challenge and Proof/ServerProof+Welcome.
-    assert_eq!(conn.stats.round_trips, 2);
-    let (tokens, _) = generate_online(&files, &mut conn, 3, &prompt, &o);
+    assert_eq!(conn.stats().round_trips, 2);
+    let (tokens, _, conn) = generate_online(&files, conn, 3, &prompt, &o);
     conn.bye();
     assert_eq!(tokens, expected);
     assert!(server.weights.computed_requests() > 0);
@@ -83,32 +84,41 @@ fn same_key_on_both_sides_generates_like_the_reference() {
 
 #[test]
 fn client_without_the_key_is_refused_before_any_compute() {
-    let server = start_psk_server(Some(Psk::new(KEY.to_vec()).unwrap()));
+    let server = start_psk_server(Some(Psk::new(&KEY).unwrap()));
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let err = handshake(server.addr, &files, None).unwrap_err();
-    assert!(matches!(err, TransportError::PskRequired), "{err}");
+    assert!(
+        matches!(err, TransportError::Server(ClientError::PskRequired)),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
-        "the server requires a pre-shared key (--psk-file)"
+        "the server requires a pre-shared key: pass the server's key file with --psk-file"
     );
     assert_eq!(server.weights.computed_requests(), 0);
 }
 
 #[test]
 fn wrong_key_is_refused_unauthorized() {
-    let server = start_psk_server(Some(Psk::new(KEY.to_vec()).unwrap()));
+    let server = start_psk_server(Some(Psk::new(&KEY).unwrap()));
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let mut wrong = KEY;
     wrong[31] ^= 1;
     let err = handshake(server.addr, &files, Some(&wrong)).unwrap_err();
     assert!(
-        matches!(err, TransportError::Refused(ErrorCode::Unauthorized)),
+        matches!(
+            err,
+            TransportError::Server(ClientError::Refused(ErrorCode::Unauthorized))
+        ),
         "{err}"
     );
     // A shorter key that is a prefix of the right one is just as wrong.
     let err = handshake(server.addr, &files, Some(&KEY[..16])).unwrap_err();
     assert!(
-        matches!(err, TransportError::Refused(ErrorCode::Unauthorized)),
+        matches!(
+            err,
+            TransportError::Server(ClientError::Refused(ErrorCode::Unauthorized))
+        ),
         "{err}"
     );
     assert_eq!(server.weights.computed_requests(), 0);
@@ -121,10 +131,13 @@ fn client_with_a_key_refuses_a_server_without_one() {
     let server = start_psk_server(None);
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let err = handshake(server.addr, &files, Some(&KEY)).unwrap_err();
-    assert!(matches!(err, TransportError::PskNotRequired), "{err}");
+    assert!(
+        matches!(err, TransportError::Server(ClientError::PskNotRequired)),
+        "{err}"
+    );
     assert!(
         err.to_string()
-            .starts_with("the server does not require the pre-shared key"),
+            .starts_with("the server does not ask for the pre-shared key"),
         "{err}"
     );
     // Without keys on either side, nothing changed.
@@ -134,7 +147,7 @@ fn client_with_a_key_refuses_a_server_without_one() {
 /// Frames over a std socket, as a hand-rolled (hostile) client or fake server would send them.
 struct Raw {
     s: TcpStream,
-    rbuf: Vec<u8>,
+    rx: FrameDecoder<Vec<u8>>,
     wbuf: Vec<u8>,
 }
 
@@ -142,24 +155,29 @@ impl Raw {
     fn new(s: TcpStream) -> Self {
         Raw {
             s,
-            rbuf: vec![0; MAX_FRAME_BODY],
-            wbuf: vec![0; MAX_FRAME_BODY + LEN_PREFIX],
+            rx: FrameDecoder::new(vec![0; MAX_FRAME]).unwrap(),
+            wbuf: vec![0; MAX_FRAME],
         }
     }
 
     fn send(&mut self, msg: &Message<'_>) {
-        let frame = encode_frame(msg, &mut self.wbuf).unwrap();
-        self.s.write_all(frame).unwrap();
+        let n = encode_frame(msg, &mut self.wbuf).unwrap();
+        self.s.write_all(&self.wbuf[..n]).unwrap();
     }
 
     fn recv(&mut self) -> Message<'_> {
-        read_frame(&mut FromStd::new(&mut self.s), &mut self.rbuf).unwrap()
+        while !self.rx.frame_ready() {
+            let n = self.s.read(self.rx.spare()).unwrap();
+            assert!(n > 0, "the peer closed the connection");
+            self.rx.filled(n);
+        }
+        self.rx.next_message().unwrap().unwrap()
     }
 }
 
 #[test]
 fn compute_without_a_proof_is_refused_and_not_computed() {
-    let server = start_psk_server(Some(Psk::new(KEY.to_vec()).unwrap()));
+    let server = start_psk_server(Some(Psk::new(&KEY).unwrap()));
     let files = ModelFiles::open(model_dir(), true).unwrap();
     let cfg = *files.client().unwrap().config();
     let linear = LinearId {
@@ -235,7 +253,10 @@ fn client_refuses_a_server_that_proves_another_key() {
             })
     });
     let err = handshake(addr, &files, Some(&KEY)).unwrap_err();
-    assert!(matches!(err, TransportError::ServerProofInvalid), "{err}");
+    assert!(
+        matches!(err, TransportError::Server(ClientError::ServerProofInvalid)),
+        "{err}"
+    );
     assert!(fake.join().unwrap());
 }
 
@@ -250,20 +271,25 @@ fn key_files_read_the_same_on_both_sides() {
     for (name, contents) in cases {
         let file = write_key_file(tmp.path(), name, contents);
         let client = read_psk_file(&file).unwrap();
-        let server = Psk::from_file(&file).unwrap();
-        assert_eq!(server, Psk::new(client.to_vec()).unwrap(), "{name}");
+        let contents = std::fs::read(&file).unwrap();
+        assert_eq!(
+            client,
+            Psk::from_file_contents(&contents).unwrap(),
+            "{name}"
+        );
     }
     assert_eq!(
-        &read_psk_file(&tmp.path().join("hex")).unwrap()[..],
-        &[
+        read_psk_file(&tmp.path().join("hex")).unwrap(),
+        Psk::new(&[
             0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
             0xee, 0xff
-        ]
+        ])
+        .unwrap()
     );
     // Raw keys are used exactly as stored, trailing newline included.
     assert_eq!(
-        &read_psk_file(&tmp.path().join("text")).unwrap()[..],
-        b"a passphrase of some length\n"
+        read_psk_file(&tmp.path().join("text")).unwrap(),
+        Psk::new(b"a passphrase of some length\n").unwrap()
     );
 
     // Too short after decoding: both refuse, saying why.
@@ -274,11 +300,9 @@ fn key_files_read_the_same_on_both_sides() {
         let file = write_key_file(tmp.path(), name, contents);
         let e = format!("{:#}", read_psk_file(&file).unwrap_err());
         assert!(e.contains("at least 16"), "{e}");
-        let e = format!("{:#}", Psk::from_file(&file).unwrap_err());
-        assert!(e.contains("at least 16"), "{e}");
     }
     // The key never shows in logs.
-    let psk = Psk::new(b"a very secret key, do not print".to_vec()).unwrap();
+    let psk = Psk::new(b"a very secret key, do not print").unwrap();
     assert!(!format!("{psk:?}").contains("secret"));
     assert!(!format!(
         "{:?}",

@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use veil_client::files::ModelFiles;
-use veil_client::generate::{generate_private, generate_reference, GenOptions, GenStats};
+use veil_client::generate::{generate_reference, GenError, GenOptions, GenStats, PrivateGenerator};
 use veil_client::transport::{Connection, TransportError};
 use veil_core::mask::MaskKey;
-use veil_core::session::OnlineUnmask;
+use veil_core::session::{OnlineUnmask, UnmaskSource};
+use veil_core::wire::auth::PskKey;
+use veil_core::wire::ClientSettings;
 use veil_server::{ServerConfig, ServerWeights};
 
 /// `../shared` beside the repository, where the golden checkpoints live. Asserts that
@@ -95,7 +97,29 @@ pub fn handshake(
 ) -> Result<Connection<TcpStream, TcpStream>, TransportError> {
     let s = TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
-    Connection::handshake(s.try_clone().unwrap(), s, files.fingerprint().unwrap(), psk)
+    let settings = ClientSettings {
+        fingerprint: files.fingerprint().unwrap(),
+        psk: psk.map(|k| PskKey::new(k).unwrap()),
+    };
+    Connection::handshake(s.try_clone().unwrap(), s, settings, None)
+}
+
+/// The outcome of one generation.
+pub type Generated<E> = Result<(Vec<u32>, GenStats), GenError<E>>;
+
+/// Generates privately over `conn` with `source` and mask key `key` (replies unchecked), and
+/// hands the connection back with the outcome.
+pub fn generate_with<R: Read, W: Write, S: UnmaskSource>(
+    files: &ModelFiles,
+    conn: Connection<R, W>,
+    source: &mut S,
+    key: MaskKey,
+    prompt: &[u32],
+    o: &GenOptions,
+) -> (Generated<S::Error>, Connection<R, W>) {
+    let mut g = PrivateGenerator::new(files.client().unwrap(), conn);
+    let out = g.generate(source, key, prompt, o, &mut |_| {});
+    (out, g.into_connection())
 }
 
 /// [`handshake`] without a pre-shared key, which must succeed.
@@ -116,22 +140,22 @@ pub fn reference(files: &ModelFiles, prompt: &[u32], o: &GenOptions) -> Vec<u32>
 /// verified); returns the tokens and the generation's figures. The connection stays open.
 pub fn generate_online<R: Read, W: Write>(
     files: &ModelFiles,
-    conn: &mut Connection<R, W>,
+    conn: Connection<R, W>,
     key: u8,
     prompt: &[u32],
     o: &GenOptions,
-) -> (Vec<u32>, GenStats) {
+) -> (Vec<u32>, GenStats, Connection<R, W>) {
     let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
-    generate_private(
-        files.client().unwrap(),
+    let (out, conn) = generate_with(
+        files,
         conn,
         &mut src,
         MaskKey::from_bytes([key; 32]),
         prompt,
         o,
-        &mut |_| {},
-    )
-    .unwrap()
+    );
+    let (tokens, stats) = out.unwrap();
+    (tokens, stats, conn)
 }
 
 /// The common half of a test proxy: accepts one client on `listener`, connects it to `server`
@@ -152,4 +176,41 @@ pub fn splice_client(
         let _ = u_write.shutdown(std::net::Shutdown::Write);
     });
     (upstream, client)
+}
+
+/// An unmasking source that records every slot range it hands out (what `reserve` returned),
+/// so tests can check that no slot is ever used twice.
+pub struct Recording<S> {
+    pub inner: S,
+    pub reserved: Vec<(u64, u64)>,
+}
+
+impl<S> Recording<S> {
+    pub fn new(inner: S) -> Self {
+        Recording {
+            inner,
+            reserved: vec![],
+        }
+    }
+}
+
+impl<S: UnmaskSource> UnmaskSource for Recording<S> {
+    type Error = S::Error;
+
+    fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error> {
+        let first = self.inner.reserve(rows)?;
+        self.reserved.push((first, rows));
+        Ok(first)
+    }
+
+    fn unmask_terms(
+        &mut self,
+        linear: veil_core::model::LinearId,
+        first_slot: u64,
+        rows: usize,
+        r: veil_core::mask::MaskWords<'_>,
+        out: veil_core::mask::UnmaskTerms<'_>,
+    ) -> Result<(), Self::Error> {
+        self.inner.unmask_terms(linear, first_slot, rows, r, out)
+    }
 }
