@@ -32,8 +32,9 @@ use veil_core::wire::{
 use crate::batch::{Batcher, Registration};
 use crate::{ServerConfig, ServerWeights};
 
-/// Bytes of a connection's receive buffer (the machine's frame buffer, read into directly).
-const RX_BYTES: usize = MAX_FRAME;
+/// Bytes of a connection's receive buffer (the machine's frame buffer, read into directly): two
+/// frames, so a frame straddling its end (moved to the front once) is the exception.
+const RX_BYTES: usize = 2 * MAX_FRAME;
 /// Bytes of its transmit buffer: room for a `Result` and a full `Data` frame in one write.
 const TX_BYTES: usize = 2 * MAX_FRAME;
 /// How long a refused connection is drained after its `Error` frame, and how much at most.
