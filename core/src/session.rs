@@ -475,18 +475,6 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
             StepState::Pending => Ok(self.settle()?),
         }
     }
-
-    /// Runs a whole step on the client with the plaintext weights (the reference the private path
-    /// reproduces, over the same buffers): no masks, no slots.
-    pub fn step_locally(
-        &mut self,
-        weights: &LinearWeights<'_>,
-        tokens: &[u32],
-    ) -> Result<(), SessionError<core::convert::Infallible>> {
-        self.masked_ready = false;
-        self.terms_ready = false;
-        Ok(self.fwd.step_locally(weights, tokens)?)
-    }
 }
 
 #[cfg(test)]
@@ -619,6 +607,32 @@ mod tests {
                 "trial {trial}: {got:?}"
             );
         }
+    }
+
+    /// A reply offered before the layer's rows were masked is a typed error naming the layer,
+    /// not "no pending request" (a layer is pending).
+    #[test]
+    fn test_complete_before_masking_is_masks_not_drawn() {
+        let m = RandomModel::new(5);
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let mut b = bufs(&m.cfg, 1);
+        let (fwd, [a, bb, c, d]) = forward(&m, &mut b, 1);
+        let key = MaskKey::from_bytes([1; 32]);
+        let mut pf =
+            PrivateForward::new::<core::convert::Infallible>(fwd, key, a, bb, c, d).unwrap();
+        let mut src = OnlineUnmask::new(lin);
+        pf.begin(&[3], &mut src).unwrap();
+        let qkv = LinearId {
+            layer: 0,
+            kind: LinearKind::Qkv,
+        };
+        assert_eq!(pf.complete(&mut src), Err(SessionError::MasksNotDrawn(qkv)));
+        assert_eq!(
+            pf.prepare_unmask(&mut src),
+            Err(SessionError::MasksNotDrawn(qkv))
+        );
+        assert!(pf.outgoing().is_some());
+        assert_eq!(pf.prepare_unmask(&mut src), Ok(()));
     }
 
     #[test]

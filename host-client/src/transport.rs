@@ -313,20 +313,6 @@ impl<R: Read, W: Write> Connection<R, W> {
         }
     }
 
-    /// One round trip: [`Connection::send_request`], then [`Connection::receive_result`].
-    pub fn compute(
-        &mut self,
-        linear: LinearId,
-        rows: usize,
-        in_dim: usize,
-        masked: MaskedRows<'_>,
-        reply: &mut [u32],
-    ) -> Result<(), TransportError> {
-        let out_dim = reply.len() / rows.max(1);
-        self.send_request(linear, rows, in_dim, out_dim, masked)?;
-        self.receive_result(reply)
-    }
-
     /// Ends the session politely (errors ignored: we are leaving anyway).
     pub fn bye(mut self) {
         self.machine.close();

@@ -113,14 +113,23 @@ fn a_silent_server_times_out_with_a_message_and_retries_move_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(tokens_of(&out), reference_of(&dir, 8));
+}
+
+/// The tokens of a `--json` run.
+fn tokens_of(out: &Output) -> Vec<u32> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tokens: Vec<u32> = v["tokens"]
+    v["tokens"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    let files = ModelFiles::open(&dir, true).unwrap();
+        .collect()
+}
+
+/// The local reference's greedy tokens for [`PROMPT`], as the binary generates them.
+fn reference_of(dir: &std::path::Path, n: usize) -> Vec<u32> {
+    let files = ModelFiles::open(dir, true).unwrap();
     let ids = files
         .tokenizer()
         .unwrap()
@@ -129,13 +138,13 @@ fn a_silent_server_times_out_with_a_message_and_retries_move_on() {
         .get_ids()
         .to_vec();
     let o = GenOptions {
-        max_new_tokens: 8,
+        max_new_tokens: n,
         sampling: SamplingParams::GREEDY,
         seed: 0,
         eos: Some(files.client().unwrap().header().eos_token_id),
         prefill_rows: 64,
     };
-    assert_eq!(tokens, reference(&files, &ids, &o));
+    reference(&files, &ids, &o)
 }
 
 /// A server that answers the handshake and then stalls in the middle of the generation: the
@@ -200,6 +209,7 @@ fn a_server_stalling_mid_generation_is_left_for_a_new_connection() {
         "{err}"
     );
     assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(tokens_of(&out), reference_of(&dir, 6));
 }
 
 #[test]
