@@ -53,6 +53,12 @@ pub struct BenchArgs {
     /// Seconds to wait for the server to accept connections.
     #[arg(long, default_value_t = 60)]
     pub server_timeout_secs: u64,
+    /// Let client and server share all CPUs. By default (Linux, two or more CPUs) the measured
+    /// client runs on the first CPU and the server on the others: they stand for two machines,
+    /// and on shared cores each one's work slows the other's (the client's CPU time per token
+    /// then measures the neighbour, not the client).
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 /// An English paragraph the prompt is cut from (repeated as needed).
@@ -142,11 +148,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("removing {}", pool_path.display())),
     }
 
-    let server = ServerGuard::start(
-        &server_bin,
-        dir,
-        Duration::from_secs(args.server_timeout_secs),
-    )?;
+    let cpus = if args.no_pin {
+        None
+    } else {
+        CpuSplit::of_this_thread()
+    };
+    let server = pinned(cpus.as_ref().map(|c| &c.server), || {
+        ServerGuard::start(
+            &server_bin,
+            dir,
+            Duration::from_secs(args.server_timeout_secs),
+        )
+    })?;
+    let client_cpus = cpus.as_ref().map(|c| &c.client);
     let addr = server.addr.to_string();
 
     let base = |extra: &[&str]| -> Command {
@@ -164,13 +178,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut modes = Map::new();
     let mut tokens: Vec<(&str, Vec<u64>)> = Vec::new();
-    let (v, t, text) = run_mode("reference", base(&["--reference"]), &server)?;
+    let (v, t, text) = pinned(client_cpus, || {
+        run_mode("reference", base(&["--reference"]), &server)
+    })?;
     modes.insert("reference".into(), v);
     tokens.push(("reference", t));
 
     // One measured mode: its stats go into `modes`, its tokens into `tokens`.
     let mut record = |name: &'static str, extra: &[&str]| -> anyhow::Result<()> {
-        let (v, t, _) = run_mode(name, base(extra), &server)?;
+        let (v, t, _) = pinned(client_cpus, || run_mode(name, base(extra), &server))?;
         modes.insert(name.into(), v);
         tokens.push((name, t));
         Ok(())
@@ -192,7 +208,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .arg(&pool_path)
         .arg("--tokens")
         .arg(slots.to_string());
-    let pre = run_child(pre).context("veil-client precompute")?;
+    let pre = pinned(client_cpus, || run_child(pre)).context("veil-client precompute")?;
     let pool_str = pool_path.to_string_lossy().into_owned();
     let pool = [
         "--server",
@@ -233,7 +249,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "client": {
             "bin": client_bin.display().to_string(),
             "runner": args.client_runner.clone(),
+            "cpus": client_cpus,
         },
+        "server_cpus": cpus.as_ref().map(|c| &c.server),
         "model": model,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": new_tokens,
@@ -526,6 +544,85 @@ impl Drop for ServerGuard {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Which CPUs the measured client and the server run on.
+#[derive(Debug)]
+struct CpuSplit {
+    client: Vec<usize>,
+    server: Vec<usize>,
+}
+
+impl CpuSplit {
+    /// The first CPU this thread may run on for the client, the rest for the server; `None` with
+    /// fewer than two CPUs or off Linux.
+    fn of_this_thread() -> Option<CpuSplit> {
+        let mut all = affinity::get()?;
+        if all.len() < 2 {
+            return None;
+        }
+        let server = all.split_off(1);
+        Some(CpuSplit { client: all, server })
+    }
+}
+
+/// Runs `spawn` with this thread restricted to `cpus`, so that the processes it starts inherit
+/// that CPU set, then restores the thread's own set. Without a set (or if it cannot be applied)
+/// it just runs `spawn`.
+fn pinned<T>(cpus: Option<&Vec<usize>>, spawn: impl FnOnce() -> T) -> T {
+    let saved = cpus.and_then(|c| {
+        let saved = affinity::get()?;
+        affinity::set(c).then_some(saved)
+    });
+    let out = spawn();
+    if let Some(s) = saved {
+        affinity::set(&s);
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+mod affinity {
+    /// The CPUs the calling thread may run on.
+    pub fn get() -> Option<Vec<usize>> {
+        // SAFETY: an all-zero `cpu_set_t` is a valid (empty) set; sched_getaffinity writes at
+        // most `size_of::<cpu_set_t>()` bytes into it, and pid 0 means the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return None;
+            }
+            Some(
+                (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &set))
+                    .collect(),
+            )
+        }
+    }
+
+    /// Restricts the calling thread to `cpus`; false if the kernel refused.
+    pub fn set(cpus: &[usize]) -> bool {
+        // SAFETY: as in `get`; CPU_SET ignores indices beyond the set's size, which
+        // `get` never yields anyway.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod affinity {
+    pub fn get() -> Option<Vec<usize>> {
+        None
+    }
+
+    pub fn set(_cpus: &[usize]) -> bool {
+        false
     }
 }
 

@@ -105,4 +105,12 @@ fn bench_golden_tiny_all_modes_agree() {
             "verification cost of {mode} missing: {v:#}"
         );
     }
+    // Client and server stand for two machines: on two or more CPUs they never share one.
+    let online_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if online_cpus >= 2 && cfg!(target_os = "linux") {
+        let client: Vec<u64> = serde_json::from_value(v["client"]["cpus"].clone()).unwrap();
+        let server: Vec<u64> = serde_json::from_value(v["server_cpus"].clone()).unwrap();
+        assert_eq!(client.len(), 1, "{v:#}");
+        assert!(!server.is_empty() && !server.contains(&client[0]), "{v:#}");
+    }
 }

@@ -154,16 +154,6 @@ enum Compute<M> {
 
 type Job = ComputeJob<Vec<u32>>;
 
-fn header(job: &Job) -> JobHeader {
-    JobHeader {
-        request: job.request,
-        linear: job.linear,
-        rows: job.rows,
-        in_dim: job.in_dim,
-        out_dim: job.out_dim,
-    }
-}
-
 /// A job whose buffers were lost with a failed computation: enough to refuse it (the machine
 /// closes the conversation and never reads them).
 fn lost(header: JobHeader) -> Job {
@@ -174,7 +164,7 @@ impl<M: Matrices> Compute<M> {
     /// Computes the products of `job` into its output: `Ok` when they are there, `Err` when they
     /// could not be computed.
     async fn run(&self, job: Job) -> Result<Job, Job> {
-        let h = header(&job);
+        let h = job.header();
         match self {
             Compute::Batched(batcher, me) => {
                 // The buffers move to the batcher and back: no copy.

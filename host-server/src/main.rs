@@ -99,7 +99,10 @@ fn main() -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         psk,
     };
-    let per_conn = config.max_rows as usize * (weights.max_in_dim() + weights.max_out_dim()) * 4;
+    let per_conn = {
+        let (widest_in, widest_out) = weights.config().widest_linear();
+        config.max_rows as usize * (widest_in + widest_out) * 4
+    };
     eprintln!(
         "veil-server: up to {} connections, {} rows per request (≤ {} KiB of row buffers each)",
         config.max_connections,

@@ -123,22 +123,6 @@ impl ServerWeights {
         self.bytes().get(self.layout.matrix(id))
     }
 
-    /// Widest layer input (words per row).
-    pub fn max_in_dim(&self) -> usize {
-        all_kinds()
-            .map(|k| self.config().linear_dims(k).0)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Widest layer output (words per row; the vocabulary for the LM head).
-    pub fn max_out_dim(&self) -> usize {
-        all_kinds()
-            .map(|k| self.config().linear_dims(k).1)
-            .max()
-            .unwrap_or(0)
-    }
-
     /// How many `Compute` requests were multiplied with these weights so far, over all
     /// connections (a request counts once its product is computed).
     pub fn computed_requests(&self) -> u64 {
@@ -165,12 +149,6 @@ impl ServerWeights {
             self.bytes().len()
         )
     }
-}
-
-fn all_kinds() -> impl Iterator<Item = LinearKind> {
-    LinearKind::BLOCK
-        .into_iter()
-        .chain(std::iter::once(LinearKind::LmHead))
 }
 
 /// Lowercase hex of bytes.

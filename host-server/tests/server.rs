@@ -701,8 +701,7 @@ fn test_weights_expose_shape_and_matrices() {
     let bytes = random_linear(&CFG, 9);
     let w = ServerWeights::from_bytes(bytes.clone()).unwrap();
     assert_eq!(*w.config(), CFG);
-    assert_eq!(w.max_in_dim(), 64);
-    assert_eq!(w.max_out_dim(), 100);
+    assert_eq!(w.config().widest_linear(), (64, 100));
     let lin = LinearWeights::parse(&bytes).unwrap();
     for linear in CFG.linears() {
         assert_eq!(w.matrix(linear), Some(lin.matrix(linear)));

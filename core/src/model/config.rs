@@ -124,6 +124,16 @@ impl ModelConfig {
         }
     }
 
+    /// `(widest input, widest output)` over every linear layer: the row widths that buffers for
+    /// any layer's rows must hold (the output is the vocabulary for GPT-2's shapes).
+    pub fn widest_linear(&self) -> (usize, usize) {
+        LinearKind::BLOCK
+            .into_iter()
+            .chain([LinearKind::LmHead])
+            .map(|k| self.linear_dims(k))
+            .fold((0, 0), |(wi, wo), (i, o)| (wi.max(i), wo.max(o)))
+    }
+
     /// Sum of the output widths of one block's linear layers (the `u` words one slot needs).
     pub fn block_out_words(&self) -> usize {
         LinearKind::BLOCK

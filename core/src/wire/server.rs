@@ -13,7 +13,7 @@ use super::auth::{PskKey, CLIENT_LABEL, SERVER_LABEL};
 use super::chunks::{DataLengthError, WordCursor};
 use super::frame::{encode_frame, FrameDecoder, FrameError, MAX_FRAME};
 use super::message::{ErrorCode, Message, PROTOCOL_VERSION};
-use crate::model::{LinearId, LinearKind, ModelConfig};
+use crate::model::{LinearId, ModelConfig};
 
 /// What the server accepts, fixed for a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,22 +31,13 @@ pub struct ServerSettings {
 impl ServerSettings {
     /// Words of the job input buffer a connection needs: `max_rows` rows of the widest input.
     pub fn input_words(&self) -> usize {
-        self.max_rows.max(1) as usize * widest(&self.model, |(i, _)| i)
+        self.max_rows.max(1) as usize * self.model.widest_linear().0
     }
 
     /// Words of the job output buffer: `max_rows` rows of the widest output (the vocabulary).
     pub fn output_words(&self) -> usize {
-        self.max_rows.max(1) as usize * widest(&self.model, |(_, o)| o)
+        self.max_rows.max(1) as usize * self.model.widest_linear().1
     }
-}
-
-fn widest(cfg: &ModelConfig, pick: impl Fn((usize, usize)) -> usize) -> usize {
-    LinearKind::BLOCK
-        .into_iter()
-        .chain([LinearKind::LmHead])
-        .map(|k| pick(cfg.linear_dims(k)))
-        .max()
-        .unwrap_or(0)
 }
 
 /// A request whose masked rows have all arrived: the host computes
@@ -89,14 +80,18 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> ComputeJob<B> {
     /// The two buffers, for hosts that move them to a compute thread and back (see
     /// [`ComputeJob::from_parts`]).
     pub fn into_parts(self) -> (JobHeader, B, B) {
-        let header = JobHeader {
+        (self.header(), self.input, self.output)
+    }
+
+    /// The job's description without its buffers.
+    pub fn header(&self) -> JobHeader {
+        JobHeader {
             request: self.request,
             linear: self.linear,
             rows: self.rows,
             in_dim: self.in_dim,
             out_dim: self.out_dim,
-        };
-        (header, self.input, self.output)
+        }
     }
 
     /// Reassembles a job taken apart with [`ComputeJob::into_parts`].
