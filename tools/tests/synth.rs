@@ -169,3 +169,19 @@ fn outliers_make_a_few_large_residual_channels() {
         );
     }
 }
+
+#[test]
+fn presets_have_the_shapes_of_the_hub_models() {
+    // (preset, layers, width, heads): config.json of distilgpt2, gpt2, gpt2-medium and gpt2-xl.
+    for (p, l, d, h) in [
+        (Preset::Distilgpt2, 6, 768, 12),
+        (Preset::Gpt2, 12, 768, 12),
+        (Preset::Gpt2Medium, 24, 1024, 16),
+        (Preset::Gpt2Xl, 48, 1600, 25),
+    ] {
+        let c = p.config();
+        assert_eq!((c.n_layer, c.n_embd, c.n_head), (l, d, h), "{p:?}");
+        assert_eq!((c.n_inner, c.vocab_size, c.n_positions), (4 * d, 50257, 1024), "{p:?}");
+        assert_eq!(c.n_embd / c.n_head, 64, "{p:?}: GPT-2 heads are 64 wide");
+    }
+}
