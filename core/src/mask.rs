@@ -123,11 +123,17 @@ pub struct MaskAddress {
 /// Fills `out` with the mask words at `addr`: uniform u32 from ChaCha20 keyed by `key`, stream
 /// `slot`, starting at a word position unique to `(domain, linear)`.
 pub fn fill_mask(key: &MaskKey, addr: MaskAddress, out: &mut [u32]) {
+    fill_mask_from(key, addr, 0, out);
+}
+
+/// Fills `out` with the mask words at `addr` from word `first` on: `fill_mask`'s words
+/// `first..first + out.len()` (the offline phase draws a few inputs of many slots at a time).
+pub fn fill_mask_from(key: &MaskKey, addr: MaskAddress, first: usize, out: &mut [u32]) {
     let mut rng = ChaCha20Rng::from_seed(key.0);
     rng.set_stream(addr.slot);
     // 2^32 words per (domain, linear): far more than any layer's width.
     let word = ((addr.domain as u128) << 56) | ((addr.linear as u128) << 32);
-    rng.set_word_pos(word);
+    rng.set_word_pos(word + first as u128);
     for o in out {
         *o = rng.next_u32();
     }
@@ -156,6 +162,22 @@ mod tests {
 
     fn key(b: u8) -> MaskKey {
         MaskKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn test_a_mask_drawn_from_an_offset_is_the_same_words() {
+        let addr = MaskAddress {
+            slot: 9,
+            linear: 4,
+            domain: MaskDomain::Input,
+        };
+        let mut whole = [0u32; 200];
+        fill_mask(&key(3), addr, &mut whole);
+        for first in [0, 1, 15, 16, 64, 150] {
+            let mut part = [0u32; 50];
+            fill_mask_from(&key(3), addr, first, &mut part);
+            assert_eq!(part[..], whole[first..first + 50], "from {first}");
+        }
     }
 
     #[test]

@@ -313,6 +313,116 @@ impl ModSwitch {
     pub const fn bits_per_coefficient(self) -> u32 {
         128 - self.drop_a - self.drop_b
     }
+
+    /// The switch with the fewest bits on the wire whose failure bound ([`log2_failure_bound`])
+    /// stays at or below [`noise::MAX_LOG2_FAILURE`] for weight columns of squared norm up to
+    /// `column_norm2` (e.g. `in · 127²`, the worst int8 column of a layer with `in` inputs).
+    /// [`ModSwitch::NONE`] if even that exceeds the bound.
+    pub fn fewest_bits_for(column_norm2: u64) -> ModSwitch {
+        let mut best = ModSwitch::NONE;
+        for drop_a in 0..48 {
+            for drop_b in 0..48 {
+                let s = ModSwitch { drop_a, drop_b };
+                if s.bits_per_coefficient() < best.bits_per_coefficient()
+                    && log2_failure_bound(column_norm2, s) <= noise::MAX_LOG2_FAILURE
+                {
+                    best = s;
+                }
+            }
+        }
+        best
+    }
+
+    /// `u32` words of one switched result ciphertext on the wire ([`pack_result`]).
+    pub const fn result_words(self) -> usize {
+        N * self.bits_per_coefficient() as usize / 32
+    }
+}
+
+/// `u32` words of one input ciphertext on the wire: its `b` half, `N` little-endian `u64` as
+/// `(low, high)` word pairs (`a` is expanded from the seed by the server).
+pub const INPUT_WORDS: usize = 2 * N;
+
+/// Writes the `b` half of an input ciphertext as the [`INPUT_WORDS`] words sent.
+pub fn input_words(b: &[u64], out: &mut [u32]) {
+    assert!(b.len() == N && out.len() == INPUT_WORDS, "one polynomial");
+    for (o, &x) in out.chunks_exact_mut(2).zip(b) {
+        o[0] = x as u32;
+        o[1] = (x >> 32) as u32;
+    }
+}
+
+/// Reads an input ciphertext's `b` half from its [`INPUT_WORDS`] words.
+pub fn input_from_words(words: &[u32], b: &mut [u64]) {
+    assert!(b.len() == N && words.len() == INPUT_WORDS, "one polynomial");
+    for (x, w) in b.iter_mut().zip(words.chunks_exact(2)) {
+        *x = w[0] as u64 | (w[1] as u64) << 32;
+    }
+}
+
+/// Packs a switched result ciphertext (`a` and `b`, each `N` values below `2^(64 - drop)`, as
+/// [`mod_switch`] leaves them) into [`ModSwitch::result_words`] words: first the `a` values, then
+/// the `b` values, each `64 - drop` bits wide, as one little-endian bit stream.
+pub fn pack_result(a: &[u64], b: &[u64], switch: ModSwitch, out: &mut [u32]) {
+    assert!(a.len() == N && b.len() == N, "one polynomial each");
+    assert_eq!(out.len(), switch.result_words(), "packed length");
+    let split = N * (64 - switch.drop_a as usize) / 32;
+    let (oa, ob) = out.split_at_mut(split);
+    pack_bits(a, 64 - switch.drop_a, oa);
+    pack_bits(b, 64 - switch.drop_b, ob);
+}
+
+/// Unpacks [`pack_result`]'s words into `a` and `b` (values below `2^(64 - drop)`, what
+/// [`decrypt`] reads).
+pub fn unpack_result(words: &[u32], switch: ModSwitch, a: &mut [u64], b: &mut [u64]) {
+    assert!(a.len() == N && b.len() == N, "one polynomial each");
+    assert_eq!(words.len(), switch.result_words(), "packed length");
+    let split = N * (64 - switch.drop_a as usize) / 32;
+    let (wa, wb) = words.split_at(split);
+    unpack_bits(wa, 64 - switch.drop_a, a);
+    unpack_bits(wb, 64 - switch.drop_b, b);
+}
+
+/// `width`-bit values (`1..=64`) as one little-endian bit stream of `u32` words.
+fn pack_bits(values: &[u64], width: u32, out: &mut [u32]) {
+    let mask = if width == 64 {
+        u64::MAX
+    } else {
+        (1 << width) - 1
+    };
+    let (mut acc, mut bits, mut at) = (0u128, 0u32, 0usize);
+    for &v in values {
+        acc |= ((v & mask) as u128) << bits;
+        bits += width;
+        while bits >= 32 {
+            out[at] = acc as u32;
+            at += 1;
+            acc >>= 32;
+            bits -= 32;
+        }
+    }
+    if bits > 0 {
+        out[at] = acc as u32;
+    }
+}
+
+fn unpack_bits(words: &[u32], width: u32, values: &mut [u64]) {
+    let mask = if width == 64 {
+        u64::MAX
+    } else {
+        (1 << width) - 1
+    };
+    let (mut acc, mut bits, mut at) = (0u128, 0u32, 0usize);
+    for v in values.iter_mut() {
+        while bits < width {
+            acc |= (words.get(at).copied().unwrap_or(0) as u128) << bits;
+            at += 1;
+            bits += 32;
+        }
+        *v = acc as u64 & mask;
+        acc >>= width;
+        bits -= width;
+    }
 }
 
 /// Decrypts a result ciphertext `(a, b)` (each `N` words, switched by `switch`: only the low
@@ -352,6 +462,74 @@ mod tests {
     use super::*;
     use std::vec;
     use std::vec::Vec;
+
+    #[test]
+    fn packing_round_trips_every_width_and_extreme_values() {
+        let mut r = rng(11);
+        for switch in [
+            ModSwitch::NONE,
+            ModSwitch::RECOMMENDED,
+            ModSwitch {
+                drop_a: 31,
+                drop_b: 1,
+            },
+            ModSwitch {
+                drop_a: 5,
+                drop_b: 47,
+            },
+        ] {
+            let ma = u64::MAX >> switch.drop_a;
+            let mb = u64::MAX >> switch.drop_b;
+            let mut a: Vec<u64> = (0..N).map(|_| r.next_u64() & ma).collect();
+            let mut b: Vec<u64> = (0..N).map(|_| r.next_u64() & mb).collect();
+            (a[0], a[N - 1], b[0], b[N - 1]) = (ma, 0, 0, mb);
+            let mut words = vec![0u32; switch.result_words()];
+            pack_result(&a, &b, switch, &mut words);
+            let (mut a2, mut b2) = (vec![0u64; N], vec![0u64; N]);
+            unpack_result(&words, switch, &mut a2, &mut b2);
+            assert!(a == a2 && b == b2, "{switch:?}");
+        }
+        assert_eq!(ModSwitch::RECOMMENDED.result_words(), 9856);
+        let mut b: Vec<u64> = (0..N).map(|_| r.next_u64()).collect();
+        b[1] = u64::MAX;
+        let mut w = vec![0u32; INPUT_WORDS];
+        input_words(&b, &mut w);
+        let mut back = vec![0u64; N];
+        input_from_words(&w, &mut back);
+        assert_eq!(b, back);
+    }
+
+    #[test]
+    fn the_fewest_bits_switch_keeps_the_failure_bound() {
+        for in_dim in [1u64, 768, 3072, 6400] {
+            let norm2 = in_dim * 127 * 127;
+            let s = ModSwitch::fewest_bits_for(norm2);
+            assert!(
+                log2_failure_bound(norm2, s) <= noise::MAX_LOG2_FAILURE,
+                "{in_dim}"
+            );
+            // One bit fewer on either half breaks the bound.
+            for t in [
+                ModSwitch {
+                    drop_a: s.drop_a + 1,
+                    ..s
+                },
+                ModSwitch {
+                    drop_b: s.drop_b + 1,
+                    ..s
+                },
+            ] {
+                assert!(
+                    log2_failure_bound(norm2, t) > noise::MAX_LOG2_FAILURE,
+                    "{in_dim} {t:?}"
+                );
+            }
+        }
+        assert!(
+            ModSwitch::fewest_bits_for(3072 * 127 * 127).bits_per_coefficient()
+                <= ModSwitch::RECOMMENDED.bits_per_coefficient()
+        );
+    }
 
     fn rng(seed: u64) -> ChaCha20Rng {
         ChaCha20Rng::seed_from_u64(seed)

@@ -563,7 +563,10 @@ impl CpuSplit {
             return None;
         }
         let server = all.split_off(1);
-        Some(CpuSplit { client: all, server })
+        Some(CpuSplit {
+            client: all,
+            server,
+        })
     }
 }
 

@@ -181,7 +181,11 @@ fn presets_have_the_shapes_of_the_hub_models() {
     ] {
         let c = p.config();
         assert_eq!((c.n_layer, c.n_embd, c.n_head), (l, d, h), "{p:?}");
-        assert_eq!((c.n_inner, c.vocab_size, c.n_positions), (4 * d, 50257, 1024), "{p:?}");
+        assert_eq!(
+            (c.n_inner, c.vocab_size, c.n_positions),
+            (4 * d, 50257, 1024),
+            "{p:?}"
+        );
         assert_eq!(c.n_embd / c.n_head, 64, "{p:?}: GPT-2 heads are 64 wide");
     }
 }
