@@ -18,6 +18,7 @@ use embedded_io_adapters::std::FromStd;
 use rand_core::RngCore as _;
 use veil_core::mask::MaskedRows;
 use veil_core::model::LinearId;
+use veil_core::rlwe::{ModSwitch, Seed};
 use veil_core::wire::auth::PskKey;
 use veil_core::wire::{ClientConnection, ClientError, ClientEvent, ClientSettings, MAX_FRAME};
 
@@ -200,7 +201,7 @@ impl<R: Read, W: Write> Connection<R, W> {
         // The hello; `receive` sends what the machine answers after it (the proof).
         match c.receive(&mut []) {
             Ok(ClientEvent::Connected { .. }) => Ok(c),
-            Ok(ClientEvent::Result { .. }) => Err(TransportError::Server(ClientError::NotReady)),
+            Ok(_) => Err(TransportError::Server(ClientError::NotReady)),
             Err(e) => {
                 // The machine may have queued an Error telling the server why we leave.
                 let _ = c.flush_control();
@@ -309,7 +310,43 @@ impl<R: Read, W: Write> Connection<R, W> {
     pub fn receive_result(&mut self, reply: &mut [u32]) -> Result<(), TransportError> {
         match self.receive(reply)? {
             ClientEvent::Result { .. } => Ok(()),
-            ClientEvent::Connected { .. } => Err(TransportError::Server(ClientError::NotReady)),
+            _ => Err(TransportError::Server(ClientError::NotReady)),
+        }
+    }
+
+    /// Starts the offline phase of one layer for one RLWE key (see
+    /// [`ClientConnection::begin_offline`]); then [`Connection::send_ciphertext`] `in_dim` times
+    /// and [`Connection::receive_offline_output`] `out_dim` times.
+    pub fn begin_offline(
+        &mut self,
+        linear: LinearId,
+        in_dim: usize,
+        out_dim: usize,
+        seed: Seed,
+        switch: ModSwitch,
+    ) -> Result<(), TransportError> {
+        self.machine
+            .begin_offline(linear, in_dim, out_dim, seed, switch)?;
+        self.stats.round_trips += 1;
+        Ok(())
+    }
+
+    /// Sends the next input ciphertext (its [`veil_core::rlwe::INPUT_WORDS`] words).
+    pub fn send_ciphertext(&mut self, words: &[u32]) -> Result<(), TransportError> {
+        let n = self.machine.poll_transmit_ciphertext(words, &mut self.tx);
+        if let Some(e) = self.machine.failure() {
+            return Err(e.into());
+        }
+        self.write(n)
+    }
+
+    /// Receives the next result ciphertext of the offline layer into `reply` (its
+    /// [`ModSwitch::result_words`] words); returns its output index.
+    pub fn receive_offline_output(&mut self, reply: &mut [u32]) -> Result<usize, TransportError> {
+        self.writer.flush().map_err(|e| self.io_error(e))?;
+        match self.receive(reply)? {
+            ClientEvent::OfflineOutput { output, .. } => Ok(output),
+            _ => Err(TransportError::Server(ClientError::NotReady)),
         }
     }
 

@@ -24,9 +24,11 @@ use rand_core::{OsRng, RngCore as _};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use veil_core::kernels::matmul_u32_i8;
 use veil_core::model::LinearId;
+use veil_core::rlwe::layer::{absorb_inputs, results, store_words};
+use veil_core::rlwe::N as RLWE_N;
 use veil_core::wire::{
-    ComputeJob, Ending, ErrorCode, JobHeader, ServerConnection, ServerError, ServerSettings,
-    MAX_FRAME,
+    ComputeJob, Ending, ErrorCode, JobHeader, JobKind, ServerConnection, ServerError,
+    ServerSettings, MAX_FRAME,
 };
 
 use crate::batch::{Batcher, Registration};
@@ -112,6 +114,7 @@ where
         fingerprint: weights.fingerprint(),
         max_rows: config.max_rows,
         psk: config.psk,
+        offline_inputs: config.offline_inputs,
     };
     // Registered for as long as the connection lives.
     let compute = match batcher {
@@ -125,6 +128,7 @@ where
         &mut stream,
         settings,
         &compute,
+        &weights,
         config.idle_timeout,
         &|| weights.count_computed(),
     )
@@ -203,11 +207,82 @@ fn multiply(m: &impl Matrices, job: &mut Job) -> bool {
     true
 }
 
+/// One step of an offline layer on the blocking pool: keep input ciphertexts in `store`
+/// (allocated at the layer's first step), or compute results from it (dropped after the last),
+/// the outputs shared among the CPUs. Returns the job, the store to keep, and whether it
+/// succeeded.
+async fn offline_step<M: Matrices>(
+    job: Job,
+    store: Option<Vec<u64>>,
+    weights: Arc<M>,
+) -> (Job, Option<Vec<u64>>, bool) {
+    let h = job.header();
+    let task = tokio::task::spawn_blocking(move || {
+        let mut job = job;
+        let mut store = store;
+        let done = catch_unwind(AssertUnwindSafe(|| {
+            offline_compute(&*weights, &mut job, &mut store)
+        }));
+        let ok = matches!(done, Ok(true));
+        (job, if ok { store } else { None }, ok)
+    });
+    task.await.unwrap_or_else(|_| (lost(h), None, false))
+}
+
+fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<Vec<u64>>) -> bool {
+    let in_dim = job.in_dim;
+    match job.kind {
+        JobKind::OfflineInputs { seed, first, count } => {
+            let s = store.get_or_insert_with(|| vec![0u64; store_words(in_dim)]);
+            if first == 0 {
+                s.resize(store_words(in_dim), 0);
+            }
+            absorb_inputs(&seed, first, count, job.offline_inputs(), s);
+            true
+        }
+        JobKind::OfflineResults {
+            first,
+            count,
+            switch,
+        } => {
+            let (Some(s), Some(w)) = (
+                store.as_ref(),
+                m.matrix(job.linear)
+                    .filter(|w| w.len() == in_dim * job.out_dim),
+            ) else {
+                return false;
+            };
+            let rw = switch.result_words();
+            let out = job.offline_results_mut();
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(count);
+            let per = count.div_ceil(threads.max(1));
+            std::thread::scope(|scope| {
+                for (t, part) in out.chunks_mut(per * rw).enumerate() {
+                    let j0 = first + t * per;
+                    let n = part.len() / rw;
+                    scope.spawn(move || {
+                        let mut tmp = vec![0u64; n * 2 * RLWE_N];
+                        results(s, w, in_dim, j0..j0 + n, switch, &mut tmp, part);
+                    });
+                }
+            });
+            if first + count == job.out_dim {
+                *store = None;
+            }
+            true
+        }
+        JobKind::Products => false,
+    }
+}
+
 /// One conversation over `stream` with a fresh machine; closes (or lingers after a refusal).
 async fn converse<S, M>(
     stream: &mut S,
     settings: ServerSettings,
     compute: &Compute<M>,
+    weights: &Arc<M>,
     idle: Duration,
     computed: &(dyn Fn() + Sync),
 ) -> Result<Ending, ConnError>
@@ -229,7 +304,7 @@ where
     )
     .map_err(io::Error::other)?;
     let mut tx = vec![0u8; TX_BYTES].into_boxed_slice();
-    let transport = drive(stream, &mut conn, &mut tx, compute, idle, computed).await;
+    let transport = drive(stream, &mut conn, &mut tx, compute, weights, idle, computed).await;
     match (conn.outcome(), transport) {
         (Some(Err(e)), transport) if e.code().is_some() => {
             // The Error frame is out, unless the transport failed on the way.
@@ -261,6 +336,7 @@ async fn drive<S, M>(
     conn: &mut ServerConnection<Box<[u8]>, Vec<u32>>,
     tx: &mut [u8],
     compute: &Compute<M>,
+    weights: &Arc<M>,
     idle: Duration,
     computed: &(dyn Fn() + Sync),
 ) -> io::Result<()>
@@ -268,6 +344,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     M: Matrices,
 {
+    // The offline layer's input ciphertexts, while one is in progress.
+    let mut store: Option<Vec<u64>> = None;
     loop {
         // Frames due, encoded by the machine straight into `tx`, written as they are.
         loop {
@@ -286,6 +364,16 @@ where
             return Ok(());
         }
         if let Some(job) = conn.poll_job() {
+            if job.kind != JobKind::Products {
+                let (job, kept, ok) = offline_step(job, store.take(), weights.clone()).await;
+                store = kept;
+                if ok {
+                    conn.finish_job(job);
+                } else {
+                    conn.fail_job(job);
+                }
+                continue;
+            }
             match compute.run(job).await {
                 Ok(job) => {
                     computed();
@@ -401,6 +489,7 @@ mod tests {
             fingerprint,
             max_rows: 4,
             psk: None,
+            offline_inputs: 0,
         };
         let words = [0x5Au8; 64];
         let script = frames(&[
@@ -421,7 +510,8 @@ mod tests {
             },
         ]);
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let compute = Compute::Alone(Arc::new(NoMatrices));
+        let none = Arc::new(NoMatrices);
+        let compute = Compute::Alone(none.clone());
         let counted = std::sync::atomic::AtomicUsize::new(0);
         let count = || {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -438,6 +528,7 @@ mod tests {
                 &mut server,
                 settings,
                 &compute,
+                &none,
                 Duration::from_secs(5),
                 &count
             ),

@@ -41,6 +41,12 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_secs: u64,
 
+    /// Offline-phase input ciphertexts one connection may send (`veil-client precompute
+    /// --server`: each is 32 KiB up and costs this server `out · 8192` multiply-adds; a batch of
+    /// 4096 distilgpt2 tokens needs 33 024). 0 turns the offline phase off.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    offline_inputs: u64,
+
     /// Pre-shared key file (hex text, or raw bytes; at least 16 bytes): clients must prove they
     /// hold the same key before anything is computed for them. Without it, anyone may connect.
     #[arg(long, value_name = "FILE")]
@@ -98,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         psk,
+        offline_inputs: args.offline_inputs,
     };
     let per_conn = {
         let (widest_in, widest_out) = weights.config().widest_linear();

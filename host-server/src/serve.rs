@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// With a key, clients must prove they hold it in the hello; without, anyone may connect.
     pub psk: Option<PskKey>,
+    /// Offline-phase input ciphertexts one connection may send (each 32 KiB up and
+    /// `out_dim · 8192` multiply-adds here); 0 turns the offline phase off.
+    pub offline_inputs: u64,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +40,8 @@ impl Default for ServerConfig {
             max_connections: 64,
             idle_timeout: Duration::from_secs(300),
             psk: None,
+            // About 32 GiB up: some 30 batches of 4096 distilgpt2 tokens.
+            offline_inputs: 1 << 20,
         }
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 use veil_core::model::format::{LinearLayout, LINEAR_FILE};
-use veil_core::model::{FormatError, LinearId, LinearKind, LinearWeights, ModelConfig};
+use veil_core::model::{FormatError, LinearId, LinearWeights, ModelConfig};
 
 /// Where the weight bytes live.
 enum Backing {

@@ -16,6 +16,7 @@ use super::frame::{encode_frame, FrameDecoder, FrameError, MAX_FRAME};
 use super::message::{ErrorCode, Message, PROTOCOL_VERSION};
 use crate::mask::MaskedRows;
 use crate::model::LinearId;
+use crate::rlwe::{ModSwitch, Seed, INPUT_WORDS};
 
 /// What the client brings to a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +42,14 @@ pub enum ClientEvent {
         /// The request id.
         request: u32,
     },
+    /// Result ciphertext `output` of offline request `request` is in the reply buffer (its
+    /// [`ModSwitch::result_words`] words, packed).
+    OfflineOutput {
+        /// The request id.
+        request: u32,
+        /// The output index.
+        output: usize,
+    },
 }
 
 /// What the client was waiting for when something went wrong.
@@ -50,6 +59,13 @@ pub enum Waiting {
     Handshake,
     /// The reply to one request.
     Reply {
+        /// The request id.
+        request: u32,
+        /// Its layer.
+        linear: LinearId,
+    },
+    /// The results of an offline layer.
+    Offline {
         /// The request id.
         request: u32,
         /// Its layer.
@@ -65,6 +81,12 @@ impl core::fmt::Display for Waiting {
             Waiting::Handshake => f.write_str("during the handshake"),
             Waiting::Reply { request, linear } => {
                 write!(f, "waiting for the reply to request {request} ({linear})")
+            }
+            Waiting::Offline { request, linear } => {
+                write!(
+                    f,
+                    "waiting for the offline results of request {request} ({linear})"
+                )
             }
             Waiting::Idle => f.write_str("between requests"),
         }
@@ -251,8 +273,33 @@ enum Phase {
     Awaiting { req: Request },
     /// Taking the request's products.
     Receiving { req: Request, products: WordCursor },
+    /// Offline: sending the layer's header (unless `header_sent`) and input ciphertexts.
+    OfflineSending {
+        off: Offline,
+        header_sent: bool,
+        sent: usize,
+    },
+    /// Offline: waiting for the `OfflineResult` header.
+    OfflineAwaiting { off: Offline },
+    /// Offline: taking result ciphertext `index`.
+    OfflineReceiving {
+        off: Offline,
+        index: usize,
+        words: WordCursor,
+    },
     /// Failed or said goodbye: a queued `Error` or `Bye` may still go out.
     Closed,
+}
+
+/// The offline layer in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Offline {
+    request: u32,
+    linear: LinearId,
+    in_dim: usize,
+    out_dim: usize,
+    seed: Seed,
+    switch: ModSwitch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,8 +372,90 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> ClientConnection<R> {
                     linear: req.linear,
                 }
             }
+            Phase::OfflineSending { off, .. }
+            | Phase::OfflineAwaiting { off }
+            | Phase::OfflineReceiving { off, .. } => Waiting::Offline {
+                request: off.request,
+                linear: off.linear,
+            },
             Phase::Ready | Phase::Closed => Waiting::Idle,
         }
+    }
+
+    /// Starts the offline phase of `linear` (widths `in_dim` → `out_dim`) for one RLWE key: the
+    /// `in_dim` input ciphertexts go out, in order, with
+    /// [`ClientConnection::poll_transmit_ciphertext`]; the results then arrive one by one
+    /// through [`ClientConnection::handle_received`] ([`ClientEvent::OfflineOutput`]). `seed`
+    /// must be fresh for the key. Returns the request id.
+    pub fn begin_offline(
+        &mut self,
+        linear: LinearId,
+        in_dim: usize,
+        out_dim: usize,
+        seed: Seed,
+        switch: ModSwitch,
+    ) -> Result<u32, ClientError> {
+        if self.st.phase != Phase::Ready {
+            return Err(self.st.failure.unwrap_or(ClientError::NotReady));
+        }
+        let request = self.st.next_request;
+        self.st.next_request = self.st.next_request.wrapping_add(1);
+        self.st.phase = Phase::OfflineSending {
+            off: Offline {
+                request,
+                linear,
+                in_dim,
+                out_dim,
+                seed,
+                switch,
+            },
+            header_sent: false,
+            sent: 0,
+        };
+        Ok(request)
+    }
+
+    /// Encodes the next input ciphertext of the offline layer (its [`INPUT_WORDS`] words, from
+    /// [`crate::rlwe::input_words`]), preceded by the layer's header before the first, into
+    /// `out` (at least `2 ·` [`MAX_FRAME`] bytes); returns the bytes written, 0 if no ciphertext
+    /// is due.
+    pub fn poll_transmit_ciphertext(&mut self, words: &[u32], out: &mut [u8]) -> usize {
+        let Phase::OfflineSending {
+            off,
+            header_sent,
+            sent,
+        } = self.st.phase
+        else {
+            return 0;
+        };
+        if words.len() != INPUT_WORDS || out.len() < 2 * MAX_FRAME {
+            // A caller bug, not the server's.
+            self.st.fail(ClientError::NotReady);
+            return 0;
+        }
+        let mut at = 0;
+        if !header_sent {
+            let msg = Message::OfflineLayer {
+                request: off.request,
+                linear: off.linear,
+                seed: off.seed.0,
+                drop_a: off.switch.drop_a as u8,
+                drop_b: off.switch.drop_b as u8,
+            };
+            at += encode_frame(&msg, out).unwrap_or(0);
+        }
+        let mut one = WordCursor::new(INPUT_WORDS);
+        at += one.emit(words, &mut out[at..]).unwrap_or(0);
+        self.st.phase = if sent + 1 == off.in_dim {
+            Phase::OfflineAwaiting { off }
+        } else {
+            Phase::OfflineSending {
+                off,
+                header_sent: true,
+                sent: sent + 1,
+            }
+        };
+        at
     }
 
     /// Starts a request: `rows` masked rows for `linear` (of widths `in_dim` → `out_dim`). The
@@ -455,7 +584,7 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> ClientConnection<R> {
             }
             if matches!(
                 self.st.phase,
-                Phase::Ready | Phase::Sending { .. } | Phase::Closed
+                Phase::Ready | Phase::Sending { .. } | Phase::OfflineSending { .. } | Phase::Closed
             ) {
                 // Nothing is expected from the server now; later frames wait in the buffer.
                 if self.st.phase == Phase::Ready && !self.rx.at_boundary() {
@@ -637,8 +766,63 @@ impl State {
                 expected: "Data",
                 got: other.name(),
             }),
+            (Phase::OfflineAwaiting { off }, Message::OfflineResult { request }) => {
+                if request != off.request {
+                    return Err(ClientError::WrongResult {
+                        request: off.request,
+                        got_request: request,
+                        got_rows: 0,
+                    });
+                }
+                *next = Phase::OfflineReceiving {
+                    off,
+                    index: 0,
+                    words: WordCursor::new(off.switch.result_words()),
+                };
+                Ok(None)
+            }
+            (Phase::OfflineAwaiting { .. }, other) => Err(ClientError::Unexpected {
+                expected: "the OfflineResult of our offline layer",
+                got: other.name(),
+            }),
+            (
+                Phase::OfflineReceiving {
+                    off,
+                    index,
+                    mut words,
+                },
+                Message::Data { words: chunk },
+            ) => {
+                words
+                    .accept(chunk, reply)
+                    .map_err(ClientError::DataLength)?;
+                if !words.is_complete() {
+                    *next = Phase::OfflineReceiving { off, index, words };
+                    return Ok(None);
+                }
+                *next = if index + 1 == off.out_dim {
+                    Phase::Ready
+                } else {
+                    Phase::OfflineReceiving {
+                        off,
+                        index: index + 1,
+                        words: WordCursor::new(off.switch.result_words()),
+                    }
+                };
+                Ok(Some(ClientEvent::OfflineOutput {
+                    request: off.request,
+                    output: index,
+                }))
+            }
+            (Phase::OfflineReceiving { .. }, other) => Err(ClientError::Unexpected {
+                expected: "Data (a result ciphertext)",
+                got: other.name(),
+            }),
             // Not fed in these phases (see `handle_received`).
-            (Phase::Ready | Phase::Sending { .. } | Phase::Closed, _) => Ok(None),
+            (
+                Phase::Ready | Phase::Sending { .. } | Phase::OfflineSending { .. } | Phase::Closed,
+                _,
+            ) => Ok(None),
         }
     }
 

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 /// Version of this protocol; peers with another version refuse each other in the hello.
 ///
 /// 2: an empty `Data` frame is refused by both sides, and [`ErrorCode::ComputeFailed`] exists.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the offline phase ([`Message::OfflineLayer`], [`Message::OfflineResult`],
+/// [`ErrorCode::OfflineRefused`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest `Data` payload in bytes (a multiple of 4).
 pub const MAX_CHUNK_BYTES: usize = 32 * 1024;
 /// Largest frame body (a `Data` frame with a full chunk plus postcard overhead).
@@ -83,6 +85,9 @@ pub enum ErrorCode {
     /// The server could not compute a request it had accepted (an internal fault, not the
     /// client's); the client may retry on a new connection.
     ComputeFailed,
+    /// The server takes no offline work, no more from this connection, or not with these
+    /// parameters.
+    OfflineRefused,
 }
 
 impl core::fmt::Display for ErrorCode {
@@ -99,6 +104,7 @@ impl core::fmt::Display for ErrorCode {
             ErrorCode::Timeout => "timed out",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ComputeFailed => "the server failed to compute the request",
+            ErrorCode::OfflineRefused => "offline work refused",
         })
     }
 }
@@ -177,6 +183,31 @@ pub enum Message<'a> {
         /// The server's MAC.
         mac: [u8; 32],
     },
+    /// Client → server: the offline phase of one layer for one RLWE key. The layer's `in_dim`
+    /// input ciphertexts follow in order, one `Data` frame each (the `b` half,
+    /// [`crate::rlwe::INPUT_WORDS`] words); ciphertext `i`'s `a` half is
+    /// [`crate::rlwe::expand_a`]`(seed, i)`. The server answers with [`Message::OfflineResult`].
+    OfflineLayer {
+        /// Client-chosen id echoed in the result.
+        #[serde(with = "postcard::fixint::le")]
+        request: u32,
+        /// The layer.
+        linear: LinearId,
+        /// The seed of the `a` halves (fresh per key and layer, chosen by the client).
+        seed: [u8; 32],
+        /// Low bits the server drops from each result's `a` half ([`crate::rlwe::ModSwitch`]).
+        drop_a: u8,
+        /// Low bits dropped from each result's `b` half.
+        drop_b: u8,
+    },
+    /// Server → client: the layer's `out_dim` result ciphertexts follow in order, each as
+    /// [`crate::rlwe::pack_result`]'s words in whole `Data` frames (a ciphertext's last frame is
+    /// short; no frame holds two ciphertexts).
+    OfflineResult {
+        /// The `OfflineLayer`'s id.
+        #[serde(with = "postcard::fixint::le")]
+        request: u32,
+    },
 }
 
 impl Message<'_> {
@@ -193,6 +224,8 @@ impl Message<'_> {
             Message::Challenge { .. } => "Challenge",
             Message::Proof { .. } => "Proof",
             Message::ServerProof { .. } => "ServerProof",
+            Message::OfflineLayer { .. } => "OfflineLayer",
+            Message::OfflineResult { .. } => "OfflineResult",
         }
     }
 }

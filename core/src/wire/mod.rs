@@ -52,6 +52,6 @@ pub use message::{
     ErrorCode, Message, WordBytes, MAX_CHUNK_BYTES, MAX_FRAME_BODY, PROTOCOL_VERSION,
 };
 pub use server::{
-    busy_frame, ComputeJob, Ending, JobHeader, ServerConnection, ServerError, ServerSettings,
-    SetupError,
+    busy_frame, ComputeJob, Ending, JobHeader, JobKind, OfflineRefusal, ServerConnection,
+    ServerError, ServerSettings, SetupError,
 };

@@ -14,6 +14,7 @@ use super::chunks::{DataLengthError, WordCursor};
 use super::frame::{encode_frame, FrameDecoder, FrameError, MAX_FRAME};
 use super::message::{ErrorCode, Message, PROTOCOL_VERSION};
 use crate::model::{LinearId, ModelConfig};
+use crate::rlwe::{ModSwitch, Seed, INPUT_WORDS};
 
 /// What the server accepts, fixed for a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,30 +27,74 @@ pub struct ServerSettings {
     pub max_rows: u32,
     /// With a key, a client must prove it holds the same key before anything else.
     pub psk: Option<PskKey>,
+    /// Input ciphertexts of the offline phase this connection may send in its lifetime (each
+    /// costs the server `out_dim · 2N` multiply-adds); 0 turns the offline phase off.
+    pub offline_inputs: u64,
 }
 
 impl ServerSettings {
     /// Words of the job input buffer a connection needs: `max_rows` rows of the widest input.
     pub fn input_words(&self) -> usize {
-        self.max_rows.max(1) as usize * self.model.widest_linear().0
+        let rows = self.max_rows.max(1) as usize * self.model.widest_linear().0;
+        if self.offline_inputs > 0 {
+            rows.max(INPUT_WORDS)
+        } else {
+            rows
+        }
     }
 
     /// Words of the job output buffer: `max_rows` rows of the widest output (the vocabulary).
     pub fn output_words(&self) -> usize {
-        self.max_rows.max(1) as usize * self.model.widest_linear().1
+        let rows = self.max_rows.max(1) as usize * self.model.widest_linear().1;
+        if self.offline_inputs > 0 {
+            rows.max(ModSwitch::NONE.result_words())
+        } else {
+            rows
+        }
     }
 }
 
-/// A request whose masked rows have all arrived: the host computes
-/// `products_mut() = masked_rows() · W_linear (mod 2^32)` and hands the job back with
+/// What a [`ComputeJob`] asks of the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    /// `products_mut() = masked_rows() · W_linear (mod 2^32)`.
+    Products,
+    /// Offline phase: input ciphertexts `first..first + count` of the layer have arrived, their
+    /// `b` halves in [`ComputeJob::offline_inputs`]; the host keeps them (with the `a` halves it
+    /// expands from `seed`) until all `in_dim` are in. Nothing is written to the output.
+    OfflineInputs {
+        /// The seed of the `a` halves.
+        seed: Seed,
+        /// The first ciphertext's index.
+        first: usize,
+        /// How many.
+        count: usize,
+    },
+    /// Offline phase: the host writes result ciphertexts `first..first + count` (output `j` is
+    /// `Σ_i W[j][i] · C_i`, switched by `switch` and packed by [`crate::rlwe::pack_result`]) into
+    /// [`ComputeJob::offline_results_mut`]; the machine sends them.
+    OfflineResults {
+        /// The first output's index.
+        first: usize,
+        /// How many.
+        count: usize,
+        /// The modulus switch the client asked for.
+        switch: ModSwitch,
+    },
+}
+
+/// Work for the host: a request whose masked rows have all arrived ([`JobKind::Products`]), or
+/// a step of an offline layer. The host does it and hands the job back with
 /// [`ServerConnection::finish_job`] (or [`ServerConnection::fail_job`]).
 #[derive(Debug)]
 pub struct ComputeJob<B> {
+    /// What to do.
+    pub kind: JobKind,
     /// The client's request id.
     pub request: u32,
     /// The layer (validated: it exists in the model).
     pub linear: LinearId,
-    /// Rows (validated: `1..=max_rows`).
+    /// Rows (validated: `1..=max_rows`; 0 for offline steps).
     pub rows: usize,
     /// Input width of the layer.
     pub in_dim: usize,
@@ -71,6 +116,26 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> ComputeJob<B> {
         &mut self.output.as_mut()[..n]
     }
 
+    /// The `b` halves of an [`JobKind::OfflineInputs`] step: `count` ciphertexts of
+    /// [`INPUT_WORDS`] words (empty for other kinds).
+    pub fn offline_inputs(&self) -> &[u32] {
+        match self.kind {
+            JobKind::OfflineInputs { count, .. } => &self.input.as_ref()[..count * INPUT_WORDS],
+            _ => &[],
+        }
+    }
+
+    /// Where an [`JobKind::OfflineResults`] step's `count` packed results go (empty for other
+    /// kinds).
+    pub fn offline_results_mut(&mut self) -> &mut [u32] {
+        match self.kind {
+            JobKind::OfflineResults { count, switch, .. } => {
+                &mut self.output.as_mut()[..count * switch.result_words()]
+            }
+            _ => &mut [],
+        }
+    }
+
     /// Both at once (a kernel reads one while writing the other).
     pub fn split(&mut self) -> (&[u32], &mut [u32]) {
         let (i, o) = (self.rows * self.in_dim, self.rows * self.out_dim);
@@ -86,6 +151,7 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> ComputeJob<B> {
     /// The job's description without its buffers.
     pub fn header(&self) -> JobHeader {
         JobHeader {
+            kind: self.kind,
             request: self.request,
             linear: self.linear,
             rows: self.rows,
@@ -97,6 +163,7 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> ComputeJob<B> {
     /// Reassembles a job taken apart with [`ComputeJob::into_parts`].
     pub fn from_parts(header: JobHeader, input: B, output: B) -> Self {
         ComputeJob {
+            kind: header.kind,
             request: header.request,
             linear: header.linear,
             rows: header.rows,
@@ -111,6 +178,8 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> ComputeJob<B> {
 /// A job's description without its buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobHeader {
+    /// What to do.
+    pub kind: JobKind,
     /// The client's request id.
     pub request: u32,
     /// The layer.
@@ -204,6 +273,13 @@ pub enum ServerError {
         /// The request id.
         request: u32,
     },
+    /// An offline layer we do not take.
+    OfflineRefused {
+        /// The request id.
+        request: u32,
+        /// Why.
+        reason: OfflineRefusal,
+    },
     /// The client closed the connection inside a frame or a request (nothing is sent).
     Truncated {
         /// The request whose rows were coming, if any.
@@ -225,6 +301,7 @@ impl ServerError {
             ServerError::DataLength { .. } => ErrorCode::WrongDataLength,
             ServerError::Idle => ErrorCode::Timeout,
             ServerError::ComputeFailed { .. } => ErrorCode::ComputeFailed,
+            ServerError::OfflineRefused { .. } => ErrorCode::OfflineRefused,
             ServerError::Truncated { .. } => return None,
         })
     }
@@ -268,6 +345,9 @@ impl core::fmt::Display for ServerError {
             ServerError::ComputeFailed { request } => {
                 write!(f, "request {request}: the product could not be computed")
             }
+            ServerError::OfflineRefused { request, reason } => {
+                write!(f, "offline request {request}: {reason}")
+            }
             ServerError::Truncated { request: Some(r) } => {
                 write!(
                     f,
@@ -282,6 +362,42 @@ impl core::fmt::Display for ServerError {
 }
 
 impl core::error::Error for ServerError {}
+
+/// Why an offline layer was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfflineRefusal {
+    /// This server takes no offline work.
+    Disabled,
+    /// The layer needs more input ciphertexts than the connection may still send.
+    Budget {
+        /// Ciphertexts the connection may still send.
+        left: u64,
+        /// Ciphertexts the layer needs (its input width).
+        wanted: usize,
+    },
+    /// A modulus switch that drops 64 or more bits.
+    Switch {
+        /// Bits dropped from `a`.
+        drop_a: u8,
+        /// Bits dropped from `b`.
+        drop_b: u8,
+    },
+}
+
+impl core::fmt::Display for OfflineRefusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            OfflineRefusal::Disabled => f.write_str("this server takes no offline work"),
+            OfflineRefusal::Budget { left, wanted } => write!(
+                f,
+                "the layer needs {wanted} input ciphertexts, this connection may send {left} more"
+            ),
+            OfflineRefusal::Switch { drop_a, drop_b } => {
+                write!(f, "cannot drop {drop_a}/{drop_b} of 64 bits")
+            }
+        }
+    }
+}
 
 /// Why a connection could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,8 +452,48 @@ enum Phase {
         header_sent: bool,
         products: WordCursor,
     },
+    /// Offline: taking input ciphertexts `first..first + count` (one step's worth).
+    OfflineReceiving {
+        off: Offline,
+        first: usize,
+        count: usize,
+        words: WordCursor,
+    },
+    /// Offline: those inputs are with the host.
+    OfflineInputs {
+        off: Offline,
+        first: usize,
+        count: usize,
+    },
+    /// Offline: results `first..first + count` are being computed by the host.
+    OfflineResults {
+        off: Offline,
+        first: usize,
+        count: usize,
+    },
+    /// Offline: sending those results (after the `OfflineResult` header, sent before the first
+    /// step's), ciphertext `sent` with `words`.
+    OfflineAnswering {
+        off: Offline,
+        header_sent: bool,
+        first: usize,
+        count: usize,
+        sent: usize,
+        words: WordCursor,
+    },
     /// Ended: queued frames (an `Error`) still go out, nothing more comes in.
     Closing,
+}
+
+/// The offline layer being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Offline {
+    request: u32,
+    linear: LinearId,
+    in_dim: usize,
+    out_dim: usize,
+    seed: Seed,
+    switch: ModSwitch,
 }
 
 /// Control frames waiting to go out, in order (at most two are ever queued: `ServerProof` and
@@ -367,6 +523,8 @@ struct State<B> {
     input: Option<B>,
     output: Option<B>,
     outcome: Option<Result<Ending, ServerError>>,
+    /// Offline input ciphertexts the connection may still send.
+    offline_left: u64,
 }
 
 impl<R, B> ServerConnection<R, B>
@@ -388,6 +546,7 @@ where
             max_rows: settings.max_rows.max(1),
             ..settings
         };
+        let offline_left = settings.offline_inputs;
         if input.as_ref().len() < settings.input_words()
             || output.as_ref().len() < settings.output_words()
         {
@@ -403,6 +562,7 @@ where
                 input: Some(input),
                 output: Some(output),
                 outcome: None,
+                offline_left,
             },
         })
     }
@@ -415,12 +575,7 @@ where
     /// Whether the machine wants more bytes from the client now. False while a job is out,
     /// while products are being sent, and once the conversation is over.
     pub fn wants_input(&self) -> bool {
-        self.st.outcome.is_none()
-            && matches!(
-                self.st.phase,
-                Phase::Hello | Phase::Proof { .. } | Phase::Ready | Phase::Receiving { .. }
-            )
-            && self.st.queue[0].is_none()
+        self.st.outcome.is_none() && self.st.phase.takes_input() && self.st.queue[0].is_none()
     }
 
     /// Where to read the client's next bytes into (then [`ServerConnection::handle_received`]).
@@ -449,14 +604,12 @@ where
             return;
         }
         let mid_frame = !self.rx.at_boundary();
-        let end = match self.st.phase {
-            Phase::Receiving { req, .. }
-            | Phase::Computing { req }
-            | Phase::Answering { req, .. } => Err(ServerError::Truncated {
-                request: Some(req.request),
+        let end = match self.st.phase.request() {
+            Some(request) => Err(ServerError::Truncated {
+                request: Some(request),
             }),
-            _ if mid_frame => Err(ServerError::Truncated { request: None }),
-            _ => Ok(Ending::PeerClosed),
+            None if mid_frame => Err(ServerError::Truncated { request: None }),
+            None => Ok(Ending::PeerClosed),
         };
         self.st.end(end);
     }
@@ -470,35 +623,55 @@ where
 
     /// The request whose rows are all in, if any: the host computes it and hands it back.
     pub fn poll_job(&mut self) -> Option<ComputeJob<B>> {
-        let Phase::Computing { req } = self.st.phase else {
-            return None;
-        };
+        let header = self.st.phase.job()?;
         let input = self.st.input.take()?;
         let Some(output) = self.st.output.take() else {
             self.st.input = Some(input);
             return None;
         };
-        Some(ComputeJob {
-            request: req.request,
-            linear: req.linear,
-            rows: req.rows,
-            in_dim: req.in_dim,
-            out_dim: req.out_dim,
-            input,
-            output,
-        })
+        Some(ComputeJob::from_parts(header, input, output))
     }
 
-    /// The job's products are computed: they go out with the next transmits.
+    /// The job is done: products (or offline results) go out with the next transmits; offline
+    /// inputs let the next ones in.
     pub fn finish_job(&mut self, job: ComputeJob<B>) {
-        let req = self.st.take_back(job);
-        if let (Some(req), Phase::Computing { .. }) = (req, self.st.phase) {
-            self.st.phase = Phase::Answering {
+        if !self.st.take_back(job) {
+            return;
+        }
+        let (in_step, out_step) = self.st.offline_steps();
+        self.st.phase = match self.st.phase {
+            Phase::Computing { req } => Phase::Answering {
                 req,
                 header_sent: false,
                 products: WordCursor::new(req.rows * req.out_dim),
-            };
-        }
+            },
+            Phase::OfflineInputs { off, first, count } if first + count == off.in_dim => {
+                Phase::OfflineResults {
+                    off,
+                    first: 0,
+                    count: out_step.min(off.out_dim),
+                }
+            }
+            Phase::OfflineInputs { off, first, count } => {
+                let first = first + count;
+                let count = in_step.min(off.in_dim - first);
+                Phase::OfflineReceiving {
+                    off,
+                    first,
+                    count,
+                    words: WordCursor::new(count * INPUT_WORDS),
+                }
+            }
+            Phase::OfflineResults { off, first, count } => Phase::OfflineAnswering {
+                off,
+                header_sent: first > 0,
+                first,
+                count,
+                sent: 0,
+                words: WordCursor::new(off.switch.result_words()),
+            },
+            other => other,
+        };
     }
 
     /// The job could not be computed: the client is told [`ErrorCode::ComputeFailed`].
@@ -543,12 +716,7 @@ where
     }
 
     fn process(&mut self) {
-        while self.st.outcome.is_none()
-            && matches!(
-                self.st.phase,
-                Phase::Hello | Phase::Proof { .. } | Phase::Ready | Phase::Receiving { .. }
-            )
-            && self.st.queue[0].is_none()
+        while self.st.outcome.is_none() && self.st.phase.takes_input() && self.st.queue[0].is_none()
         {
             match self.rx.next_message() {
                 None => break,
@@ -580,20 +748,27 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
         self.end(Err(e));
     }
 
-    fn take_back(&mut self, job: ComputeJob<B>) -> Option<Request> {
-        let req = Request {
-            request: job.request,
-            linear: job.linear,
-            rows: job.rows,
-            in_dim: job.in_dim,
-            out_dim: job.out_dim,
+    /// Takes the job's buffers back; true if it is the job the machine handed out.
+    fn take_back(&mut self, job: ComputeJob<B>) -> bool {
+        let (header, input, output) = job.into_parts();
+        self.input = Some(input);
+        self.output = Some(output);
+        self.phase.job() == Some(header)
+    }
+
+    /// Input ciphertexts per offline inputs step and results per results step: as many as the
+    /// job buffers hold.
+    fn offline_steps(&self) -> (usize, usize) {
+        let input = self.settings.input_words() / INPUT_WORDS;
+        let output = match self.phase {
+            Phase::OfflineInputs { off, .. }
+            | Phase::OfflineResults { off, .. }
+            | Phase::OfflineAnswering { off, .. } => {
+                self.settings.output_words() / off.switch.result_words()
+            }
+            _ => 0,
         };
-        self.input = Some(job.input);
-        self.output = Some(job.output);
-        match self.phase {
-            Phase::Computing { req: ours } if ours == req => Some(req),
-            _ => None,
-        }
+        (input.max(1), output.max(1))
     }
 
     fn handle(&mut self, msg: Message<'_>) {
@@ -666,9 +841,93 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
                     rows: WordCursor::new(req.rows * in_dim),
                 };
             }
+            (
+                Phase::Ready,
+                Message::OfflineLayer {
+                    request,
+                    linear,
+                    seed,
+                    drop_a,
+                    drop_b,
+                },
+            ) => {
+                let cfg = self.settings.model;
+                let refuse = |reason| ServerError::OfflineRefused { request, reason };
+                if self.settings.offline_inputs == 0 {
+                    return self.refuse(refuse(OfflineRefusal::Disabled));
+                }
+                if !linear.is_valid(&cfg) {
+                    return self.refuse(ServerError::UnknownLayer { request, linear });
+                }
+                if drop_a >= 64 || drop_b >= 64 {
+                    return self.refuse(refuse(OfflineRefusal::Switch { drop_a, drop_b }));
+                }
+                let (in_dim, out_dim) = linear.dims(&cfg);
+                if (in_dim as u64) > self.offline_left {
+                    let left = self.offline_left;
+                    return self.refuse(refuse(OfflineRefusal::Budget {
+                        left,
+                        wanted: in_dim,
+                    }));
+                }
+                self.offline_left -= in_dim as u64;
+                let off = Offline {
+                    request,
+                    linear,
+                    in_dim,
+                    out_dim,
+                    seed: Seed(seed),
+                    switch: ModSwitch {
+                        drop_a: drop_a as u32,
+                        drop_b: drop_b as u32,
+                    },
+                };
+                let count = self.offline_steps().0.min(in_dim);
+                self.phase = Phase::OfflineReceiving {
+                    off,
+                    first: 0,
+                    count,
+                    words: WordCursor::new(count * INPUT_WORDS),
+                };
+            }
             (Phase::Ready, Message::Bye) => self.end(Ok(Ending::Bye)),
             (Phase::Ready, other) => self.refuse(ServerError::Unexpected {
-                expected: "Compute or Bye",
+                expected: "Compute, OfflineLayer or Bye",
+                got: other.name(),
+            }),
+            (
+                Phase::OfflineReceiving {
+                    off,
+                    first,
+                    count,
+                    mut words,
+                },
+                Message::Data { words: chunk },
+            ) => {
+                let Some(input) = self.input.as_mut() else {
+                    return self.refuse(ServerError::ComputeFailed {
+                        request: off.request,
+                    });
+                };
+                if let Err(detail) = words.accept(chunk, input.as_mut()) {
+                    return self.refuse(ServerError::DataLength {
+                        request: off.request,
+                        detail,
+                    });
+                }
+                self.phase = if words.is_complete() {
+                    Phase::OfflineInputs { off, first, count }
+                } else {
+                    Phase::OfflineReceiving {
+                        off,
+                        first,
+                        count,
+                        words,
+                    }
+                };
+            }
+            (Phase::OfflineReceiving { .. }, other) => self.refuse(ServerError::Unexpected {
+                expected: "Data (an input ciphertext)",
                 got: other.name(),
             }),
             (Phase::Receiving { req, mut rows }, Message::Data { words }) => {
@@ -694,7 +953,15 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
                 got: other.name(),
             }),
             // `process` feeds messages only in the phases above.
-            (Phase::Computing { .. } | Phase::Answering { .. } | Phase::Closing, _) => {}
+            (
+                Phase::Computing { .. }
+                | Phase::Answering { .. }
+                | Phase::OfflineInputs { .. }
+                | Phase::OfflineResults { .. }
+                | Phase::OfflineAnswering { .. }
+                | Phase::Closing,
+                _,
+            ) => {}
         }
     }
 
@@ -728,6 +995,9 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
             };
             // Control messages are far below MAX_FRAME.
             return encode_frame(&msg, out).unwrap_or(0);
+        }
+        if let Phase::OfflineAnswering { .. } = self.phase {
+            return self.next_offline_frame(out);
         }
         let Phase::Answering {
             req,
@@ -771,6 +1041,156 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
                 self.next_frame(out)
             }
         }
+    }
+}
+
+impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
+    /// The next frame of an offline answer: the header before the first step, then each result
+    /// ciphertext in whole frames.
+    fn next_offline_frame(&mut self, out: &mut [u8]) -> usize {
+        let Phase::OfflineAnswering {
+            off,
+            header_sent,
+            first,
+            count,
+            sent,
+            mut words,
+        } = self.phase
+        else {
+            return 0;
+        };
+        if !header_sent {
+            self.phase = Phase::OfflineAnswering {
+                off,
+                header_sent: true,
+                first,
+                count,
+                sent,
+                words,
+            };
+            let msg = Message::OfflineResult {
+                request: off.request,
+            };
+            return encode_frame(&msg, out).unwrap_or(0);
+        }
+        let rw = off.switch.result_words();
+        let Some(output) = self.output.as_ref() else {
+            return 0;
+        };
+        let Some(src) = output.as_ref().get(sent * rw..(sent + 1) * rw) else {
+            self.refuse(ServerError::ComputeFailed {
+                request: off.request,
+            });
+            return self.next_frame(out);
+        };
+        let n = match words.emit(src, out) {
+            Ok(n) => n,
+            Err(_) => {
+                self.refuse(ServerError::ComputeFailed {
+                    request: off.request,
+                });
+                return self.next_frame(out);
+            }
+        };
+        let out_step = self.offline_steps().1;
+        self.phase = if !words.is_complete() {
+            Phase::OfflineAnswering {
+                off,
+                header_sent,
+                first,
+                count,
+                sent,
+                words,
+            }
+        } else if sent + 1 < count {
+            Phase::OfflineAnswering {
+                off,
+                header_sent,
+                first,
+                count,
+                sent: sent + 1,
+                words: WordCursor::new(rw),
+            }
+        } else if first + count < off.out_dim {
+            let first = first + count;
+            Phase::OfflineResults {
+                off,
+                first,
+                count: out_step.min(off.out_dim - first),
+            }
+        } else {
+            Phase::Ready
+        };
+        n
+    }
+}
+
+impl Phase {
+    /// Whether the machine reads the client's frames in this phase.
+    fn takes_input(&self) -> bool {
+        matches!(
+            self,
+            Phase::Hello
+                | Phase::Proof { .. }
+                | Phase::Ready
+                | Phase::Receiving { .. }
+                | Phase::OfflineReceiving { .. }
+        )
+    }
+
+    /// The request in progress, if any.
+    fn request(&self) -> Option<u32> {
+        match *self {
+            Phase::Receiving { req, .. }
+            | Phase::Computing { req }
+            | Phase::Answering { req, .. } => Some(req.request),
+            Phase::OfflineReceiving { off, .. }
+            | Phase::OfflineInputs { off, .. }
+            | Phase::OfflineResults { off, .. }
+            | Phase::OfflineAnswering { off, .. } => Some(off.request),
+            _ => None,
+        }
+    }
+
+    /// The job the host should do now, if any.
+    fn job(&self) -> Option<JobHeader> {
+        let (kind, off) = match *self {
+            Phase::Computing { req } => {
+                return Some(JobHeader {
+                    kind: JobKind::Products,
+                    request: req.request,
+                    linear: req.linear,
+                    rows: req.rows,
+                    in_dim: req.in_dim,
+                    out_dim: req.out_dim,
+                })
+            }
+            Phase::OfflineInputs { off, first, count } => (
+                JobKind::OfflineInputs {
+                    seed: off.seed,
+                    first,
+                    count,
+                },
+                off,
+            ),
+            Phase::OfflineResults { off, first, count } => (
+                JobKind::OfflineResults {
+                    first,
+                    count,
+                    switch: off.switch,
+                },
+                off,
+            ),
+            _ => return None,
+        };
+        Some(JobHeader {
+            kind,
+            request: off.request,
+            linear: off.linear,
+            rows: 0,
+            in_dim: off.in_dim,
+            out_dim: off.out_dim,
+        })
     }
 }
 

@@ -23,6 +23,7 @@ fn server_settings(cfg: ModelConfig, psk: Option<PskKey>) -> ServerSettings {
         fingerprint: FP,
         max_rows: 4,
         psk,
+        offline_inputs: 1 << 20,
     }
 }
 
@@ -72,6 +73,8 @@ struct Pair<'m> {
     /// Every masked word the server received (for the uniformity check).
     seen: Vec<u32>,
     jobs: usize,
+    /// The offline layer's input ciphertexts (the host's store).
+    store: Vec<u64>,
 }
 
 impl<'m> Pair<'m> {
@@ -86,6 +89,7 @@ impl<'m> Pair<'m> {
             kernel: Kernel::Exact,
             seen: vec![],
             jobs: 0,
+            store: vec![],
         }
     }
 
@@ -122,6 +126,12 @@ impl<'m> Pair<'m> {
             }
             if let Some(mut job) = self.server.poll_job() {
                 self.jobs += 1;
+                if job.kind != JobKind::Products {
+                    self.offline_job(&mut job);
+                    self.server.finish_job(job);
+                    progressed = true;
+                    continue;
+                }
                 let (in_dim, out_dim) = (job.in_dim, job.out_dim);
                 let w = self.weights.matrix(job.linear);
                 self.seen.extend_from_slice(job.masked_rows());
@@ -145,6 +155,40 @@ impl<'m> Pair<'m> {
             if !progressed {
                 break;
             }
+        }
+    }
+
+    /// An offline step, as a host does it with core's layer functions.
+    fn offline_job(&mut self, job: &mut ComputeJob<Vec<u32>>) {
+        use crate::rlwe::layer::{absorb_inputs, results, store_words};
+        let in_dim = job.in_dim;
+        match job.kind {
+            JobKind::OfflineInputs { seed, first, count } => {
+                self.store.resize(store_words(in_dim), 0);
+                self.seen.extend_from_slice(job.offline_inputs());
+                absorb_inputs(&seed, first, count, job.offline_inputs(), &mut self.store);
+            }
+            JobKind::OfflineResults {
+                first,
+                count,
+                switch,
+            } => {
+                let w = self.weights.matrix(job.linear);
+                let mut tmp = vec![0u64; count * 2 * crate::rlwe::N];
+                results(
+                    &self.store,
+                    w,
+                    in_dim,
+                    first..first + count,
+                    switch,
+                    &mut tmp,
+                    job.offline_results_mut(),
+                );
+                if self.kernel == Kernel::Tamper {
+                    job.offline_results_mut()[7] ^= 1 << 31;
+                }
+            }
+            JobKind::Products => unreachable!("offline jobs only"),
         }
     }
 
@@ -195,6 +239,189 @@ impl<'m> Pair<'m> {
             Some(ClientEvent::Result { request: r }) if r == request => Ok(()),
             _ => Err(self.client.handle_eof()),
         }
+    }
+}
+
+/// One offline layer through the pair: the client encrypts the masks of `slots` slots under a
+/// fresh key, the server multiplies blind, the client decrypts. Returns the decrypted terms
+/// `[slot][out]` and the number of output ciphertexts seen.
+fn offline_layer(
+    pair: &mut Pair<'_>,
+    key: &MaskKey,
+    linear: LinearId,
+    slots: usize,
+    switch: crate::rlwe::ModSwitch,
+) -> Result<Vec<u32>, ClientError> {
+    use crate::rlwe::layer::{mask_columns, COLUMNS};
+    use crate::rlwe::{
+        decrypt, encrypt, input_words, unpack_result, SecretKey, Seed, Workspace, INPUT_WORDS, N,
+    };
+    use rand_chacha::rand_core::SeedableRng;
+    let cfg = *pair.weights.config();
+    let (in_dim, out_dim) = linear.dims(&cfg);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(77);
+    let mut sk_words = vec![0u64; SecretKey::WORDS];
+    let sk = SecretKey::generate(&mut rng, &mut sk_words);
+    let mut ws_words = vec![0u64; Workspace::WORDS];
+    let mut ws = Workspace::new(&mut ws_words);
+    let seed = Seed::random(&mut rng);
+    pair.client
+        .begin_offline(linear, in_dim, out_dim, seed, switch)?;
+    let mut cols = vec![0u32; COLUMNS * N];
+    let (mut b, mut words) = (vec![0u64; N], vec![0u32; INPUT_WORDS]);
+    let mut out = vec![0u8; 3 * MAX_FRAME];
+    for i0 in (0..in_dim).step_by(COLUMNS) {
+        let n = COLUMNS.min(in_dim - i0);
+        mask_columns(
+            key,
+            &cfg,
+            linear,
+            0..slots as u64,
+            i0..i0 + n,
+            &mut cols[..n * N],
+        );
+        for c in 0..n {
+            encrypt(
+                &sk,
+                &seed,
+                (i0 + c) as u64,
+                &cols[c * N..(c + 1) * N],
+                &mut rng,
+                &mut ws,
+                &mut b,
+            );
+            input_words(&b, &mut words);
+            let k = pair.client.poll_transmit_ciphertext(&words, &mut out);
+            pair.to_server.extend_from_slice(&out[..k]);
+            pair.run_server();
+        }
+    }
+    let mut terms = vec![0u32; slots * out_dim];
+    let mut reply = vec![0u32; switch.result_words()];
+    let (mut a, mut col) = (vec![0u64; N], vec![0u32; N]);
+    for j in 0..out_dim {
+        pair.run_server();
+        match pair.client_rx(&mut reply)? {
+            Some(ClientEvent::OfflineOutput { output, .. }) => assert_eq!(output, j),
+            other => panic!("expected result {j}, got {other:?}"),
+        }
+        unpack_result(&reply, switch, &mut a, &mut b);
+        decrypt(&sk, &a, &b, switch, &mut ws, &mut col);
+        for k in 0..slots {
+            terms[k * out_dim + j] = col[k];
+        }
+    }
+    assert!(pair.client.is_ready());
+    Ok(terms)
+}
+
+#[test]
+fn test_pair_offline_layer_decrypts_to_the_online_terms() {
+    use crate::rlwe::ModSwitch;
+    let m = RandomModel::new(5);
+    let lin = LinearWeights::parse(&m.linear).unwrap();
+    let key = MaskKey::from_bytes([4; 32]);
+    for (linear, fragment, switch) in [
+        (
+            LinearId {
+                layer: 1,
+                kind: LinearKind::MlpDown,
+            },
+            4096,
+            ModSwitch::RECOMMENDED,
+        ),
+        (
+            LinearId {
+                layer: 0,
+                kind: LinearKind::LmHead,
+            },
+            1000,
+            ModSwitch::NONE,
+        ),
+    ] {
+        let mut pair = Pair::new(
+            &m,
+            new_server(server_settings(m.cfg, None)),
+            new_client(FP, None),
+            fragment,
+        );
+        pair.handshake().unwrap();
+        let slots = 5;
+        let terms = offline_layer(&mut pair, &key, linear, slots, switch).unwrap();
+        let (i, o) = linear.dims(&m.cfg);
+        let mut r = vec![0u32; i];
+        let mut want = vec![0u32; o];
+        for k in 0..slots {
+            crate::session::input_mask(&key, &m.cfg, k as u64, linear, &mut r);
+            matmul_u32_i8(&r, lin.matrix(linear), i, o, &mut want);
+            assert_eq!(terms[k * o..(k + 1) * o], want[..], "{linear} slot {k}");
+        }
+        // What the server received is the b halves, whose bytes are uniform: Pearson's
+        // chi-square over the 256 byte values (255 degrees of freedom; 330.5 is the 0.999
+        // quantile, so an honest run fails one time in a thousand, and the seeds are fixed).
+        assert_eq!(pair.seen.len(), i * crate::rlwe::INPUT_WORDS);
+        let mut hist = [0f64; 256];
+        for w in &pair.seen {
+            for byte in w.to_le_bytes() {
+                hist[byte as usize] += 1.0;
+            }
+        }
+        let expect = pair.seen.len() as f64 * 4.0 / 256.0;
+        let chi2: f64 = hist
+            .iter()
+            .map(|&h| (h - expect) * (h - expect) / expect)
+            .sum();
+        assert!(
+            chi2 < 330.5,
+            "{linear}: chi-square {chi2} of the offline bytes"
+        );
+        // Offline and online requests share the connection.
+        let masked = vec![1u32; i];
+        let mut reply = vec![0u32; o];
+        pair.compute(
+            linear,
+            1,
+            MaskedRows::from_random_words(&masked),
+            &mut reply,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn test_pair_offline_refusals() {
+    let m = RandomModel::new(5);
+    let linear = LinearId {
+        layer: 0,
+        kind: LinearKind::Qkv,
+    };
+    let (i, _) = linear.dims(&m.cfg);
+    let cases: [(u64, u8, ErrorCode); 3] = [
+        (0, 23, ErrorCode::OfflineRefused),
+        (i as u64 - 1, 23, ErrorCode::OfflineRefused),
+        (1 << 20, 64, ErrorCode::OfflineRefused),
+    ];
+    for (budget, drop_a, code) in cases {
+        let mut settings = server_settings(m.cfg, None);
+        settings.offline_inputs = budget;
+        let mut pair = Pair::new(&m, new_server(settings), new_client(FP, None), 4096);
+        pair.handshake().unwrap();
+        let mut words = frame(&Message::OfflineLayer {
+            request: 0,
+            linear,
+            seed: [1; 32],
+            drop_a,
+            drop_b: 0,
+        });
+        pair.to_server.append(&mut words);
+        pair.run_server();
+        assert_eq!(
+            pair.server
+                .outcome()
+                .map(|o| o.err().and_then(|e| e.code())),
+            Some(Some(code)),
+            "budget {budget}, drop {drop_a}"
+        );
     }
 }
 
@@ -636,7 +863,7 @@ fn test_server_refusals_each_with_its_code() {
             ]
             .concat(),
             ServerError::Unexpected {
-                expected: "Compute or Bye",
+                expected: "Compute, OfflineLayer or Bye",
                 got: "Result",
             },
         ),
@@ -651,7 +878,7 @@ fn test_server_refusals_each_with_its_code() {
             ]
             .concat(),
             ServerError::Unexpected {
-                expected: "Compute or Bye",
+                expected: "Compute, OfflineLayer or Bye",
                 got: "Proof",
             },
         ),

@@ -347,6 +347,7 @@ pub fn server_settings(psk: bool) -> ServerSettings {
         fingerprint: fingerprint(),
         max_rows: MAX_ROWS,
         psk: psk.then(|| PskKey::new(PSK).expect("key is long enough")),
+        offline_inputs: 4 * 64,
     }
 }
 
