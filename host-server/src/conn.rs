@@ -165,17 +165,17 @@ fn lost(header: JobHeader) -> Job {
 }
 
 impl<M: Matrices> Compute<M> {
-    /// Computes the products of `job` into its output: `Ok` when they are there, `Err` when they
-    /// could not be computed.
-    async fn run(&self, job: Job) -> Result<Job, Job> {
+    /// Computes the products of `job` into its output; true when they are there, false when
+    /// they could not be computed.
+    async fn run(&self, job: Job) -> (Job, bool) {
         let h = job.header();
         match self {
             Compute::Batched(batcher, me) => {
                 // The buffers move to the batcher and back: no copy.
                 let (h, input, output) = job.into_parts();
                 match batcher.submit_as(me, h.linear, h.rows, input, output).await {
-                    Ok((input, output)) => Ok(ComputeJob::from_parts(h, input, output)),
-                    Err(_) => Err(lost(h)),
+                    Ok((input, output)) => (ComputeJob::from_parts(h, input, output), true),
+                    Err(_) => (lost(h), false),
                 }
             }
             Compute::Alone(m) => {
@@ -183,13 +183,10 @@ impl<M: Matrices> Compute<M> {
                 let task = tokio::task::spawn_blocking(move || {
                     let mut job = job;
                     let done = catch_unwind(AssertUnwindSafe(|| multiply(&*m, &mut job)));
-                    if matches!(done, Ok(true)) {
-                        Ok(job)
-                    } else {
-                        Err(job)
-                    }
+                    let ok = matches!(done, Ok(true));
+                    (job, ok)
                 });
-                task.await.unwrap_or_else(|_| Err(lost(h)))
+                task.await.unwrap_or_else(|_| (lost(h), false))
             }
         }
     }
@@ -375,11 +372,11 @@ where
                 continue;
             }
             match compute.run(job).await {
-                Ok(job) => {
+                (job, true) => {
                     computed();
                     conn.finish_job(job);
                 }
-                Err(job) => conn.fail_job(job),
+                (job, false) => conn.fail_job(job),
             }
             continue;
         }

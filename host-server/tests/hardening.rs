@@ -50,6 +50,7 @@ fn server_config(psk: bool) -> ServerConfig {
         max_connections: 1,
         idle_timeout: Duration::from_secs(1),
         psk: psk.then(|| PskKey::new(fuzz_model::PSK).unwrap()),
+        offline_inputs: fuzz_model::OFFLINE_INPUTS,
     }
 }
 
@@ -643,6 +644,7 @@ async fn flood() {
         // Busy path is tested in server.rs, here every connection is served.
         max_connections: 128,
         idle_timeout: Duration::from_secs(2),
+        offline_inputs: fuzz_model::OFFLINE_INPUTS,
     };
     let w = weights();
     let fp = w.fingerprint();

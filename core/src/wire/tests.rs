@@ -129,8 +129,7 @@ impl<'m> Pair<'m> {
                 if job.kind != JobKind::Products {
                     self.offline_job(&mut job);
                     self.server.finish_job(job);
-                    progressed = true;
-                    continue;
+                    continue; // progress made: loop again
                 }
                 let (in_dim, out_dim) = (job.in_dim, job.out_dim);
                 let w = self.weights.matrix(job.linear);

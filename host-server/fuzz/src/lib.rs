@@ -51,6 +51,9 @@ pub const CFG: ModelConfig = ModelConfig {
 /// Most rows per request of the fuzzed server: few, so one input costs microseconds.
 pub const MAX_ROWS: u32 = 4;
 
+/// Offline input ciphertexts per connection of the fuzzed server: a few layers' worth.
+pub const OFFLINE_INPUTS: u64 = 4 * 64;
+
 /// The key of the runs with a pre-shared key (the fuzzer cannot forge MACs: these runs explore
 /// the challenge and its refusals).
 pub const PSK: &[u8; 16] = b"veil-fuzz-psk-16";
@@ -347,7 +350,7 @@ pub fn server_settings(psk: bool) -> ServerSettings {
         fingerprint: fingerprint(),
         max_rows: MAX_ROWS,
         psk: psk.then(|| PskKey::new(PSK).expect("key is long enough")),
-        offline_inputs: 4 * 64,
+        offline_inputs: OFFLINE_INPUTS,
     }
 }
 
@@ -563,6 +566,9 @@ pub fn check_client(data: &[u8]) {
                     // Say goodbye after one answered request.
                     c.close();
                     closed = true;
+                }
+                Ok(Some(ClientEvent::OfflineOutput { .. })) => {
+                    panic!("an offline result without an offline request")
                 }
                 Err(e) => {
                     failed = Some(e);
