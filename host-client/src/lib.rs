@@ -12,5 +12,6 @@
 pub mod bench;
 pub mod files;
 pub mod generate;
+pub mod offline;
 pub mod pool;
 pub mod transport;

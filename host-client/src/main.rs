@@ -125,7 +125,7 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct PrecomputeArgs {
-    /// Model directory (needs linear.veil).
+    /// Model directory (needs linear.veil without --server).
     #[arg(long, value_name = "DIR")]
     weights: PathBuf,
     /// Pool file to create or extend.
@@ -134,6 +134,17 @@ struct PrecomputeArgs {
     /// Token slots to add (each generated or prompt token uses one).
     #[arg(long)]
     tokens: u64,
+    /// Let this server compute the terms blind (RLWE-encrypted masks; see README) instead of
+    /// computing them here: the client's work per slot grows with the layers' widths, not with
+    /// their sizes. Slots go in batches of 4096 (a smaller last batch costs as much).
+    #[arg(long, value_name = "ADDR")]
+    server: Option<String>,
+    /// Pre-shared key file for --server (as for generation).
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Longest wait, in seconds, to connect to --server and for any one read or write after that.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    timeout_secs: f64,
 }
 
 fn q16(x: f64) -> u32 {
@@ -339,6 +350,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.server.as_deref() {
+        return precompute_through_server(&args, addr);
+    }
     let files = ModelFiles::open(&args.weights, true)?;
     let linear = files
         .linear()?
@@ -363,6 +377,61 @@ fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
         args.pool.display(),
         pool.remaining(),
         pool.next_slot()
+    );
+    Ok(())
+}
+
+fn precompute_through_server(args: &PrecomputeArgs, addr: &str) -> anyhow::Result<()> {
+    let files = ModelFiles::open(&args.weights, true)?;
+    let cfg = *files.client()?.config();
+    let fingerprint = files.fingerprint()?;
+    let linear = files.linear()?.context(
+        "linear.veil is needed for the integrity projections of a new pool (the offline phase \
+         itself does not read it)",
+    )?;
+    let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key| {
+        Ok(veil_client::generate::Verification::compute(key, &linear).w)
+    })?;
+    let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
+    let timeout = std::time::Duration::try_from_secs_f64(args.timeout_secs)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .context("--timeout-secs must be a positive number of seconds")?;
+    let options = ConnectOptions {
+        settings: ClientSettings { fingerprint, psk },
+        timeout,
+    };
+    let mut conn = Connection::connect(addr, &options)?;
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "server-assisted precompute {bar:40} {percent}% of the ciphertexts ({eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let stats = veil_client::offline::precompute_through(
+        &mut conn,
+        &mut pool,
+        &cfg,
+        args.tokens,
+        &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )?;
+    bar.finish_and_clear();
+    let wire = conn.stats();
+    conn.bye();
+    eprintln!(
+        "{}: {} unused slots (next slot {}); {} batch(es), {} ciphertexts up ({:.1} MiB), {} down ({:.1} MiB)",
+        args.pool.display(),
+        pool.remaining(),
+        pool.next_slot(),
+        stats.batches,
+        stats.inputs,
+        wire.bytes_up as f64 / (1 << 20) as f64,
+        stats.outputs,
+        wire.bytes_down as f64 / (1 << 20) as f64,
     );
     Ok(())
 }

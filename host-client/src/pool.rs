@@ -30,6 +30,7 @@ use veil_core::session::{
     compute_pool_record, pool_record_offset, pool_record_words, UnmaskSource,
 };
 use veil_core::wire::WordBytes;
+use zeroize::Zeroize;
 
 const MAGIC: &[u8; 8] = b"VEILPOOL";
 const VERSION: u32 = 2;
@@ -154,16 +155,14 @@ impl PoolSource {
         })
     }
 
-    /// Creates a pool with a fresh random key, or opens the existing one, and precomputes `tokens`
-    /// more slots. `progress` gets (slots done, slots to do).
-    pub fn precompute(
+    /// Creates a pool with a fresh random key (its Freivalds projections from `projections`,
+    /// called once with the new key), or opens the existing one.
+    pub fn create_or_open(
         path: &Path,
-        weights: &LinearWeights<'_>,
+        cfg: &ModelConfig,
         fingerprint: &[u8; 32],
-        tokens: u64,
-        progress: &mut dyn FnMut(u64, u64),
+        projections: impl FnOnce(&MaskKey) -> Result<Vec<u64>, PoolError>,
     ) -> Result<Self, PoolError> {
-        let cfg = *weights.config();
         let io = |source| PoolError::Io {
             path: path.into(),
             source,
@@ -172,12 +171,14 @@ impl PoolSource {
             let mut key = [0u8; 32];
             rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
                 .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let w = projections(&MaskKey::from_bytes(key))?;
             let mut h = vec![0u8; HEADER as usize];
             h[0..8].copy_from_slice(MAGIC);
             h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            h[12..16].copy_from_slice(&(pool_record_words(&cfg) as u32).to_le_bytes());
+            h[12..16].copy_from_slice(&(pool_record_words(cfg) as u32).to_le_bytes());
             h[16..48].copy_from_slice(fingerprint);
             h[48..80].copy_from_slice(&key);
+            key.zeroize();
             let tmp = path.with_extension("tmp");
             let f = OpenOptions::new()
                 .write(true)
@@ -187,37 +188,104 @@ impl PoolSource {
                 .open(&tmp)
                 .map_err(io)?;
             f.write_all_at(&h, 0).map_err(io)?;
-            // The integrity projections, computed once per key.
-            let v = crate::generate::Verification::compute(&MaskKey::from_bytes(key), weights);
-            let bytes: Vec<u8> = v.w.iter().flat_map(|w| w.to_le_bytes()).collect();
+            h.zeroize();
+            let bytes: Vec<u8> = w.iter().flat_map(|w| w.to_le_bytes()).collect();
             f.write_all_at(&bytes, HEADER).map_err(io)?;
-            f.set_len(records_start(&cfg)).map_err(io)?;
+            f.set_len(records_start(cfg)).map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, path).map_err(io)?;
         }
-        let mut pool = Self::open(path, &cfg, fingerprint)?;
+        Self::open(path, cfg, fingerprint)
+    }
+
+    /// Creates a pool with a fresh random key, or opens the existing one, and precomputes `tokens`
+    /// more slots with the local weights. `progress` gets (slots done, slots to do).
+    pub fn precompute(
+        path: &Path,
+        weights: &LinearWeights<'_>,
+        fingerprint: &[u8; 32],
+        tokens: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Self, PoolError> {
+        let cfg = *weights.config();
+        let mut pool = Self::create_or_open(path, &cfg, fingerprint, |key| {
+            // The integrity projections, computed once per key.
+            Ok(crate::generate::Verification::compute(key, weights).w)
+        })?;
         let mut r = vec![0u32; cfg.d().max(cfg.n_inner as usize)];
         let mut rec = vec![0u32; pool.record_words];
-        let mut bytes = vec![0u8; pool.record_words * 4];
         for i in 0..tokens {
             let slot = pool.filled + i;
             compute_pool_record(&pool.key, weights, slot, &mut r, &mut rec);
-            for (b, w) in bytes.chunks_exact_mut(4).zip(&rec) {
-                b.copy_from_slice(&w.to_le_bytes());
-            }
-            pool.file
-                .write_all_at(&bytes, pool.record_at(slot, 0))
-                .map_err(io)?;
+            pool.write_terms(slot, 0, &rec)?;
             progress(i + 1, tokens);
         }
-        // Records first, then the counter that makes them visible.
-        pool.file.sync_data().map_err(io)?;
-        pool.filled += tokens;
-        pool.file
-            .write_all_at(&pool.filled.to_le_bytes(), FILLED_AT)
-            .map_err(io)?;
-        pool.file.sync_data().map_err(io)?;
+        pool.commit_filled(tokens)?;
         Ok(pool)
+    }
+
+    /// Reads slot `slot`'s terms of `linear` into `out` (`out_dim` words), as they are on disk
+    /// (for checks; the online phase reads through [`UnmaskSource`]).
+    pub fn read_terms(
+        &self,
+        slot: u64,
+        linear: LinearId,
+        out: &mut [u32],
+    ) -> Result<(), PoolError> {
+        let o = linear.dims(&self.cfg).1;
+        if slot >= self.filled || out.len() != o {
+            return Err(PoolError::Corrupt(self.path.clone()));
+        }
+        let mut bytes = vec![0u8; o * 4];
+        let at = self.record_at(slot, pool_record_offset(&self.cfg, linear));
+        self.file
+            .read_exact_at(&mut bytes, at)
+            .map_err(|source| PoolError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        for (w, v) in out.iter_mut().zip(WordBytes(&bytes).iter()) {
+            *w = v;
+        }
+        Ok(())
+    }
+
+    /// Slots whose records are present (used or not).
+    pub fn filled(&self) -> u64 {
+        self.filled
+    }
+
+    /// Writes words of slot `slot`'s record from word `word` on (e.g. one layer's terms at
+    /// [`pool_record_offset`]). Only for slots beyond [`PoolSource::filled`], which
+    /// [`PoolSource::commit_filled`] then makes usable.
+    pub fn write_terms(&mut self, slot: u64, word: usize, terms: &[u32]) -> Result<(), PoolError> {
+        if slot < self.filled || word + terms.len() > self.record_words {
+            return Err(PoolError::Corrupt(self.path.clone()));
+        }
+        self.io_buf.clear();
+        self.io_buf
+            .extend(terms.iter().flat_map(|w| w.to_le_bytes()));
+        self.file
+            .write_all_at(&self.io_buf, self.record_at(slot, word))
+            .map_err(|source| PoolError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Makes the next `slots` records (all written) usable: records on disk first, then the
+    /// counter that makes them visible.
+    pub fn commit_filled(&mut self, slots: u64) -> Result<(), PoolError> {
+        let io = |source| PoolError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.sync_data().map_err(io)?;
+        self.filled += slots;
+        self.file
+            .write_all_at(&self.filled.to_le_bytes(), FILLED_AT)
+            .map_err(io)?;
+        self.file.sync_data().map_err(io)
     }
 
     fn record_at(&self, slot: u64, word: usize) -> u64 {

@@ -1,0 +1,233 @@
+//! `veil-client precompute --server`: the server computes the unmasking terms `u = r·W` blind.
+//!
+//! Per batch of up to `N = 4096` slots, with a fresh RLWE key (never stored, zeroized when the
+//! batch is done) and, per layer, a fresh seed: the client encrypts, for every input index `i`,
+//! the masks `r[slot][i]` of all the batch's slots as one ciphertext (slots in coefficients, see
+//! [`veil_core::rlwe`]), and sends its `b` half; the server multiplies by the weights and sends one
+//! switched result ciphertext per output `j`, which decrypts to `u[slot][j]` for every slot. The
+//! terms are written into the pool's slot-major records (one layer's run of words per slot, a
+//! few hundred outputs at a time), so the online phase still reads one record per token.
+//!
+//! Memory is bounded and independent of the model's size but for its widest layer: a tile of
+//! [`COLUMNS`] mask columns (1 MiB), [`GROUP`] decrypted columns (4 MiB), one ciphertext each
+//! way, the key and scratch (about 100 KiB).
+//!
+//! Crash safety: a batch's slots become usable only when the whole batch is written
+//! ([`PoolSource::commit_filled`]); a crash leaves them beyond `filled`, and the next run
+//! recomputes them (the same slots and masks: none of them was ever used online).
+
+use std::io::{Read, Write};
+
+use rand_core::OsRng;
+use veil_core::model::{LinearId, ModelConfig};
+use veil_core::rlwe::layer::{mask_columns, COLUMNS};
+use veil_core::rlwe::{
+    decrypt, encrypt, input_words, unpack_result, ModSwitch, SecretKey, Seed, Workspace,
+    INPUT_WORDS, N,
+};
+use veil_core::session::pool_record_offset;
+use zeroize::Zeroize;
+
+use crate::pool::{PoolError, PoolSource};
+use crate::transport::{Connection, TransportError};
+
+/// Decrypted output columns gathered before they are written into the slots' records.
+pub const GROUP: usize = 256;
+
+/// Why the offline phase failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    /// The conversation with the server failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The pool could not be written.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The server answered results out of order (a protocol fault).
+    #[error("the server sent result {got} of {linear} when {want} was due")]
+    OutOfOrder {
+        /// The layer.
+        linear: LinearId,
+        /// The index that came.
+        got: usize,
+        /// The index that was due.
+        want: usize,
+    },
+}
+
+/// What one run of the offline phase did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OfflineStats {
+    /// Slots filled.
+    pub slots: u64,
+    /// RLWE batches (keys) used.
+    pub batches: u64,
+    /// Input ciphertexts encrypted and sent.
+    pub inputs: u64,
+    /// Result ciphertexts received and decrypted.
+    pub outputs: u64,
+}
+
+/// The modulus switch asked for a layer with `in_dim` inputs: the fewest bits down whose failure
+/// bound holds for every int8 weight column (all at ±127).
+pub fn switch_for(in_dim: usize) -> ModSwitch {
+    ModSwitch::fewest_bits_for(in_dim as u64 * 127 * 127)
+}
+
+/// Fills `tokens` more slots of `pool` through `conn`. `progress` gets (ciphertexts done,
+/// ciphertexts to do) over the whole run.
+pub fn precompute_through<R: Read, W: Write>(
+    conn: &mut Connection<R, W>,
+    pool: &mut PoolSource,
+    cfg: &ModelConfig,
+    tokens: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<OfflineStats, OfflineError> {
+    let per_batch: u64 = cfg
+        .linears()
+        .map(|l| {
+            let (i, o) = l.dims(cfg);
+            (i + o) as u64
+        })
+        .sum();
+    let batches = tokens.div_ceil(N as u64);
+    let total = batches * per_batch;
+    let mut stats = OfflineStats::default();
+    let mut buffers = Buffers::new(cfg);
+    let mut done = 0u64;
+    while stats.slots < tokens {
+        let slots = (tokens - stats.slots).min(N as u64);
+        let slot0 = pool.filled();
+        let mut key_words = vec![0u64; SecretKey::WORDS];
+        {
+            let key = SecretKey::generate(&mut OsRng, &mut key_words);
+            for linear in cfg.linears() {
+                offline_layer(conn, pool, cfg, &key, &mut buffers, linear, slot0, slots)?;
+                let (i, o) = linear.dims(cfg);
+                stats.inputs += i as u64;
+                stats.outputs += o as u64;
+                done += (i + o) as u64;
+                progress(done, total);
+            }
+        } // the key is zeroized here
+        pool.commit_filled(slots)?;
+        stats.slots += slots;
+        stats.batches += 1;
+    }
+    Ok(stats)
+}
+
+/// The client's scratch, allocated once per run.
+struct Buffers {
+    cols: Vec<u32>,
+    b: Vec<u64>,
+    a: Vec<u64>,
+    words: Vec<u32>,
+    reply: Vec<u32>,
+    col: Vec<u32>,
+    group: Vec<u32>,
+    row: Vec<u32>,
+    ws: Vec<u64>,
+}
+
+impl Buffers {
+    fn new(cfg: &ModelConfig) -> Self {
+        let widest = cfg
+            .linears()
+            .map(|l| switch_for(l.dims(cfg).0).result_words())
+            .max()
+            .unwrap_or(0);
+        Buffers {
+            cols: vec![0; COLUMNS * N],
+            b: vec![0; N],
+            a: vec![0; N],
+            words: vec![0; INPUT_WORDS],
+            reply: vec![0; widest],
+            col: vec![0; N],
+            group: vec![0; GROUP * N],
+            row: vec![0; GROUP],
+            ws: vec![0; Workspace::WORDS],
+        }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // Masks and terms: secret.
+        self.cols.zeroize();
+        self.col.zeroize();
+        self.group.zeroize();
+        self.row.zeroize();
+    }
+}
+
+/// One layer of one batch: encrypt and send the masks, receive, decrypt and store the terms.
+#[allow(clippy::too_many_arguments)]
+fn offline_layer<R: Read, W: Write>(
+    conn: &mut Connection<R, W>,
+    pool: &mut PoolSource,
+    cfg: &ModelConfig,
+    key: &SecretKey<'_>,
+    buf: &mut Buffers,
+    linear: LinearId,
+    slot0: u64,
+    slots: u64,
+) -> Result<(), OfflineError> {
+    let (in_dim, out_dim) = linear.dims(cfg);
+    let switch = switch_for(in_dim);
+    let seed = Seed::random(&mut OsRng);
+    let mask_key = pool.key();
+    let mut ws = Workspace::new(&mut buf.ws);
+    conn.begin_offline(linear, in_dim, out_dim, seed, switch)?;
+    for i0 in (0..in_dim).step_by(COLUMNS) {
+        let n = COLUMNS.min(in_dim - i0);
+        let cols = &mut buf.cols[..n * N];
+        mask_columns(
+            &mask_key,
+            cfg,
+            linear,
+            slot0..slot0 + slots,
+            i0..i0 + n,
+            cols,
+        );
+        for (c, msg) in cols.chunks_exact(N).enumerate() {
+            encrypt(
+                key,
+                &seed,
+                (i0 + c) as u64,
+                msg,
+                &mut OsRng,
+                &mut ws,
+                &mut buf.b,
+            );
+            input_words(&buf.b, &mut buf.words);
+            conn.send_ciphertext(&buf.words)?;
+        }
+    }
+    let base = pool_record_offset(cfg, linear);
+    let reply = &mut buf.reply[..switch.result_words()];
+    for j0 in (0..out_dim).step_by(GROUP) {
+        let g = GROUP.min(out_dim - j0);
+        for jj in 0..g {
+            let got = conn.receive_offline_output(reply)?;
+            if got != j0 + jj {
+                return Err(OfflineError::OutOfOrder {
+                    linear,
+                    got,
+                    want: j0 + jj,
+                });
+            }
+            unpack_result(reply, switch, &mut buf.a, &mut buf.b);
+            decrypt(key, &buf.a, &buf.b, switch, &mut ws, &mut buf.col);
+            buf.group[jj * N..(jj + 1) * N].copy_from_slice(&buf.col);
+        }
+        // Transpose into each slot's record: `g` consecutive words per slot.
+        for k in 0..slots as usize {
+            for (jj, r) in buf.row[..g].iter_mut().enumerate() {
+                *r = buf.group[jj * N + k];
+            }
+            pool.write_terms(slot0 + k as u64, base + j0, &buf.row[..g])?;
+        }
+    }
+    Ok(())
+}
