@@ -107,6 +107,8 @@ pub enum MaskDomain {
     Input = 0,
     /// Secret vectors for integrity checks of replies.
     Check = 1,
+    /// Secret vectors for the offline phase's check of decrypted terms (mod 2^32).
+    OfflineCheck = 2,
 }
 
 /// Where a mask lives in the key's stream space.

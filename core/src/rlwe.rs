@@ -101,6 +101,7 @@
 //! probability below `2^-59` per term for every int8 layer up to `in = 3072` with all weights at
 //! ±127.
 
+pub mod check;
 pub mod layer;
 pub mod noise;
 pub mod ntt;

@@ -390,7 +390,7 @@ fn precompute_through_server(args: &PrecomputeArgs, addr: &str) -> anyhow::Resul
          itself does not read it)",
     )?;
     let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key| {
-        Ok(veil_client::generate::Verification::compute(key, &linear).w)
+        Ok(veil_client::pool::PoolProjections::compute(key, &linear))
     })?;
     let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
     let timeout = std::time::Duration::try_from_secs_f64(args.timeout_secs)

@@ -12,6 +12,10 @@
 //! [`COLUMNS`] mask columns (1 MiB), [`GROUP`] decrypted columns (4 MiB), one ciphertext each
 //! way, the key and scratch (about 100 KiB).
 //!
+//! Integrity: every decrypted term is checked ([`veil_core::rlwe::check`]: 40 secret vectors
+//! modulo `2^32` per layer, from the pool's key, against projections the pool stores) before its
+//! batch is committed; a failure discards the whole batch and reports the server.
+//!
 //! Crash safety: a batch's slots become usable only when the whole batch is written
 //! ([`PoolSource::commit_filled`]); a crash leaves them beyond `filled`, and the next run
 //! recomputes them (the same slots and masks: none of them was ever used online).
@@ -20,6 +24,7 @@ use std::io::{Read, Write};
 
 use rand_core::OsRng;
 use veil_core::model::{LinearId, ModelConfig};
+use veil_core::rlwe::check::{accumulate, check_vectors, first_mismatch, OFFLINE_CHECKS};
 use veil_core::rlwe::layer::{mask_columns, COLUMNS};
 use veil_core::rlwe::{
     decrypt, encrypt, input_words, unpack_result, ModSwitch, SecretKey, Seed, Workspace,
@@ -43,6 +48,18 @@ pub enum OfflineError {
     /// The pool could not be written.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// Decrypted terms failed the offline check: the server did not compute `r · W` for this
+    /// layer. The batch's slots are discarded (never marked usable).
+    #[error(
+        "the server's offline results for {linear} fail the integrity check (slot {slot} first): \
+         it did not compute what was asked; this batch is discarded; do not use this server"
+    )]
+    CheckFailed {
+        /// The layer.
+        linear: LinearId,
+        /// The first failing slot.
+        slot: u64,
+    },
     /// The server answered results out of order (a protocol fault).
     #[error("the server sent result {got} of {linear} when {want} was due")]
     OutOfOrder {
@@ -128,6 +145,11 @@ struct Buffers {
     group: Vec<u32>,
     row: Vec<u32>,
     ws: Vec<u64>,
+    /// The layer's check vectors, projections, and the two sides' accumulators.
+    check_s: Vec<u32>,
+    check_p: Vec<u32>,
+    from_masks: Vec<u32>,
+    from_terms: Vec<u32>,
 }
 
 impl Buffers {
@@ -147,6 +169,10 @@ impl Buffers {
             group: vec![0; GROUP * N],
             row: vec![0; GROUP],
             ws: vec![0; Workspace::WORDS],
+            check_s: vec![0; cfg.widest_linear().1 * OFFLINE_CHECKS],
+            check_p: vec![0; cfg.widest_linear().0 * OFFLINE_CHECKS],
+            from_masks: vec![0; OFFLINE_CHECKS * N],
+            from_terms: vec![0; OFFLINE_CHECKS * N],
         }
     }
 }
@@ -158,6 +184,9 @@ impl Drop for Buffers {
         self.col.zeroize();
         self.group.zeroize();
         self.row.zeroize();
+        self.check_s.zeroize();
+        self.from_masks.zeroize();
+        self.from_terms.zeroize();
     }
 }
 
@@ -178,6 +207,12 @@ fn offline_layer<R: Read, W: Write>(
     let seed = Seed::random(&mut OsRng);
     let mask_key = pool.key();
     let mut ws = Workspace::new(&mut buf.ws);
+    let s = &mut buf.check_s[..out_dim * OFFLINE_CHECKS];
+    check_vectors(&mask_key, cfg, linear, s);
+    let p = &mut buf.check_p[..in_dim * OFFLINE_CHECKS];
+    pool.read_offline_projection(linear, p)?;
+    buf.from_masks.fill(0);
+    buf.from_terms.fill(0);
     conn.begin_offline(linear, in_dim, out_dim, seed, switch)?;
     for i0 in (0..in_dim).step_by(COLUMNS) {
         let n = COLUMNS.min(in_dim - i0);
@@ -191,15 +226,13 @@ fn offline_layer<R: Read, W: Write>(
             cols,
         );
         for (c, msg) in cols.chunks_exact(N).enumerate() {
-            encrypt(
-                key,
-                &seed,
-                (i0 + c) as u64,
+            let i = i0 + c;
+            accumulate(
+                &mut buf.from_masks,
                 msg,
-                &mut OsRng,
-                &mut ws,
-                &mut buf.b,
+                &p[i * OFFLINE_CHECKS..(i + 1) * OFFLINE_CHECKS],
             );
+            encrypt(key, &seed, i as u64, msg, &mut OsRng, &mut ws, &mut buf.b);
             input_words(&buf.b, &mut buf.words);
             conn.send_ciphertext(&buf.words)?;
         }
@@ -219,6 +252,12 @@ fn offline_layer<R: Read, W: Write>(
             }
             unpack_result(reply, switch, &mut buf.a, &mut buf.b);
             decrypt(key, &buf.a, &buf.b, switch, &mut ws, &mut buf.col);
+            let j = j0 + jj;
+            accumulate(
+                &mut buf.from_terms,
+                &buf.col,
+                &s[j * OFFLINE_CHECKS..(j + 1) * OFFLINE_CHECKS],
+            );
             buf.group[jj * N..(jj + 1) * N].copy_from_slice(&buf.col);
         }
         // Transpose into each slot's record: `g` consecutive words per slot.
@@ -228,6 +267,13 @@ fn offline_layer<R: Read, W: Write>(
             }
             pool.write_terms(slot0 + k as u64, base + j0, &buf.row[..g])?;
         }
+    }
+    // Written beyond `filled`, the terms are not usable until the batch is committed.
+    if let Some(k) = first_mismatch(&buf.from_masks, &buf.from_terms, slots as usize) {
+        return Err(OfflineError::CheckFailed {
+            linear,
+            slot: slot0 + k as u64,
+        });
     }
     Ok(())
 }

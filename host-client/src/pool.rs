@@ -1,14 +1,17 @@
 //! The mask pool: a file of precomputed unmasking terms `u = r · W` for future slots.
 //!
 //! Layout (little-endian): a 4096-byte header; the Freivalds projections `W · s` of every layer
-//! (`projection_words(cfg)` `u64`, padded to a multiple of 4096 bytes; `s` itself is derived from
-//! the key), so replies can be checked without the weights; then one record per slot of
-//! `pool_record_words(cfg)` `u32` words (every linear layer's `u`, in forward order).
+//! (`integrity::projection_words(cfg)` `u64`, padded to a multiple of 4096 bytes; `s` itself is
+//! derived from the key), so replies can be checked without the weights; the offline phase's
+//! projections (`rlwe::check::projection_words(cfg)` `u32`, `[in][T]` per layer in forward
+//! order, padded likewise), so terms computed by the server can be checked before their slots
+//! become usable; then one record per slot of `pool_record_words(cfg)` `u32` words (every
+//! linear layer's `u`, in forward order).
 //!
 //! | bytes     | field |
 //! |-----------|-------|
 //! | 0..8      | magic `VEILPOOL` |
-//! | 8..12     | version (2) |
+//! | 8..12     | version (3) |
 //! | 12..16    | words per record |
 //! | 16..48    | weights fingerprint (SHA-256 of `linear.veil`) |
 //! | 48..80    | mask key (secret: the file is created 0600) |
@@ -33,12 +36,52 @@ use veil_core::wire::WordBytes;
 use zeroize::Zeroize;
 
 const MAGIC: &[u8; 8] = b"VEILPOOL";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HEADER: u64 = 4096;
 
 /// Byte offset of the first record: after the header and the projections section.
 fn records_start(cfg: &ModelConfig) -> u64 {
+    offline_projections_start(cfg)
+        + (veil_core::rlwe::check::projection_words(cfg) as u64 * 4).div_ceil(4096) * 4096
+}
+
+/// Byte offset of the offline phase's projections: after the header and the online ones.
+fn offline_projections_start(cfg: &ModelConfig) -> u64 {
     HEADER + (veil_core::integrity::projection_words(cfg) as u64 * 8).div_ceil(4096) * 4096
+}
+
+/// The secret-dependent data a new pool stores, computed once from the weights.
+#[derive(Debug)]
+pub struct PoolProjections {
+    /// The online check's projections `W · s (mod 2^61 - 1)` (`integrity::projection_words`).
+    pub online: Vec<u64>,
+    /// The offline check's projections `W · s' (mod 2^32)` (`rlwe::check::projection_words`).
+    pub offline: Vec<u32>,
+}
+
+impl PoolProjections {
+    /// Both, for the check vectors of `key`, in one pass over the weights each.
+    pub fn compute(key: &MaskKey, weights: &LinearWeights<'_>) -> Self {
+        use veil_core::rlwe::check::{check_vectors, project, OFFLINE_CHECKS};
+        let cfg = *weights.config();
+        let online = crate::generate::Verification::compute(key, weights).w;
+        let mut offline = vec![0u32; veil_core::rlwe::check::projection_words(&cfg)];
+        let mut at = 0;
+        for linear in cfg.linears() {
+            let (i, o) = linear.dims(&cfg);
+            let mut s = vec![0u32; o * OFFLINE_CHECKS];
+            check_vectors(key, &cfg, linear, &mut s);
+            project(
+                weights.matrix(linear),
+                i,
+                &s,
+                &mut offline[at..at + i * OFFLINE_CHECKS],
+            );
+            s.zeroize();
+            at += i * OFFLINE_CHECKS;
+        }
+        PoolProjections { online, offline }
+    }
 }
 const FILLED_AT: u64 = 80;
 const NEXT_AT: u64 = 88;
@@ -55,7 +98,7 @@ pub enum PoolError {
         source: std::io::Error,
     },
     /// Not a pool file, or another version.
-    #[error("{0} is not a Veil mask pool (bad magic or version)")]
+    #[error("{0} is not a Veil mask pool of this version (a pool from an older Veil must be precomputed again)")]
     NotAPool(PathBuf),
     /// The pool was made for other weights.
     #[error("mask pool {0} was precomputed for different weights; precompute a new one")]
@@ -161,7 +204,7 @@ impl PoolSource {
         path: &Path,
         cfg: &ModelConfig,
         fingerprint: &[u8; 32],
-        projections: impl FnOnce(&MaskKey) -> Result<Vec<u64>, PoolError>,
+        projections: impl FnOnce(&MaskKey) -> Result<PoolProjections, PoolError>,
     ) -> Result<Self, PoolError> {
         let io = |source| PoolError::Io {
             path: path.into(),
@@ -171,7 +214,12 @@ impl PoolSource {
             let mut key = [0u8; 32];
             rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
                 .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            let w = projections(&MaskKey::from_bytes(key))?;
+            let p = projections(&MaskKey::from_bytes(key))?;
+            if p.online.len() != veil_core::integrity::projection_words(cfg)
+                || p.offline.len() != veil_core::rlwe::check::projection_words(cfg)
+            {
+                return Err(PoolError::Corrupt(path.into()));
+            }
             let mut h = vec![0u8; HEADER as usize];
             h[0..8].copy_from_slice(MAGIC);
             h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -189,8 +237,11 @@ impl PoolSource {
                 .map_err(io)?;
             f.write_all_at(&h, 0).map_err(io)?;
             h.zeroize();
-            let bytes: Vec<u8> = w.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let bytes: Vec<u8> = p.online.iter().flat_map(|w| w.to_le_bytes()).collect();
             f.write_all_at(&bytes, HEADER).map_err(io)?;
+            let bytes: Vec<u8> = p.offline.iter().flat_map(|w| w.to_le_bytes()).collect();
+            f.write_all_at(&bytes, offline_projections_start(cfg))
+                .map_err(io)?;
             f.set_len(records_start(cfg)).map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, path).map_err(io)?;
@@ -210,7 +261,7 @@ impl PoolSource {
         let cfg = *weights.config();
         let mut pool = Self::create_or_open(path, &cfg, fingerprint, |key| {
             // The integrity projections, computed once per key.
-            Ok(crate::generate::Verification::compute(key, weights).w)
+            Ok(PoolProjections::compute(key, weights))
         })?;
         let mut r = vec![0u32; cfg.d().max(cfg.n_inner as usize)];
         let mut rec = vec![0u32; pool.record_words];
@@ -238,6 +289,31 @@ impl PoolSource {
         }
         let mut bytes = vec![0u8; o * 4];
         let at = self.record_at(slot, pool_record_offset(&self.cfg, linear));
+        self.file
+            .read_exact_at(&mut bytes, at)
+            .map_err(|source| PoolError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        for (w, v) in out.iter_mut().zip(WordBytes(&bytes).iter()) {
+            *w = v;
+        }
+        Ok(())
+    }
+
+    /// `linear`'s offline check projections (`in_dim · T` words, see [`veil_core::rlwe::check`]).
+    pub fn read_offline_projection(
+        &self,
+        linear: LinearId,
+        out: &mut [u32],
+    ) -> Result<(), PoolError> {
+        use veil_core::rlwe::check::{projection_offset, OFFLINE_CHECKS};
+        if out.len() != linear.dims(&self.cfg).0 * OFFLINE_CHECKS {
+            return Err(PoolError::Corrupt(self.path.clone()));
+        }
+        let mut bytes = vec![0u8; out.len() * 4];
+        let at =
+            offline_projections_start(&self.cfg) + projection_offset(&self.cfg, linear) as u64 * 4;
         self.file
             .read_exact_at(&mut bytes, at)
             .map_err(|source| PoolError::Io {

@@ -7,9 +7,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use veil_client::generate::Verification;
 use veil_client::offline::{precompute_through, switch_for};
-use veil_client::pool::PoolSource;
+use veil_client::pool::{PoolProjections, PoolSource};
 use veil_client::transport::{ConnectOptions, Connection};
 use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
 use veil_core::model::{LinearWeights, ModelConfig};
@@ -98,7 +97,7 @@ fn a_server_filled_pool_holds_the_terms_the_client_would_compute() {
     };
     let path = dir.join("server.pool");
     let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key| {
-        Ok(Verification::compute(key, &lin).w)
+        Ok(PoolProjections::compute(key, &lin))
     })
     .unwrap();
     let mut conn = Connection::connect(&server.addr.to_string(), &options).unwrap();
@@ -130,5 +129,100 @@ fn a_server_filled_pool_holds_the_terms_the_client_would_compute() {
         .sum();
     assert!(wire.bytes_down >= 2 * down && wire.bytes_down < 2 * down + (1 << 20));
     assert_pool_holds_local_terms(&pool, &lin, 5);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A man in the middle (standing for a lying server): forwards both ways, but inverts 64 bytes
+/// in the `target`-th full `Data` chunk from the server: the first frame of a result ciphertext,
+/// which starts with its `a` half, on which every slot's term depends. (Altering only the `b`
+/// half's tail would change only the batch's unused coefficients, which nothing reads.)
+fn tampering_proxy(server: std::net::SocketAddr, target: usize) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let upstream = TcpStream::connect(server).unwrap();
+        let (mut c_in, mut u_out) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c_in, &mut u_out);
+            let _ = u_out.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut u_in, mut c_out) = (upstream, client);
+        let mut big = 0;
+        loop {
+            let mut len = [0u8; 4];
+            if u_in.read_exact(&mut len).is_err() {
+                break;
+            }
+            let n = u32::from_le_bytes(len) as usize;
+            let mut body = vec![0u8; n];
+            if u_in.read_exact(&mut body).is_err() {
+                break;
+            }
+            if n == 4 + veil_core::wire::MAX_CHUNK_BYTES {
+                big += 1;
+                if big == target {
+                    for b in &mut body[16..80] {
+                        *b ^= 0xff;
+                    }
+                }
+            }
+            if c_out
+                .write_all(&len)
+                .and_then(|_| c_out.write_all(&body))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = c_out.shutdown(std::net::Shutdown::Write);
+    });
+    addr
+}
+
+#[test]
+fn an_altered_result_ciphertext_is_caught_and_its_batch_never_used() {
+    let dir = temp_dir("tamper");
+    let bytes = random_linear(9);
+    std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
+    let lin = LinearWeights::parse(&bytes).unwrap();
+    let server = common::start_server(&dir, ServerConfig::default());
+    let fingerprint = server.weights.fingerprint();
+    let options = ConnectOptions {
+        settings: ClientSettings {
+            fingerprint,
+            psk: None,
+        },
+        timeout: Duration::from_secs(120),
+    };
+    // Early (the first layer's results) and late (the LM head's: ciphertexts 577..=876).
+    for target in [3, 700] {
+        let path = dir.join(format!("tampered-{target}.pool"));
+        let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key| {
+            Ok(PoolProjections::compute(key, &lin))
+        })
+        .unwrap();
+        let proxy = tampering_proxy(server.addr, target);
+        let mut conn = Connection::connect(&proxy.to_string(), &options).unwrap();
+        let err = precompute_through(&mut conn, &mut pool, &CFG, 4, &mut |_, _| {})
+            .expect_err("an altered result must not pass");
+        let text = err.to_string();
+        assert!(
+            matches!(err, veil_client::offline::OfflineError::CheckFailed { .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("integrity check") && text.contains("discarded"),
+            "{text}"
+        );
+        assert_eq!(pool.filled(), 0, "no slot of the batch is usable");
+        assert_eq!(pool.remaining(), 0);
+        drop(pool);
+        // Reopened, the pool still has no usable slot.
+        let pool = PoolSource::open(&path, &CFG, &fingerprint).unwrap();
+        assert_eq!(pool.filled(), 0);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
