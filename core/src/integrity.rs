@@ -75,9 +75,14 @@ pub fn project_weights(weights: &[u8], in_dim: usize, s: &[u64], w: &mut [i128])
         *a = 0;
     }
     for (row, &sj) in weights.chunks_exact(in_dim).zip(s) {
-        for (a, &wij) in w.iter_mut().zip(row) {
-            *a += (wij as i8 as i128) * sj as i128;
-        }
+        project_row(row, sj, w);
+    }
+}
+
+/// `w_i += W[j][i] · s_j` for one weight row `j` (for callers that see the weights row by row).
+pub fn project_row(row: &[u8], sj: u64, w: &mut [i128]) {
+    for (a, &wij) in w.iter_mut().zip(row) {
+        *a += (wij as i8 as i128) * sj as i128;
     }
 }
 

@@ -10,6 +10,7 @@ use veil_client::files::ModelFiles;
 use veil_client::generate::{
     generate_reference, GenOptions, GenStats, PrivateGenerator, Verification, DEFAULT_PREFILL_ROWS,
 };
+use veil_client::pool::PoolProjections;
 use veil_client::pool::PoolSource;
 use veil_client::transport::{read_psk_file, ConnectOptions, Connection};
 use veil_core::mask::MaskKey;
@@ -382,16 +383,12 @@ fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
 }
 
 fn precompute_through_server(args: &PrecomputeArgs, addr: &str) -> anyhow::Result<()> {
-    let files = ModelFiles::open(&args.weights, true)?;
+    // The device needs no linear.veil: if it is there it is used (and checked) for the check
+    // data of a new pool, otherwise the server's copy is streamed once for it.
+    let has_linear = args.weights.join("linear.veil").exists();
+    let files = ModelFiles::open(&args.weights, has_linear)?;
     let cfg = *files.client()?.config();
     let fingerprint = files.fingerprint()?;
-    let linear = files.linear()?.context(
-        "linear.veil is needed for the integrity projections of a new pool (the offline phase \
-         itself does not read it)",
-    )?;
-    let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key| {
-        Ok(veil_client::pool::PoolProjections::compute(key, &linear))
-    })?;
     let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
     let timeout = std::time::Duration::try_from_secs_f64(args.timeout_secs)
         .ok()
@@ -402,6 +399,32 @@ fn precompute_through_server(args: &PrecomputeArgs, addr: &str) -> anyhow::Resul
         timeout,
     };
     let mut conn = Connection::connect(addr, &options)?;
+    let linear = files.linear()?;
+    let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key| {
+        if let Some(linear) = &linear {
+            return Ok::<_, anyhow::Error>(PoolProjections::compute(key, linear));
+        }
+        let bar = indicatif::ProgressBar::new(1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "streaming the server's linear.veil once for the check data (not stored) \
+                 {bar:30} {bytes}/{total_bytes}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let p = veil_client::offline::download_projections(
+            &mut conn,
+            key,
+            &cfg,
+            &fingerprint,
+            &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            },
+        )?;
+        bar.finish_and_clear();
+        Ok(p)
+    })?;
     let bar = indicatif::ProgressBar::new(1);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

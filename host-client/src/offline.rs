@@ -21,8 +21,12 @@
 //! recomputes them (the same slots and masks: none of them was ever used online).
 
 use std::io::{Read, Write};
+use std::ops::Range;
 
 use rand_core::OsRng;
+use sha2::{Digest, Sha256};
+use veil_core::mask::MaskKey;
+use veil_core::model::format::LinearLayout;
 use veil_core::model::{LinearId, ModelConfig};
 use veil_core::rlwe::check::{accumulate, check_vectors, first_mismatch, OFFLINE_CHECKS};
 use veil_core::rlwe::layer::{mask_columns, COLUMNS};
@@ -33,7 +37,7 @@ use veil_core::rlwe::{
 use veil_core::session::pool_record_offset;
 use zeroize::Zeroize;
 
-use crate::pool::{PoolError, PoolSource};
+use crate::pool::{PoolError, PoolProjections, PoolSource, ProjectionStream};
 use crate::transport::{Connection, TransportError};
 
 /// Decrypted output columns gathered before they are written into the slots' records.
@@ -60,6 +64,15 @@ pub enum OfflineError {
         /// The first failing slot.
         slot: u64,
     },
+    /// The weights the server sent are not the ones this client's model was made with.
+    #[error(
+        "the server's linear.veil ({bytes} bytes) does not match the fingerprint in client.veil: \
+         the server holds other weights (or altered them); nothing was derived from them"
+    )]
+    WeightsMismatch {
+        /// Bytes received.
+        bytes: u64,
+    },
     /// The server answered results out of order (a protocol fault).
     #[error("the server sent result {got} of {linear} when {want} was due")]
     OutOfOrder {
@@ -83,6 +96,62 @@ pub struct OfflineStats {
     pub inputs: u64,
     /// Result ciphertexts received and decrypted.
     pub outputs: u64,
+}
+
+/// Downloads the server's `linear.veil` once, streaming (memory: a row), and derives the pool's
+/// check projections for `key` from it; the file is checked against `fingerprint` (the SHA-256 in
+/// `client.veil`) and nothing is kept of it. `progress` gets (bytes so far, bytes in all).
+pub fn download_projections<R: Read, W: Write>(
+    conn: &mut Connection<R, W>,
+    key: &MaskKey,
+    cfg: &ModelConfig,
+    fingerprint: &[u8; 32],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PoolProjections, OfflineError> {
+    let layout = LinearLayout::new(cfg);
+    let layers: Vec<(LinearId, Range<usize>)> =
+        cfg.linears().map(|l| (l, layout.matrix(l))).collect();
+    let expected = layout.total_len as u64;
+    let mut stream = ProjectionStream::new(key, cfg);
+    let mut hash = Sha256::new();
+    let (mut pos, mut at, mut j) = (0usize, 0usize, 0usize);
+    let mut row: Vec<u8> = Vec::new();
+    let total = conn.download_weights(&mut |mut bytes: &[u8]| {
+        hash.update(bytes);
+        while !bytes.is_empty() {
+            let Some((linear, range)) = layers.get(at) else {
+                pos += bytes.len();
+                break;
+            };
+            if pos >= range.end {
+                (at, j) = (at + 1, 0);
+                continue;
+            }
+            if pos < range.start {
+                // The header and alignment padding: hashed, not projected.
+                let skip = (range.start - pos).min(bytes.len());
+                pos += skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let in_dim = linear.dims(cfg).0;
+            let take = (range.end - pos).min(bytes.len()).min(in_dim - row.len());
+            row.extend_from_slice(&bytes[..take]);
+            pos += take;
+            bytes = &bytes[take..];
+            if row.len() == in_dim {
+                stream.row(*linear, j, &row);
+                j += 1;
+                row.clear();
+            }
+        }
+        progress(pos as u64, expected);
+    })?;
+    let digest: [u8; 32] = hash.finalize().into();
+    if total != expected || digest != *fingerprint {
+        return Err(OfflineError::WeightsMismatch { bytes: total });
+    }
+    Ok(stream.finish())
 }
 
 /// The modulus switch asked for a layer with `in_dim` inputs: the fewest bits down whose failure

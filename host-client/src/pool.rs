@@ -60,29 +60,104 @@ pub struct PoolProjections {
 }
 
 impl PoolProjections {
-    /// Both, for the check vectors of `key`, in one pass over the weights each.
+    /// Both, for the check vectors of `key`, in one pass over the weights in memory.
     pub fn compute(key: &MaskKey, weights: &LinearWeights<'_>) -> Self {
-        use veil_core::rlwe::check::{check_vectors, project, OFFLINE_CHECKS};
         let cfg = *weights.config();
-        let online = crate::generate::Verification::compute(key, weights).w;
-        let mut offline = vec![0u32; veil_core::rlwe::check::projection_words(&cfg)];
-        let mut at = 0;
+        let mut p = ProjectionStream::new(key, &cfg);
         for linear in cfg.linears() {
-            let (i, o) = linear.dims(&cfg);
-            let mut s = vec![0u32; o * OFFLINE_CHECKS];
-            check_vectors(key, &cfg, linear, &mut s);
-            project(
-                weights.matrix(linear),
-                i,
-                &s,
-                &mut offline[at..at + i * OFFLINE_CHECKS],
-            );
-            s.zeroize();
-            at += i * OFFLINE_CHECKS;
+            let in_dim = linear.dims(&cfg).0;
+            for (j, row) in weights.matrix(linear).chunks_exact(in_dim).enumerate() {
+                p.row(linear, j, row);
+            }
         }
-        PoolProjections { online, offline }
+        p.finish()
     }
 }
+
+impl std::fmt::Debug for ProjectionStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionStream")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Both projections, built row by row as the weights go by (from memory, or streamed once from
+/// the server by a client that does not store them): memory `O(Σ in · T)`, not the weights'.
+pub struct ProjectionStream {
+    cfg: ModelConfig,
+    key: MaskKey,
+    /// The online check vectors of every layer, and the projections' accumulators of the layer
+    /// being streamed.
+    online_s: Vec<u64>,
+    online_acc: Vec<i128>,
+    online: Vec<u64>,
+    /// The offline check vectors of the layer being streamed, and all offline projections.
+    offline_s: Vec<u32>,
+    offline: Vec<u32>,
+    current: Option<LinearId>,
+}
+
+impl ProjectionStream {
+    /// Ready for the rows of `cfg`'s layers, in [`ModelConfig::linears`] order.
+    pub fn new(key: &MaskKey, cfg: &ModelConfig) -> Self {
+        let (online_s, online) = crate::generate::Verification::check_vectors(key, cfg);
+        ProjectionStream {
+            cfg: *cfg,
+            key: key.clone(),
+            online_s,
+            online_acc: Vec::new(),
+            online,
+            offline_s: Vec::new(),
+            offline: vec![0u32; veil_core::rlwe::check::projection_words(cfg)],
+            current: None,
+        }
+    }
+
+    /// Row `j` of `linear`'s `[out][in]` matrix (rows of a layer in order, layers in order).
+    pub fn row(&mut self, linear: LinearId, j: usize, row: &[u8]) {
+        use veil_core::rlwe::check::{
+            check_vectors, project_row, projection_offset, OFFLINE_CHECKS,
+        };
+        let (i, o) = linear.dims(&self.cfg);
+        if self.current != Some(linear) {
+            self.end_layer();
+            self.current = Some(linear);
+            self.online_acc.clear();
+            self.online_acc.resize(i, 0);
+            self.offline_s.resize(o * OFFLINE_CHECKS, 0);
+            check_vectors(&self.key, &self.cfg, linear, &mut self.offline_s);
+        }
+        let (so, _) = veil_core::integrity::offsets(&self.cfg, linear);
+        veil_core::integrity::project_row(row, self.online_s[so + j], &mut self.online_acc);
+        let at = projection_offset(&self.cfg, linear);
+        project_row(
+            row,
+            &self.offline_s[j * OFFLINE_CHECKS..(j + 1) * OFFLINE_CHECKS],
+            &mut self.offline[at..at + i * OFFLINE_CHECKS],
+        );
+    }
+
+    fn end_layer(&mut self) {
+        if let Some(linear) = self.current.take() {
+            let i = linear.dims(&self.cfg).0;
+            let (_, wo) = veil_core::integrity::offsets(&self.cfg, linear);
+            veil_core::integrity::finish_projection(&self.online_acc, &mut self.online[wo..wo + i]);
+        }
+    }
+
+    /// The projections, once every row went by.
+    pub fn finish(mut self) -> PoolProjections {
+        self.end_layer();
+        self.offline_s.zeroize();
+        self.online_s.zeroize();
+        PoolProjections {
+            online: std::mem::take(&mut self.online),
+            offline: std::mem::take(&mut self.offline),
+        }
+    }
+}
+
 const FILLED_AT: u64 = 80;
 const NEXT_AT: u64 = 88;
 
@@ -200,12 +275,12 @@ impl PoolSource {
 
     /// Creates a pool with a fresh random key (its Freivalds projections from `projections`,
     /// called once with the new key), or opens the existing one.
-    pub fn create_or_open(
+    pub fn create_or_open<E: From<PoolError>>(
         path: &Path,
         cfg: &ModelConfig,
         fingerprint: &[u8; 32],
-        projections: impl FnOnce(&MaskKey) -> Result<PoolProjections, PoolError>,
-    ) -> Result<Self, PoolError> {
+        projections: impl FnOnce(&MaskKey) -> Result<PoolProjections, E>,
+    ) -> Result<Self, E> {
         let io = |source| PoolError::Io {
             path: path.into(),
             source,
@@ -218,7 +293,7 @@ impl PoolSource {
             if p.online.len() != veil_core::integrity::projection_words(cfg)
                 || p.offline.len() != veil_core::rlwe::check::projection_words(cfg)
             {
-                return Err(PoolError::Corrupt(path.into()));
+                return Err(PoolError::Corrupt(path.into()).into());
             }
             let mut h = vec![0u8; HEADER as usize];
             h[0..8].copy_from_slice(MAGIC);
@@ -246,7 +321,7 @@ impl PoolSource {
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, path).map_err(io)?;
         }
-        Self::open(path, cfg, fingerprint)
+        Ok(Self::open(path, cfg, fingerprint)?)
     }
 
     /// Creates a pool with a fresh random key, or opens the existing one, and precomputes `tokens`
@@ -261,7 +336,7 @@ impl PoolSource {
         let cfg = *weights.config();
         let mut pool = Self::create_or_open(path, &cfg, fingerprint, |key| {
             // The integrity projections, computed once per key.
-            Ok(PoolProjections::compute(key, weights))
+            Ok::<_, PoolError>(PoolProjections::compute(key, weights))
         })?;
         let mut r = vec![0u32; cfg.d().max(cfg.n_inner as usize)];
         let mut rec = vec![0u32; pool.record_words];

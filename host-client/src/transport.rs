@@ -314,6 +314,38 @@ impl<R: Read, W: Write> Connection<R, W> {
         }
     }
 
+    /// Downloads the server's `linear.veil`, handing its bytes to `on_bytes` in order, in pieces;
+    /// returns its length. Memory: one chunk.
+    pub fn download_weights(
+        &mut self,
+        on_bytes: &mut dyn FnMut(&[u8]),
+    ) -> Result<u64, TransportError> {
+        self.machine.fetch_weights()?;
+        self.flush_control()?;
+        self.stats.round_trips += 1;
+        let mut words = vec![0u32; veil_core::wire::CHUNK_WORDS];
+        let mut bytes = vec![0u8; 4 * veil_core::wire::CHUNK_WORDS];
+        let (mut total, mut left) = (0u64, 0u64);
+        loop {
+            match self.receive(&mut words)? {
+                ClientEvent::Weights { bytes } => (total, left) = (bytes, bytes),
+                ClientEvent::WeightsData { words: n } => {
+                    for (b, w) in bytes.chunks_exact_mut(4).zip(&words[..n]) {
+                        b.copy_from_slice(&w.to_le_bytes());
+                    }
+                    // The last word is zero-padded past the file's end.
+                    let take = left.min(4 * n as u64) as usize;
+                    on_bytes(&bytes[..take]);
+                    left -= take as u64;
+                }
+                _ => return Err(TransportError::Server(ClientError::NotReady)),
+            }
+            if self.machine.is_ready() {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Starts the offline phase of one layer for one RLWE key (see
     /// [`ClientConnection::begin_offline`]); then [`Connection::send_ciphertext`] `in_dim` times
     /// and [`Connection::receive_offline_output`] `out_dim` times.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use veil_client::offline::{precompute_through, switch_for};
-use veil_client::pool::{PoolProjections, PoolSource};
+use veil_client::pool::{PoolError, PoolProjections, PoolSource};
 use veil_client::transport::{ConnectOptions, Connection};
 use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
 use veil_core::model::{LinearWeights, ModelConfig};
@@ -97,7 +97,7 @@ fn a_server_filled_pool_holds_the_terms_the_client_would_compute() {
     };
     let path = dir.join("server.pool");
     let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key| {
-        Ok(PoolProjections::compute(key, &lin))
+        Ok::<_, PoolError>(PoolProjections::compute(key, &lin))
     })
     .unwrap();
     let mut conn = Connection::connect(&server.addr.to_string(), &options).unwrap();
@@ -201,7 +201,7 @@ fn an_altered_result_ciphertext_is_caught_and_its_batch_never_used() {
     for target in [3, 700] {
         let path = dir.join(format!("tampered-{target}.pool"));
         let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key| {
-            Ok(PoolProjections::compute(key, &lin))
+            Ok::<_, PoolError>(PoolProjections::compute(key, &lin))
         })
         .unwrap();
         let proxy = tampering_proxy(server.addr, target);
@@ -223,6 +223,74 @@ fn an_altered_result_ciphertext_is_caught_and_its_batch_never_used() {
         // Reopened, the pool still has no usable slot.
         let pool = PoolSource::open(&path, &CFG, &fingerprint).unwrap();
         assert_eq!(pool.filled(), 0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The acceptance path on the golden model: a device directory without `linear.veil` (only
+/// client.veil, tokenizer, manifest) precomputes through the server (`precompute --server`,
+/// which streams the server's weights once for the check data) and then generates privately,
+/// greedy and sampled: the tokens equal `--reference` run with the full weights.
+#[test]
+fn a_device_without_linear_weights_precomputes_through_the_server_and_generates() {
+    let dir = temp_dir("device");
+    let full = common::golden_model(&dir);
+    let device = dir.join("device");
+    std::fs::create_dir_all(&device).unwrap();
+    for f in ["client.veil", "tokenizer.json", "manifest.json"] {
+        std::fs::copy(full.join(f), device.join(f)).unwrap();
+    }
+    let server = common::start_server(&full, ServerConfig::default());
+    let bin = env!("CARGO_BIN_EXE_veil-client");
+    let pool = device.join("masks.pool");
+    let out = std::process::Command::new(bin)
+        .args(["precompute", "--weights"])
+        .arg(&device)
+        .arg("--pool")
+        .arg(&pool)
+        .args(["--tokens", "48", "--server", &server.addr.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("48 unused slots"), "{stderr}");
+    assert!(!device.join("linear.veil").exists());
+    let run = |dir: &std::path::Path, extra: &[&str]| -> Vec<u64> {
+        let out = std::process::Command::new(bin)
+            .arg("--weights")
+            .arg(dir)
+            .args([
+                "--prompt",
+                "The history of the",
+                "--max-new-tokens",
+                "16",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_value(v["tokens"].clone()).unwrap()
+    };
+    let addr = server.addr.to_string();
+    let private = ["--server", &addr, "--mask-source", "pool", "--pool"];
+    let pool_s = pool.to_string_lossy().into_owned();
+    for sampling in [
+        &[][..],
+        &["--temperature", "0.8", "--top-k", "40", "--seed", "3"][..],
+    ] {
+        let want = run(&full, &[&["--reference"][..], sampling].concat());
+        let got = run(
+            &device,
+            &[&private[..], &[pool_s.as_str()], sampling].concat(),
+        );
+        assert_eq!(got.len(), 16);
+        assert_eq!(got, want, "sampling {sampling:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

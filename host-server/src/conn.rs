@@ -115,6 +115,11 @@ where
         max_rows: config.max_rows,
         psk: config.psk,
         offline_inputs: config.offline_inputs,
+        weights_bytes: if config.serve_weights {
+            weights.bytes().len() as u64
+        } else {
+            0
+        },
     };
     // Registered for as long as the connection lives.
     let compute = match batcher {
@@ -140,11 +145,17 @@ where
 trait Matrices: Send + Sync + 'static {
     /// Layer `id`'s `[out][in]` int8 matrix, if there is one.
     fn matrix(&self, id: LinearId) -> Option<&[u8]>;
+    /// The whole `linear.veil`, for a client that downloads it.
+    fn file(&self) -> &[u8];
 }
 
 impl Matrices for ServerWeights {
     fn matrix(&self, id: LinearId) -> Option<&[u8]> {
         ServerWeights::matrix(self, id)
+    }
+
+    fn file(&self) -> &[u8] {
+        self.bytes()
     }
 }
 
@@ -269,6 +280,18 @@ fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<Vec<u64
                 *store = None;
             }
             true
+        }
+        JobKind::Weights { first, count } => {
+            // Little-endian words of the file, zero past its end.
+            let bytes = m.file().get(first * 4..).unwrap_or(&[]);
+            let out = job.weights_mut();
+            out.fill(0);
+            for (w, c) in out.iter_mut().zip(bytes.chunks(4)) {
+                let mut le = [0u8; 4];
+                le[..c.len()].copy_from_slice(c);
+                *w = u32::from_le_bytes(le);
+            }
+            out.len() == count
         }
         JobKind::Products => false,
     }
@@ -464,6 +487,10 @@ mod tests {
         fn matrix(&self, _: LinearId) -> Option<&[u8]> {
             None
         }
+
+        fn file(&self) -> &[u8] {
+            &[]
+        }
     }
 
     fn frames(msgs: &[Message<'_>]) -> Vec<u8> {
@@ -487,6 +514,7 @@ mod tests {
             max_rows: 4,
             psk: None,
             offline_inputs: 0,
+            weights_bytes: 0,
         };
         let words = [0x5Au8; 64];
         let script = frames(&[

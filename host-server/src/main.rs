@@ -47,6 +47,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     offline_inputs: u64,
 
+    /// Do not send linear.veil to clients that ask for it (a client without the linear weights,
+    /// e.g. a small device that precomputes through this server, needs them once to derive its
+    /// secret check data; the weights are the model's public weights).
+    #[arg(long)]
+    no_serve_weights: bool,
+
     /// Pre-shared key file (hex text, or raw bytes; at least 16 bytes): clients must prove they
     /// hold the same key before anything is computed for them. Without it, anyone may connect.
     #[arg(long, value_name = "FILE")]
@@ -105,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         psk,
         offline_inputs: args.offline_inputs,
+        serve_weights: !args.no_serve_weights,
     };
     let per_conn = {
         let (widest_in, widest_out) = weights.config().widest_linear();

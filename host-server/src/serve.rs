@@ -31,6 +31,9 @@ pub struct ServerConfig {
     /// Offline-phase input ciphertexts one connection may send (each 32 KiB up and
     /// `out_dim · 8192` multiply-adds here); 0 turns the offline phase off.
     pub offline_inputs: u64,
+    /// Send `linear.veil` to a client that asks (once per connection: a client without the
+    /// linear weights derives its secret check data from them).
+    pub serve_weights: bool,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +45,7 @@ impl Default for ServerConfig {
             psk: None,
             // About 32 GiB up: some 30 batches of 4096 distilgpt2 tokens.
             offline_inputs: 1 << 20,
+            serve_weights: true,
         }
     }
 }

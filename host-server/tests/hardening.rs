@@ -51,6 +51,7 @@ fn server_config(psk: bool) -> ServerConfig {
         idle_timeout: Duration::from_secs(1),
         psk: psk.then(|| PskKey::new(fuzz_model::PSK).unwrap()),
         offline_inputs: fuzz_model::OFFLINE_INPUTS,
+        serve_weights: false,
     }
 }
 
@@ -645,6 +646,7 @@ async fn flood() {
         max_connections: 128,
         idle_timeout: Duration::from_secs(2),
         offline_inputs: fuzz_model::OFFLINE_INPUTS,
+        serve_weights: false,
     };
     let w = weights();
     let fp = w.fingerprint();

@@ -56,11 +56,16 @@ pub fn project(w: &[u8], in_dim: usize, s: &[u32], p: &mut [u32]) {
     assert_eq!(w.len() / in_dim * OFFLINE_CHECKS, s.len(), "out · T words");
     p.fill(0);
     for (row, sj) in w.chunks_exact(in_dim).zip(s.chunks_exact(OFFLINE_CHECKS)) {
-        for (&wij, pi) in row.iter().zip(p.chunks_exact_mut(OFFLINE_CHECKS)) {
-            let wv = wij as i8 as i32 as u32;
-            for (a, &x) in pi.iter_mut().zip(sj) {
-                *a = a.wrapping_add(wv.wrapping_mul(x));
-            }
+        project_row(row, sj, p);
+    }
+}
+
+/// `p[i][t] += W[j][i] · s[j][t]` for one weight row `j` (`sj` its `T` vector entries).
+pub fn project_row(row: &[u8], sj: &[u32], p: &mut [u32]) {
+    for (&wij, pi) in row.iter().zip(p.chunks_exact_mut(OFFLINE_CHECKS)) {
+        let wv = wij as i8 as i32 as u32;
+        for (a, &x) in pi.iter_mut().zip(sj) {
+            *a = a.wrapping_add(wv.wrapping_mul(x));
         }
     }
 }

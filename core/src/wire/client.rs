@@ -42,6 +42,17 @@ pub enum ClientEvent {
         /// The request id.
         request: u32,
     },
+    /// The server's `linear.veil` follows (`bytes` long), after [`ClientConnection::fetch_weights`].
+    Weights {
+        /// The file's length.
+        bytes: u64,
+    },
+    /// The next `words` words of the weights are at the start of the reply buffer (the
+    /// download is complete when [`ClientConnection::is_ready`] again).
+    WeightsData {
+        /// How many.
+        words: usize,
+    },
     /// Result ciphertext `output` of offline request `request` is in the reply buffer (its
     /// [`ModSwitch::result_words`] words, packed).
     OfflineOutput {
@@ -71,6 +82,8 @@ pub enum Waiting {
         /// Its layer.
         linear: LinearId,
     },
+    /// The server's weights.
+    Weights,
     /// Nothing (between requests).
     Idle,
 }
@@ -88,6 +101,7 @@ impl core::fmt::Display for Waiting {
                     "waiting for the offline results of request {request} ({linear})"
                 )
             }
+            Waiting::Weights => f.write_str("downloading the server's weights"),
             Waiting::Idle => f.write_str("between requests"),
         }
     }
@@ -287,6 +301,10 @@ enum Phase {
         index: usize,
         words: WordCursor,
     },
+    /// Weights download: `FetchWeights` queued or sent, waiting for the `Weights` header.
+    WeightsAwaiting,
+    /// Weights download: taking the file's words.
+    WeightsReceiving { total: usize, done: usize },
     /// Failed or said goodbye: a queued `Error` or `Bye` may still go out.
     Closed,
 }
@@ -306,6 +324,7 @@ struct Offline {
 enum Control {
     Hello,
     Proof { mac: [u8; 32] },
+    FetchWeights,
     Error(ErrorCode),
     Bye,
 }
@@ -378,8 +397,21 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> ClientConnection<R> {
                 request: off.request,
                 linear: off.linear,
             },
+            Phase::WeightsAwaiting | Phase::WeightsReceiving { .. } => Waiting::Weights,
             Phase::Ready | Phase::Closed => Waiting::Idle,
         }
+    }
+
+    /// Asks for the server's `linear.veil`: the `FetchWeights` is the next frame of
+    /// [`ClientConnection::poll_transmit`]; then [`ClientEvent::Weights`] and
+    /// [`ClientEvent::WeightsData`] until the machine is ready again.
+    pub fn fetch_weights(&mut self) -> Result<(), ClientError> {
+        if self.st.phase != Phase::Ready {
+            return Err(self.st.failure.unwrap_or(ClientError::NotReady));
+        }
+        self.st.queued = Some(Control::FetchWeights);
+        self.st.phase = Phase::WeightsAwaiting;
+        Ok(())
     }
 
     /// Starts the offline phase of `linear` (widths `in_dim` → `out_dim`) for one RLWE key: the
@@ -507,6 +539,7 @@ impl<R: AsRef<[u8]> + AsMut<[u8]>> ClientConnection<R> {
                 mac,
                 nonce: self.st.nonce,
             },
+            Control::FetchWeights => Message::FetchWeights,
             Control::Error(code) => Message::Error { code },
             Control::Bye => Message::Bye,
         };
@@ -764,6 +797,49 @@ impl State {
             }
             (Phase::Receiving { .. }, other) => Err(ClientError::Unexpected {
                 expected: "Data",
+                got: other.name(),
+            }),
+            (Phase::WeightsAwaiting, Message::Weights { bytes }) => {
+                let total = bytes.div_ceil(4) as usize;
+                *next = if total == 0 {
+                    Phase::Ready
+                } else {
+                    Phase::WeightsReceiving { total, done: 0 }
+                };
+                Ok(Some(ClientEvent::Weights { bytes }))
+            }
+            (Phase::WeightsAwaiting, other) => Err(ClientError::Unexpected {
+                expected: "Weights",
+                got: other.name(),
+            }),
+            (Phase::WeightsReceiving { total, done }, Message::Data { words }) => {
+                let n = words.words();
+                if words.0.is_empty()
+                    || !words.0.len().is_multiple_of(4)
+                    || n > total - done
+                    || n > reply.len()
+                {
+                    return Err(ClientError::DataLength(DataLengthError {
+                        bytes: words.0.len(),
+                        received: done,
+                        expected: total,
+                    }));
+                }
+                for (d, w) in reply.iter_mut().zip(words.iter()) {
+                    *d = w;
+                }
+                *next = if done + n == total {
+                    Phase::Ready
+                } else {
+                    Phase::WeightsReceiving {
+                        total,
+                        done: done + n,
+                    }
+                };
+                Ok(Some(ClientEvent::WeightsData { words: n }))
+            }
+            (Phase::WeightsReceiving { .. }, other) => Err(ClientError::Unexpected {
+                expected: "Data (the weights)",
                 got: other.name(),
             }),
             (Phase::OfflineAwaiting { off }, Message::OfflineResult { request }) => {

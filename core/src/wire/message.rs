@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// 2: an empty `Data` frame is refused by both sides, and [`ErrorCode::ComputeFailed`] exists.
 /// 3: the offline phase ([`Message::OfflineLayer`], [`Message::OfflineResult`],
-/// [`ErrorCode::OfflineRefused`]).
+/// [`ErrorCode::OfflineRefused`]) and the weights download ([`Message::FetchWeights`],
+/// [`Message::Weights`]).
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest `Data` payload in bytes (a multiple of 4).
 pub const MAX_CHUNK_BYTES: usize = 32 * 1024;
@@ -208,6 +209,15 @@ pub enum Message<'a> {
         #[serde(with = "postcard::fixint::le")]
         request: u32,
     },
+    /// Client → server: send me your `linear.veil` (a client without the linear weights derives
+    /// its secret check projections from them once, checking them against the fingerprint).
+    FetchWeights,
+    /// Server → client: `linear.veil` follows as `Data` (its bytes as little-endian words, the
+    /// last word zero-padded).
+    Weights {
+        /// The file's length in bytes.
+        bytes: u64,
+    },
 }
 
 impl Message<'_> {
@@ -226,6 +236,8 @@ impl Message<'_> {
             Message::ServerProof { .. } => "ServerProof",
             Message::OfflineLayer { .. } => "OfflineLayer",
             Message::OfflineResult { .. } => "OfflineResult",
+            Message::FetchWeights => "FetchWeights",
+            Message::Weights { .. } => "Weights",
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct ServerSettings {
     /// Input ciphertexts of the offline phase this connection may send in its lifetime (each
     /// costs the server `out_dim · 2N` multiply-adds); 0 turns the offline phase off.
     pub offline_inputs: u64,
+    /// Length of the `linear.veil` the server sends on `FetchWeights` (once per connection);
+    /// 0 refuses to send it.
+    pub weights_bytes: u64,
 }
 
 impl ServerSettings {
@@ -80,6 +83,14 @@ pub enum JobKind {
         count: usize,
         /// The modulus switch the client asked for.
         switch: ModSwitch,
+    },
+    /// Weights download: the host writes words `first..first + count` of its `linear.veil`
+    /// (bytes as little-endian words, zero past the end) into [`ComputeJob::weights_mut`].
+    Weights {
+        /// The first word.
+        first: usize,
+        /// How many.
+        count: usize,
     },
 }
 
@@ -132,6 +143,14 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> ComputeJob<B> {
             JobKind::OfflineResults { count, switch, .. } => {
                 &mut self.output.as_mut()[..count * switch.result_words()]
             }
+            _ => &mut [],
+        }
+    }
+
+    /// Where a [`JobKind::Weights`] step's words go (empty for other kinds).
+    pub fn weights_mut(&mut self) -> &mut [u32] {
+        match self.kind {
+            JobKind::Weights { count, .. } => &mut self.output.as_mut()[..count],
             _ => &mut [],
         }
     }
@@ -368,6 +387,8 @@ impl core::error::Error for ServerError {}
 pub enum OfflineRefusal {
     /// This server takes no offline work.
     Disabled,
+    /// The server does not send its weights, or already sent them on this connection.
+    Weights,
     /// The layer needs more input ciphertexts than the connection may still send.
     Budget {
         /// Ciphertexts the connection may still send.
@@ -388,6 +409,9 @@ impl core::fmt::Display for OfflineRefusal {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             OfflineRefusal::Disabled => f.write_str("this server takes no offline work"),
+            OfflineRefusal::Weights => {
+                f.write_str("this server does not send its weights (or sent them already)")
+            }
             OfflineRefusal::Budget { left, wanted } => write!(
                 f,
                 "the layer needs {wanted} input ciphertexts, this connection may send {left} more"
@@ -481,6 +505,20 @@ enum Phase {
         sent: usize,
         words: WordCursor,
     },
+    /// Weights download: the host fills words `first..first + count`.
+    WeightsFilling {
+        total: usize,
+        first: usize,
+        count: usize,
+    },
+    /// Weights download: sending those words (after the `Weights` header before the first).
+    WeightsSending {
+        total: usize,
+        header_sent: bool,
+        first: usize,
+        count: usize,
+        words: WordCursor,
+    },
     /// Ended: queued frames (an `Error`) still go out, nothing more comes in.
     Closing,
 }
@@ -525,6 +563,8 @@ struct State<B> {
     outcome: Option<Result<Ending, ServerError>>,
     /// Offline input ciphertexts the connection may still send.
     offline_left: u64,
+    /// Whether the weights were sent already.
+    weights_sent: bool,
 }
 
 impl<R, B> ServerConnection<R, B>
@@ -563,6 +603,7 @@ where
                 output: Some(output),
                 outcome: None,
                 offline_left,
+                weights_sent: false,
             },
         })
     }
@@ -662,6 +703,17 @@ where
                     words: WordCursor::new(count * INPUT_WORDS),
                 }
             }
+            Phase::WeightsFilling {
+                total,
+                first,
+                count,
+            } => Phase::WeightsSending {
+                total,
+                header_sent: first > 0,
+                first,
+                count,
+                words: WordCursor::new(count),
+            },
             Phase::OfflineResults { off, first, count } => Phase::OfflineAnswering {
                 off,
                 header_sent: first > 0,
@@ -890,6 +942,22 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
                     words: WordCursor::new(count * INPUT_WORDS),
                 };
             }
+            (Phase::Ready, Message::FetchWeights) => {
+                let bytes = self.settings.weights_bytes;
+                if bytes == 0 || self.weights_sent {
+                    return self.refuse(ServerError::OfflineRefused {
+                        request: 0,
+                        reason: OfflineRefusal::Weights,
+                    });
+                }
+                self.weights_sent = true;
+                let total = bytes.div_ceil(4) as usize;
+                self.phase = Phase::WeightsFilling {
+                    total,
+                    first: 0,
+                    count: self.settings.output_words().min(total),
+                };
+            }
             (Phase::Ready, Message::Bye) => self.end(Ok(Ending::Bye)),
             (Phase::Ready, other) => self.refuse(ServerError::Unexpected {
                 expected: "Compute, OfflineLayer or Bye",
@@ -956,6 +1024,8 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
             (
                 Phase::Computing { .. }
                 | Phase::Answering { .. }
+                | Phase::WeightsFilling { .. }
+                | Phase::WeightsSending { .. }
                 | Phase::OfflineInputs { .. }
                 | Phase::OfflineResults { .. }
                 | Phase::OfflineAnswering { .. }
@@ -998,6 +1068,9 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
         }
         if let Phase::OfflineAnswering { .. } = self.phase {
             return self.next_offline_frame(out);
+        }
+        if let Phase::WeightsSending { .. } = self.phase {
+            return self.next_weights_frame(out);
         }
         let Phase::Answering {
             req,
@@ -1125,6 +1198,64 @@ impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
     }
 }
 
+impl<B: AsRef<[u32]> + AsMut<[u32]>> State<B> {
+    /// The next frame of the weights download.
+    fn next_weights_frame(&mut self, out: &mut [u8]) -> usize {
+        let Phase::WeightsSending {
+            total,
+            header_sent,
+            first,
+            count,
+            mut words,
+        } = self.phase
+        else {
+            return 0;
+        };
+        if !header_sent {
+            self.phase = Phase::WeightsSending {
+                total,
+                header_sent: true,
+                first,
+                count,
+                words,
+            };
+            let msg = Message::Weights {
+                bytes: self.settings.weights_bytes,
+            };
+            return encode_frame(&msg, out).unwrap_or(0);
+        }
+        let Some(output) = self.output.as_ref() else {
+            return 0;
+        };
+        let n = match words.emit(output.as_ref(), out) {
+            Ok(n) => n,
+            Err(_) => {
+                self.refuse(ServerError::ComputeFailed { request: 0 });
+                return self.next_frame(out);
+            }
+        };
+        self.phase = if !words.is_complete() {
+            Phase::WeightsSending {
+                total,
+                header_sent,
+                first,
+                count,
+                words,
+            }
+        } else if first + count < total {
+            let first = first + count;
+            Phase::WeightsFilling {
+                total,
+                first,
+                count: self.settings.output_words().min(total - first),
+            }
+        } else {
+            Phase::Ready
+        };
+        n
+    }
+}
+
 impl Phase {
     /// Whether the machine reads the client's frames in this phase.
     fn takes_input(&self) -> bool {
@@ -1181,6 +1312,19 @@ impl Phase {
                 },
                 off,
             ),
+            Phase::WeightsFilling { first, count, .. } => {
+                return Some(JobHeader {
+                    kind: JobKind::Weights { first, count },
+                    request: 0,
+                    linear: LinearId {
+                        layer: 0,
+                        kind: crate::model::LinearKind::LmHead,
+                    },
+                    rows: 0,
+                    in_dim: 0,
+                    out_dim: 0,
+                })
+            }
             _ => return None,
         };
         Some(JobHeader {

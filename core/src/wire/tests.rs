@@ -24,6 +24,7 @@ fn server_settings(cfg: ModelConfig, psk: Option<PskKey>) -> ServerSettings {
         max_rows: 4,
         psk,
         offline_inputs: 1 << 20,
+        weights_bytes: 0,
     }
 }
 
@@ -65,6 +66,8 @@ struct Pair<'m> {
     server: Server,
     client: Client,
     weights: LinearWeights<'m>,
+    /// The `linear.veil` bytes behind `weights` (what a weights download sends).
+    linear: &'m [u8],
     to_server: Vec<u8>,
     to_client: Vec<u8>,
     /// Bytes per delivery: exercises partial reads and many frames per read.
@@ -83,6 +86,7 @@ impl<'m> Pair<'m> {
             server,
             client,
             weights: LinearWeights::parse(&m.linear).unwrap(),
+            linear: &m.linear,
             to_server: vec![],
             to_client: vec![],
             fragment,
@@ -186,6 +190,16 @@ impl<'m> Pair<'m> {
                 if self.kernel == Kernel::Tamper {
                     job.offline_results_mut()[7] ^= 1 << 31;
                 }
+            }
+            JobKind::Weights { first, count } => {
+                let out = job.weights_mut();
+                out.fill(0);
+                for (w, c) in out.iter_mut().zip(self.linear[4 * first..].chunks(4)) {
+                    let mut le = [0u8; 4];
+                    le[..c.len()].copy_from_slice(c);
+                    *w = u32::from_le_bytes(le);
+                }
+                assert_eq!(out.len(), count);
             }
             JobKind::Products => unreachable!("offline jobs only"),
         }
@@ -385,6 +399,61 @@ fn test_pair_offline_layer_decrypts_to_the_online_terms() {
         )
         .unwrap();
     }
+}
+
+#[test]
+fn test_pair_weights_download_is_the_file_once() {
+    let m = RandomModel::new(8);
+    let mut settings = server_settings(m.cfg, None);
+    settings.weights_bytes = m.linear.len() as u64 - 3; // a length that is not whole words
+    let mut pair = Pair::new(&m, new_server(settings), new_client(FP, None), 777);
+    pair.linear = &m.linear[..m.linear.len() - 3];
+    pair.handshake().unwrap();
+    pair.client.fetch_weights().unwrap();
+    pair.client_tx(None);
+    let mut got = Vec::new();
+    let mut reply = vec![0u32; CHUNK_WORDS];
+    let mut announced = None;
+    while !pair.client.is_ready() {
+        pair.run_server();
+        match pair.client_rx(&mut reply).unwrap() {
+            Some(ClientEvent::Weights { bytes }) => announced = Some(bytes),
+            Some(ClientEvent::WeightsData { words }) => {
+                got.extend(reply[..words].iter().flat_map(|w| w.to_le_bytes()))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let n = m.linear.len() - 3;
+    assert_eq!(announced, Some(n as u64));
+    assert_eq!(got.len(), n.div_ceil(4) * 4);
+    assert_eq!(got[..n], m.linear[..n]);
+    assert!(got[n..].iter().all(|&b| b == 0), "zero padding");
+    // Once per connection.
+    pair.client.fetch_weights().unwrap();
+    pair.client_tx(None);
+    pair.run_server();
+    assert_eq!(
+        pair.server
+            .outcome()
+            .map(|o| o.err().and_then(|e| e.code())),
+        Some(Some(ErrorCode::OfflineRefused))
+    );
+    // A server that does not send its weights says so.
+    let mut pair = Pair::new(
+        &m,
+        new_server(server_settings(m.cfg, None)),
+        new_client(FP, None),
+        777,
+    );
+    pair.handshake().unwrap();
+    pair.client.fetch_weights().unwrap();
+    pair.client_tx(None);
+    pair.run_server();
+    assert_eq!(
+        pair.client_rx(&mut reply),
+        Err(ClientError::Refused(ErrorCode::OfflineRefused))
+    );
 }
 
 #[test]

@@ -351,6 +351,7 @@ pub fn server_settings(psk: bool) -> ServerSettings {
         max_rows: MAX_ROWS,
         psk: psk.then(|| PskKey::new(PSK).expect("key is long enough")),
         offline_inputs: OFFLINE_INPUTS,
+        weights_bytes: 0,
     }
 }
 
