@@ -1,4 +1,4 @@
-//! int8 × Z_2^32 matrix products.
+//! int8 × Z_2^32 matrix products (and the int8 × Z_2^64 product of the server's RLWE phase).
 //!
 //! Weights are stored transposed, `[out][in]`, as int8 bit patterns in `u8` (one contiguous row of
 //! `in` weights per output channel: a dot product per output, and per-output-channel scales line up
@@ -11,6 +11,10 @@
 //! of its baseline), and the portable [`scalar`] kernels otherwise. Every kernel computes exact
 //! integer sums modulo 2^32, so the order of additions does not matter and all of them agree bit for
 //! bit with [`scalar`] (the tests check this on random shapes and extreme values).
+//!
+//! The server's RLWE product, int8 weights × `u64` ciphertext words modulo 2^64
+//! ([`crate::rlwe::gemm_i8_u64`]), dispatches the same way: AVX2 splits each word into 16-bit
+//! limbs for `vpmaddwd` (AVX2 has no 64-bit multiply), other CPUs run [`scalar::gemm_i8_u64`].
 //!
 //! The matrix products are batched: input rows go four at a time against each weight row (each
 //! weight vector is loaded and sign-extended once for four rows), over tiles of weight rows small
@@ -98,6 +102,34 @@ pub fn axpy_i16_rows(acc: &mut [i32], p: &[i32], shift: &[i32], values: &[i16], 
     Kernel::best().axpy_i16_rows(acc, p, shift, values, stride)
 }
 
+/// [`crate::rlwe::gemm_i8_u64`] (documented there) on the best kernel for this CPU.
+pub(crate) fn gemm_i8_u64(
+    x: &[u64],
+    w: &[u8],
+    in_dim: usize,
+    out_dim: usize,
+    width: usize,
+    y: &mut [u64],
+) {
+    Kernel::best().gemm_i8_u64(x, w, in_dim, out_dim, width, y);
+}
+
+/// Checks the shapes of an int8 × u64 product (`x` `[in][width]`, `w` `[out][in]`, `y`
+/// `[out][width]`).
+fn check_gemm_shape(
+    x_len: usize,
+    w_len: usize,
+    in_dim: usize,
+    out_dim: usize,
+    width: usize,
+    y_len: usize,
+) {
+    assert!(in_dim > 0, "empty input");
+    assert_eq!(Some(x_len), in_dim.checked_mul(width), "input shape");
+    assert_eq!(Some(w_len), in_dim.checked_mul(out_dim), "weight shape");
+    assert_eq!(Some(y_len), out_dim.checked_mul(width), "output shape");
+}
+
 /// Checks a product's shapes and returns the number of input rows.
 fn check_shape(x_len: usize, w_len: usize, in_dim: usize, out_dim: usize, y_len: usize) -> usize {
     assert!(
@@ -149,7 +181,7 @@ fn matmul_blocked<X, Y>(
 
 /// A kernel set that can run here: SIMD variants carry their proof of availability.
 #[derive(Clone, Copy, Debug)]
-enum Kernel {
+pub(crate) enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2(x86::Avx2),
@@ -173,7 +205,7 @@ impl Kernel {
 
     /// Every kernel set this CPU can run (the tests compare them all with the reference).
     #[cfg(test)]
-    fn all() -> impl Iterator<Item = Kernel> {
+    pub(crate) fn all() -> impl Iterator<Item = Kernel> {
         #[cfg(target_arch = "x86_64")]
         let simd = x86::Avx2::detect().map(Kernel::Avx2);
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -186,7 +218,7 @@ impl Kernel {
         core::iter::once(Kernel::Scalar).chain(simd)
     }
 
-    fn isa(self) -> Isa {
+    pub(crate) fn isa(self) -> Isa {
         match self {
             Kernel::Scalar => Isa::Scalar,
             #[cfg(target_arch = "x86_64")]
@@ -260,6 +292,23 @@ impl Kernel {
                 neon::dot_u32_i8,
                 neon::dot4_u32_i8,
             ),
+        }
+    }
+
+    pub(crate) fn gemm_i8_u64(
+        self,
+        x: &[u64],
+        w: &[u8],
+        in_dim: usize,
+        out_dim: usize,
+        width: usize,
+        y: &mut [u64],
+    ) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(t) => t.gemm_i8_u64(x, w, in_dim, out_dim, width, y),
+            // NEON has no 64-bit multiply either; the portable body is what aarch64 gets.
+            _ => scalar::gemm_i8_u64(x, w, in_dim, out_dim, width, y),
         }
     }
 

@@ -61,6 +61,61 @@ pub fn matmul_i8_i8(x: &[i8], w: &[u8], in_dim: usize, out_dim: usize, y: &mut [
     }
 }
 
+/// Bytes of one tile of input words (`in` rows × a column block) that should stay in L2 while every
+/// output passes over it.
+const X_TILE_BYTES: usize = 512 * 1024;
+
+/// [`crate::rlwe::gemm_i8_u64`] with the scalar kernel: `y[j][c] = Σ_i W[j][i] · x[i][c]
+/// (mod 2^64)`, `x` `[in][width]`, `w` `[out][in]` int8 bit patterns, `y` `[out][width]`.
+///
+/// Blocking: column blocks sized so that `in` rows of a block stay in L2, four outputs at a time
+/// over each block (each input word is loaded once per four outputs).
+pub fn gemm_i8_u64(
+    x: &[u64],
+    w: &[u8],
+    in_dim: usize,
+    out_dim: usize,
+    width: usize,
+    y: &mut [u64],
+) {
+    super::check_gemm_shape(x.len(), w.len(), in_dim, out_dim, width, y.len());
+    let block = (X_TILE_BYTES / (8 * in_dim)).clamp(8, 512) & !7;
+    let wv = |j: usize, i: usize| w[j * in_dim + i] as i8 as i64 as u64;
+    for c0 in (0..width).step_by(block) {
+        let c1 = (c0 + block).min(width);
+        let mut j = 0;
+        while j + 4 <= out_dim {
+            let (mut y0, mut y1, mut y2, mut y3) =
+                ([0u64; 512], [0u64; 512], [0u64; 512], [0u64; 512]);
+            let len = c1 - c0;
+            for i in 0..in_dim {
+                let xr = &x[i * width + c0..i * width + c1];
+                let (w0, w1, w2, w3) = (wv(j, i), wv(j + 1, i), wv(j + 2, i), wv(j + 3, i));
+                for (k, &xv) in xr.iter().enumerate() {
+                    y0[k] = y0[k].wrapping_add(xv.wrapping_mul(w0));
+                    y1[k] = y1[k].wrapping_add(xv.wrapping_mul(w1));
+                    y2[k] = y2[k].wrapping_add(xv.wrapping_mul(w2));
+                    y3[k] = y3[k].wrapping_add(xv.wrapping_mul(w3));
+                }
+            }
+            for (jj, acc) in [y0, y1, y2, y3].iter().enumerate() {
+                y[(j + jj) * width + c0..(j + jj) * width + c1].copy_from_slice(&acc[..len]);
+            }
+            j += 4;
+        }
+        for j in j..out_dim {
+            let yr = &mut y[j * width + c0..j * width + c1];
+            yr.fill(0);
+            for i in 0..in_dim {
+                let wj = wv(j, i);
+                for (acc, &xv) in yr.iter_mut().zip(&x[i * width + c0..i * width + c1]) {
+                    *acc = acc.wrapping_add(xv.wrapping_mul(wj));
+                }
+            }
+        }
+    }
+}
+
 /// `Σ_i a[i] · b[i]`, exact in `i64` for every `i16` input (|sum| ≤ len · 2^30).
 ///
 /// Products go through `i32` pairs only when they cannot overflow, so the loop is written per

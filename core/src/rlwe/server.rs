@@ -1,9 +1,5 @@
-//! The server's side of the offline phase: a plain scalar int8 × u64 product over ciphertext words
-//! and modulus switching. It needs no secret and no polynomial arithmetic.
-
-/// Bytes of one tile of input words (`in` rows × a column block) that should stay in L2 while every
-/// output passes over it.
-const X_TILE_BYTES: usize = 512 * 1024;
+//! The server's side of the offline phase: the int8 × u64 product over ciphertext words and
+//! modulus switching. It needs no secret and no polynomial arithmetic.
 
 /// `y[j][c] = Σ_i W[j][i] · x[i][c] (mod 2^64)`: the homomorphic product of a layer's weights with
 /// ciphertext words. `x` is `[in][width]` (one row of ciphertext words per input index, e.g.
@@ -11,8 +7,9 @@ const X_TILE_BYTES: usize = 512 * 1024;
 /// Veil's `[out][in]` int8 layout (as in [`crate::kernels::matmul_u32_i8`]), `y` is
 /// `[out][width]`. Columns are independent, so a caller may split `width` into tiles (and threads).
 ///
-/// Blocking: column blocks sized so that `in` rows of a block stay in L2, four outputs at a time
-/// over each block (each input word is loaded once per four outputs).
+/// Runs on the best kernel for this CPU ([`crate::kernels::isa`]): AVX2 on x86_64 (16-bit limbs
+/// through `vpmaddwd`), otherwise [`crate::kernels::scalar::gemm_i8_u64`]. All of them compute the
+/// same exact sums modulo 2^64. Panics if `in_dim` is zero or a length does not match its shape.
 pub fn gemm_i8_u64(
     x: &[u64],
     w: &[u8],
@@ -21,45 +18,7 @@ pub fn gemm_i8_u64(
     width: usize,
     y: &mut [u64],
 ) {
-    assert!(in_dim > 0, "empty input");
-    assert_eq!(x.len(), in_dim * width, "input shape");
-    assert_eq!(w.len(), in_dim * out_dim, "weight shape");
-    assert_eq!(y.len(), out_dim * width, "output shape");
-    let block = (X_TILE_BYTES / (8 * in_dim)).clamp(8, 512) & !7;
-    let wv = |j: usize, i: usize| w[j * in_dim + i] as i8 as i64 as u64;
-    for c0 in (0..width).step_by(block) {
-        let c1 = (c0 + block).min(width);
-        let mut j = 0;
-        while j + 4 <= out_dim {
-            let (mut y0, mut y1, mut y2, mut y3) =
-                ([0u64; 512], [0u64; 512], [0u64; 512], [0u64; 512]);
-            let len = c1 - c0;
-            for i in 0..in_dim {
-                let xr = &x[i * width + c0..i * width + c1];
-                let (w0, w1, w2, w3) = (wv(j, i), wv(j + 1, i), wv(j + 2, i), wv(j + 3, i));
-                for (k, &xv) in xr.iter().enumerate() {
-                    y0[k] = y0[k].wrapping_add(xv.wrapping_mul(w0));
-                    y1[k] = y1[k].wrapping_add(xv.wrapping_mul(w1));
-                    y2[k] = y2[k].wrapping_add(xv.wrapping_mul(w2));
-                    y3[k] = y3[k].wrapping_add(xv.wrapping_mul(w3));
-                }
-            }
-            for (jj, acc) in [y0, y1, y2, y3].iter().enumerate() {
-                y[(j + jj) * width + c0..(j + jj) * width + c1].copy_from_slice(&acc[..len]);
-            }
-            j += 4;
-        }
-        for j in j..out_dim {
-            let yr = &mut y[j * width + c0..j * width + c1];
-            yr.fill(0);
-            for i in 0..in_dim {
-                let wj = wv(j, i);
-                for (acc, &xv) in yr.iter_mut().zip(&x[i * width + c0..i * width + c1]) {
-                    *acc = acc.wrapping_add(xv.wrapping_mul(wj));
-                }
-            }
-        }
-    }
+    crate::kernels::gemm_i8_u64(x, w, in_dim, out_dim, width, y);
 }
 
 /// Rounds every word to its top `64 - drop` bits: `x ← round(x / 2^drop) mod 2^(64 - drop)`
@@ -79,38 +38,141 @@ pub fn mod_switch(words: &mut [u64], drop: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::Kernel;
     use rand_chacha::rand_core::{RngCore, SeedableRng};
     use rand_chacha::ChaCha20Rng;
     use std::vec;
     use std::vec::Vec;
 
+    /// `Σ_i W[j][i] · x[i][c]` in `i128`, reduced modulo 2^64 at the end.
+    fn naive(x: &[u64], w: &[u8], in_dim: usize, out_dim: usize, width: usize) -> Vec<u64> {
+        let mut y = vec![0u64; out_dim * width];
+        for (j, yr) in y.chunks_exact_mut(width).enumerate() {
+            let mut acc = vec![0i128; width];
+            for i in 0..in_dim {
+                let wv = w[j * in_dim + i] as i8 as i128;
+                for (a, &xv) in acc.iter_mut().zip(&x[i * width..(i + 1) * width]) {
+                    // |x · w| < 2^71 and in · 2^71 < 2^127: exact.
+                    *a += xv as i128 * wv;
+                }
+            }
+            for (o, a) in yr.iter_mut().zip(acc) {
+                *o = a as u64;
+            }
+        }
+        y
+    }
+
+    /// Words whose 16-bit limbs, recoded as signed, are all `-2^15` (`x + 0x8000_8000_8000_8000
+    /// ≡ 0`): with `w = -128` they give the largest limb sums the AVX2 kernel has to keep exact.
+    const MOST_NEGATIVE_LIMBS: u64 = 0x7FFF_7FFF_7FFF_8000;
+
+    /// Random data (`mode` 0), or the extremes: all `u64::MAX` × `-128` (1), all
+    /// [`MOST_NEGATIVE_LIMBS`] × `-128` (2), and mixtures of extreme words and weights (3).
+    fn data(
+        rng: &mut ChaCha20Rng,
+        in_dim: usize,
+        out_dim: usize,
+        width: usize,
+        mode: u8,
+    ) -> (Vec<u64>, Vec<u8>) {
+        let mut x: Vec<u64> = (0..in_dim * width).map(|_| rng.next_u64()).collect();
+        let mut w: Vec<u8> = (0..in_dim * out_dim)
+            .map(|_| rng.next_u32() as u8)
+            .collect();
+        match mode {
+            0 => {}
+            1 => {
+                x.fill(u64::MAX);
+                w.fill(i8::MIN as u8);
+            }
+            2 => {
+                x.fill(MOST_NEGATIVE_LIMBS);
+                w.fill(i8::MIN as u8);
+            }
+            _ => {
+                let words = [
+                    u64::MAX,
+                    1 << 63,
+                    (1 << 32) - 1,
+                    1 << 32,
+                    MOST_NEGATIVE_LIMBS,
+                    0,
+                ];
+                let weights = [i8::MIN, i8::MAX, -1, 0, 1];
+                for (k, v) in x.iter_mut().enumerate() {
+                    // Every seventh word stays random; the periods differ so pairs mix.
+                    if k % 7 != 6 {
+                        *v = words[k % words.len()];
+                    }
+                }
+                for (k, v) in w.iter_mut().enumerate() {
+                    *v = weights[k % weights.len()] as u8;
+                }
+            }
+        }
+        (x, w)
+    }
+
     #[test]
-    fn gemm_matches_a_naive_product_on_odd_shapes_and_extreme_values() {
+    fn gemm_kernels_match_a_naive_product_on_odd_shapes_and_extreme_values() {
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            crate::kernels::isa() == crate::kernels::Isa::Avx2,
+            std::arch::is_x86_feature_detected!("avx2"),
+            "the public function dispatches to AVX2 where the CPU has it"
+        );
         let mut rng = ChaCha20Rng::seed_from_u64(7);
-        for (in_dim, out_dim, width) in [(1, 1, 1), (3, 5, 9), (17, 4, 600), (70, 9, 1030)] {
-            let mut x: Vec<u64> = (0..in_dim * width).map(|_| rng.next_u64()).collect();
-            let mut w: Vec<u8> = (0..in_dim * out_dim)
-                .map(|_| rng.next_u32() as u8)
-                .collect();
-            x[0] = u64::MAX;
-            w[0] = 0x80; // -128
-            let mut y = vec![1u64; out_dim * width];
-            gemm_i8_u64(&x, &w, in_dim, out_dim, width, &mut y);
-            for j in 0..out_dim {
-                for c in 0..width {
-                    let want = (0..in_dim).fold(0u64, |acc, i| {
-                        let wv = w[j * in_dim + i] as i8 as i128;
-                        let p = (x[i * width + c] as i128 * wv) as u64;
-                        acc.wrapping_add(p)
-                    });
-                    assert_eq!(
-                        y[j * width + c],
-                        want,
-                        "{in_dim}x{out_dim}x{width} at {j},{c}"
+        // 257 and 513 leave one row past a panel of 2 · 128 rows; widths leave 1, 2 and 3 columns
+        // past a group of four and partial blocks of 32; out_dim cycles through 1..=9.
+        let in_dims = [1, 3, 17, 70, 257, 513, 768];
+        let widths = [1, 7, 9, 600, 1030, 4096, 8192];
+        let mut shape = 0;
+        for in_dim in in_dims {
+            for width in widths {
+                let out_dim = 1 + shape % 9;
+                shape += 1;
+                for mode in 0..4 {
+                    let (x, w) = data(&mut rng, in_dim, out_dim, width, mode);
+                    let want = naive(&x, &w, in_dim, out_dim, width);
+                    let mut scalar = vec![1u64; out_dim * width];
+                    crate::kernels::scalar::gemm_i8_u64(
+                        &x,
+                        &w,
+                        in_dim,
+                        out_dim,
+                        width,
+                        &mut scalar,
+                    );
+                    assert!(
+                        scalar == want,
+                        "scalar {in_dim}x{out_dim}x{width} mode {mode}"
+                    );
+                    for kernel in Kernel::all() {
+                        let mut y = vec![1u64; out_dim * width];
+                        kernel.gemm_i8_u64(&x, &w, in_dim, out_dim, width, &mut y);
+                        if let Some(k) = (0..y.len()).find(|&k| y[k] != want[k]) {
+                            panic!(
+                                "{kernel:?} {in_dim}x{out_dim}x{width} mode {mode}: y[{}][{}] = {:#x}, want {:#x}",
+                                k / width, k % width, y[k], want[k]
+                            );
+                        }
+                    }
+                    let mut y = vec![1u64; out_dim * width];
+                    gemm_i8_u64(&x, &w, in_dim, out_dim, width, &mut y);
+                    assert!(
+                        y == want,
+                        "dispatched {in_dim}x{out_dim}x{width} mode {mode}"
                     );
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "weight shape")]
+    fn gemm_rejects_a_weight_matrix_of_the_wrong_shape() {
+        gemm_i8_u64(&[0; 8], &[0; 3], 2, 2, 4, &mut [0; 8]);
     }
 
     #[test]
