@@ -1,7 +1,7 @@
 //! The RLWE offline phase per term: client encryption (one ciphertext holds N slots of one input
 //! index, so ns per encrypted input term = time / N), client decryption (ns per decrypted output
 //! term = time / N), the server's seed expansion, and its int8 × u64 product (elem/s = MAC/s over
-//! ciphertext words).
+//! ciphertext words) on the scalar kernel and on the SIMD one this CPU gets.
 //!
 //! `cargo bench -p veil-core --bench rlwe -- --warm-up-time 1 --measurement-time 3`
 
@@ -9,6 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use std::hint::black_box;
+use veil_core::kernels;
 use veil_core::rlwe::{self, ntt, ModSwitch, SecretKey, Seed, Workspace, N};
 
 fn bench_client(c: &mut Criterion) {
@@ -75,18 +76,28 @@ fn bench_server(c: &mut Criterion) {
     g.bench_function("expand_a_per_coefficient", |bch| {
         bch.iter(|| rlwe::expand_a(black_box(&seed), 7, 0, &mut a))
     });
-    // (in, out, width): mlp.c_fc-like rows over both halves (2N words), and mlp.c_proj's 3072
-    // inputs over a 1024-word column tile (the product is column-separable).
-    for (in_dim, out_dim, width) in [(768, 16, 2 * N), (3072, 16, 1024)] {
+    // (in, out, width): mlp.c_fc-like rows and mlp.c_proj's 3072 inputs, each over both halves
+    // (a ‖ b, 2N words) and a tile of 16 outputs, on the scalar kernel and on the one this CPU
+    // dispatches to. With 16 outputs each word is used 16 times and the SIMD kernel waits on
+    // memory for much of the time; the last shape (128 outputs over a 1024-word column tile) shows
+    // its arithmetic rate.
+    let simd = kernels::isa().name();
+    for (in_dim, out_dim, width) in [(768, 16, 2 * N), (3072, 16, 2 * N), (3072, 128, 1024)] {
         let mut rng = ChaCha20Rng::seed_from_u64(2);
         let x: Vec<u64> = (0..in_dim * width).map(|_| rng.next_u64()).collect();
         let w: Vec<u8> = (0..in_dim * out_dim)
             .map(|_| rng.next_u32() as u8)
             .collect();
         let mut y = vec![0u64; out_dim * width];
+        let shape = format!("{in_dim}x{out_dim}x{width}");
         g.throughput(Throughput::Elements((in_dim * out_dim * width) as u64));
+        g.bench_function(BenchmarkId::new("gemm_i8_u64/scalar", &shape), |bch| {
+            bch.iter(|| {
+                kernels::scalar::gemm_i8_u64(black_box(&x), &w, in_dim, out_dim, width, &mut y)
+            })
+        });
         g.bench_function(
-            BenchmarkId::new("gemm_i8_u64", format!("{in_dim}x{out_dim}x{width}")),
+            BenchmarkId::new(format!("gemm_i8_u64/{simd}"), &shape),
             |bch| bch.iter(|| rlwe::gemm_i8_u64(black_box(&x), &w, in_dim, out_dim, width, &mut y)),
         );
     }
