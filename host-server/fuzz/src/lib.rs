@@ -568,8 +568,12 @@ pub fn check_client(data: &[u8]) {
                     c.close();
                     closed = true;
                 }
-                Ok(Some(ClientEvent::OfflineOutput { .. })) => {
-                    panic!("an offline result without an offline request")
+                Ok(Some(
+                    ClientEvent::OfflineOutput { .. }
+                    | ClientEvent::Weights { .. }
+                    | ClientEvent::WeightsData { .. },
+                )) => {
+                    panic!("offline results or weights without asking for them")
                 }
                 Err(e) => {
                     failed = Some(e);
