@@ -2,9 +2,11 @@
 //!
 //! Starts a `veil-server` child on a free loopback port, then runs this very binary as a child once
 //! per mode (`reference`, `online`, `pool`, the last after a timed `precompute` into a fresh pool
-//! file) on a prompt of exactly `--prompt-tokens` tokens with greedy decoding and a fixed seed. Each
-//! client child is reaped with `wait4`, so its peak RSS (`ru_maxrss`) is the client's alone, not the
-//! server's nor this driver's. Prints one JSON object: the model configuration, every mode's
+//! file, and `pool_server`, after a timed `precompute --server` that has this server fill another
+//! fresh pool blind, the server's own CPU read from `/proc` around it) on a prompt of exactly
+//! `--prompt-tokens` tokens with greedy decoding and a fixed seed. Each client child is reaped
+//! with `wait4`, so its peak RSS (`ru_maxrss`) is the client's alone, not the server's nor this
+//! driver's. Prints one JSON object: the model configuration, every mode's
 //! generation statistics plus its peak RSS, whether all modes generated the same tokens (they must:
 //! the private path reproduces the local integer pipeline bit for bit) and CPU ratios.
 
@@ -59,6 +61,11 @@ pub struct BenchArgs {
     /// then measures the neighbour, not the client).
     #[arg(long)]
     pub no_pin: bool,
+    /// Skip the `pool_server` mode (a pool filled by `precompute --server`, then a generation
+    /// from it): its offline phase costs a whole batch of 4096 slots however few are used, on
+    /// the server mostly, which dominates the run for a wide vocabulary.
+    #[arg(long)]
+    pub no_server_precompute: bool,
 }
 
 /// An English paragraph the prompt is cut from (repeated as needed).
@@ -130,6 +137,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let prompt = build_prompt(&dir.join("tokenizer.json"), args.prompt_tokens)?;
+    let terms = model_terms(dir)?;
 
     // The pool directory: the user's (kept) or a temporary one (removed by its guard).
     let (pool_dir, _tmp_guard) = match &args.pool_dir {
@@ -142,10 +150,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&pool_dir)
         .with_context(|| format!("creating {}", pool_dir.display()))?;
     let pool_path = pool_dir.join("bench.pool");
-    match std::fs::remove_file(&pool_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", pool_path.display())),
+    let server_pool_path = pool_dir.join("bench-server.pool");
+    for p in [&pool_path, &server_pool_path] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
     }
 
     let cpus = if args.no_pin {
@@ -220,6 +231,49 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     ];
     record("pool", &pool)?;
     record("pool_no_verify", &[&pool[..], &["--no-verify"]].concat())?;
+
+    // The pool filled by the server's blind offline phase instead, then one generation from it.
+    let server_slots = (args.prompt_tokens + new_tokens + 8) as u64;
+    let server_pre = if args.no_server_precompute {
+        None
+    } else {
+        let mut pre = client_cmd();
+        pre.arg("precompute")
+            .arg("--weights")
+            .arg(dir)
+            .arg("--pool")
+            .arg(&server_pool_path)
+            .arg("--tokens")
+            .arg(server_slots.to_string())
+            .args(["--server", &addr, "--json"]);
+        let server_cpu0 = server.cpu_ms();
+        let run = pinned(client_cpus, || run_child(pre)).with_context(|| {
+            format!(
+                "veil-client precompute --server failed (server log:\n{})",
+                server.log()
+            )
+        })?;
+        let server_cpu = server.cpu_ms().zip(server_cpu0).map(|(b, a)| b - a);
+        let report: Value = serde_json::from_str(run.stdout.trim()).with_context(|| {
+            format!(
+                "precompute --server --json: the output is not one JSON object:\n{}\nstderr:\n{}",
+                run.stdout, run.stderr
+            )
+        })?;
+        let server_pool_str = server_pool_path.to_string_lossy().into_owned();
+        record(
+            "pool_server",
+            &[
+                "--server",
+                &addr,
+                "--mask-source",
+                "pool",
+                "--pool",
+                &server_pool_str,
+            ],
+        )?;
+        Some((run, server_cpu, report))
+    };
     if let Some(Value::Object(m)) = modes.get_mut("pool") {
         m.insert("precompute_slots".into(), json!(slots));
         m.insert(
@@ -231,6 +285,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             json!(pre.cpu_ms / slots as f64),
         );
         m.insert("precompute_peak_rss_kib".into(), json!(pre.peak_rss_kib));
+    }
+    if let (Some((run, server_cpu, report)), Some(Value::Object(m))) =
+        (&server_pre, modes.get_mut("pool_server"))
+    {
+        insert_server_precompute(m, run, *server_cpu, report)?;
     }
     drop(server);
 
@@ -253,6 +312,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         "server_cpus": cpus.as_ref().map(|c| &c.server),
         "model": model,
+        // What the offline phase encrypts and decrypts per slot: one mask word per input and one
+        // term per output of every linear layer (its cost grows with these, not with in × out).
+        "input_terms_per_slot": terms.0,
+        "output_terms_per_slot": terms.1,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": new_tokens,
         "prompt": prompt,
@@ -264,6 +327,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "online_cpu_vs_reference": ratio(f("online", "client_cpu_ms_per_token")),
             "precompute_cpu_vs_reference_cpu": ratio(f("pool", "precompute_cpu_ms_per_token")),
             "precompute_wall_vs_reference_cpu": ratio(f("pool", "precompute_ms_per_token")),
+            "server_precompute_cpu_vs_reference_cpu": ratio(
+                modes.get("pool_server").map_or(f64::NAN, |m| {
+                    m["precompute_full_batch"]["cpu_ms_per_slot"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                }),
+            ),
         },
         "verification_cost_cpu_ms_per_token": {
             "online": f("online", "client_cpu_ms_per_token") - f("online_no_verify", "client_cpu_ms_per_token"),
@@ -335,6 +405,73 @@ fn build_prompt(tokenizer: &Path, n: usize) -> anyhow::Result<String> {
     }
     bail!("could not build a prompt that encodes to exactly {n} tokens with this tokenizer")
 }
+
+/// Σ in and Σ out over the model's linear layers: the mask words encrypted and the terms
+/// decrypted per slot by the server-assisted offline phase.
+fn model_terms(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    let files = crate::files::ModelFiles::open(dir, false)?;
+    let cfg = *files.client()?.config();
+    Ok(cfg.linears().fold((0, 0), |(i, o), l| {
+        let (a, b) = l.dims(&cfg);
+        (i + a as u64, o + b as u64)
+    }))
+}
+
+/// Adds the server-assisted precompute's figures to the `pool_server` mode: per precomputed slot,
+/// and per slot of a full batch (the cost of a batch does not depend on how many of its slots
+/// are used, so a full batch is what a long-running device pays per slot).
+fn insert_server_precompute(
+    m: &mut Map<String, Value>,
+    run: &ChildRun,
+    server_cpu_ms: Option<f64>,
+    report: &Value,
+) -> anyhow::Result<()> {
+    let field = |k: &str| {
+        report[k]
+            .as_u64()
+            .with_context(|| format!("precompute --json: no integer `{k}` in {report}"))
+    };
+    let slots = field("slots")?;
+    let batches = field("batches")?;
+    let (up, down) = (field("bytes_up")?, field("bytes_down")?);
+    if slots == 0 || batches == 0 {
+        bail!("precompute --server filled no slots: {report}");
+    }
+    m.insert("precompute_slots".into(), json!(slots));
+    let full = (batches * RLWE_BATCH_SLOTS) as f64;
+    let slots = slots as f64;
+    let per = |x: f64, n: f64| json!(x / n);
+    let server_per = |n: f64| server_cpu_ms.map_or(Value::Null, |c| json!(c / n));
+    m.insert("precompute_batches".into(), json!(batches));
+    m.insert("batch_slots".into(), json!(RLWE_BATCH_SLOTS));
+    m.insert("precompute_ms_per_slot".into(), per(run.wall_ms, slots));
+    m.insert("precompute_cpu_ms_per_slot".into(), per(run.cpu_ms, slots));
+    m.insert("precompute_peak_rss_kib".into(), json!(run.peak_rss_kib));
+    m.insert("precompute_bytes_up_per_slot".into(), per(up as f64, slots));
+    m.insert(
+        "precompute_bytes_down_per_slot".into(),
+        per(down as f64, slots),
+    );
+    m.insert(
+        "precompute_server_cpu_ms_per_slot".into(),
+        server_per(slots),
+    );
+    m.insert(
+        "precompute_full_batch".into(),
+        json!({
+            "ms_per_slot": run.wall_ms / full,
+            "cpu_ms_per_slot": run.cpu_ms / full,
+            "server_cpu_ms_per_slot": server_per(full),
+            "bytes_up_per_slot": up as f64 / full,
+            "bytes_down_per_slot": down as f64 / full,
+        }),
+    );
+    m.insert("precompute_report".into(), report.clone());
+    Ok(())
+}
+
+/// Slots per batch of the server-assisted offline phase (one RLWE key, one ciphertext per input).
+const RLWE_BATCH_SLOTS: u64 = veil_core::rlwe::N as u64;
 
 /// One client run: its stats plus its peak RSS, its generated tokens and text.
 fn run_mode(
@@ -530,6 +667,24 @@ impl ServerGuard {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server's CPU time so far (user + system, all its threads), ms; `None` where
+    /// `/proc/<pid>/stat` cannot be read (off Linux).
+    fn cpu_ms(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces or ')': count the
+        // fields after its last ')', where field 3 (the state) comes first.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
+        let mut fields = rest.split_whitespace();
+        let utime: u64 = fields.nth(14 - 3)?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        // SAFETY: sysconf only reads a configuration value; it takes no pointers.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks <= 0 {
+            return None;
+        }
+        Some((utime + stime) as f64 * 1e3 / ticks as f64)
     }
 
     fn log(&self) -> String {

@@ -146,6 +146,10 @@ struct PrecomputeArgs {
     /// Longest wait, in seconds, to connect to --server and for any one read or write after that.
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     timeout_secs: f64,
+    /// Also print one JSON object on stdout at the end (slots, batches, ciphertexts, bytes up and
+    /// down, wall and this process's CPU time), for `veil-client bench`.
+    #[arg(long)]
+    json: bool,
 }
 
 fn q16(x: f64) -> u32 {
@@ -350,9 +354,32 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `precompute --json` prints: the work of one run (ciphertexts and bytes are 0 locally).
+fn precompute_json(
+    source: &str,
+    stats: &veil_client::offline::OfflineStats,
+    wire: veil_client::transport::WireStats,
+    t0: std::time::Instant,
+) -> serde_json::Value {
+    serde_json::json!({
+        "source": source,
+        "slots": stats.slots,
+        "batches": stats.batches,
+        "input_ciphertexts": stats.inputs,
+        "output_ciphertexts": stats.outputs,
+        "bytes_up": wire.bytes_up,
+        "bytes_down": wire.bytes_down,
+        "wall_ms": t0.elapsed().as_secs_f64() * 1e3,
+        // The whole process's CPU (getrusage), start-up and file opening included: what the
+        // device pays for this run.
+        "cpu_ms": veil_client::generate::cpu_ms(),
+    })
+}
+
 fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
     if let Some(addr) = args.server.as_deref() {
-        return precompute_through_server(&args, addr);
+        return precompute_through_server(&args, addr, t0);
     }
     let files = ModelFiles::open(&args.weights, true)?;
     let linear = files
@@ -379,10 +406,24 @@ fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
         pool.remaining(),
         pool.next_slot()
     );
+    if args.json {
+        let stats = veil_client::offline::OfflineStats {
+            slots: args.tokens,
+            ..Default::default()
+        };
+        println!(
+            "{}",
+            precompute_json("local", &stats, Default::default(), t0)
+        );
+    }
     Ok(())
 }
 
-fn precompute_through_server(args: &PrecomputeArgs, addr: &str) -> anyhow::Result<()> {
+fn precompute_through_server(
+    args: &PrecomputeArgs,
+    addr: &str,
+    t0: std::time::Instant,
+) -> anyhow::Result<()> {
     // The device needs no linear.veil: if it is there it is used (and checked) for the check
     // data of a new pool, otherwise the server's copy is streamed once for it.
     let has_linear = args.weights.join("linear.veil").exists();
@@ -456,6 +497,9 @@ fn precompute_through_server(args: &PrecomputeArgs, addr: &str) -> anyhow::Resul
         stats.outputs,
         wire.bytes_down as f64 / (1 << 20) as f64,
     );
+    if args.json {
+        println!("{}", precompute_json("server", &stats, wire, t0));
+    }
     Ok(())
 }
 

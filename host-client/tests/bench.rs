@@ -1,6 +1,9 @@
 //! `veil-client bench` end to end, over real processes: a quantized golden-tiny model, a
 //! `veil-server` child, the client as a child in every mode; all modes generate the same tokens,
 //! the private modes make 4 round trips per block + 1 per decoded token, and peak RSS is measured.
+//! The `pool_server` mode (a pool the server fills blind, about a minute here) is skipped by the
+//! default test and checked by an ignored one; `tests/offline.rs` runs `precompute --server
+//! --json` itself on a small random model.
 //!
 //! The server binary is not visible to this crate's tests through `CARGO_BIN_EXE_*` (it belongs to
 //! another package), so it is taken from the same target directory as the client binary:
@@ -15,8 +18,9 @@ use std::process::Command;
 
 use common::{quantize_dir, shared};
 
-#[test]
-fn bench_golden_tiny_all_modes_agree() {
+/// Runs `veil-client bench` on golden tiny (8 prompt + 8 new tokens) with `extra` arguments and
+/// returns its JSON object, checked against the `--out` copy and for what every run must show.
+fn bench_golden_tiny(extra: &[&str]) -> serde_json::Value {
     let tiny = shared().join("golden/tiny");
     let client = PathBuf::from(env!("CARGO_BIN_EXE_veil-client"));
     let server = client
@@ -44,6 +48,7 @@ fn bench_golden_tiny_all_modes_agree() {
         .arg(tmp.path().join("pool"))
         .arg("--out")
         .arg(&out_file)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -113,4 +118,80 @@ fn bench_golden_tiny_all_modes_agree() {
         assert_eq!(client.len(), 1, "{v:#}");
         assert!(!server.is_empty() && !server.contains(&client[0]), "{v:#}");
     }
+    v
+}
+
+#[test]
+fn bench_golden_tiny_all_modes_agree() {
+    // The server-filled pool costs a whole RLWE batch, about a minute here (the LM head's 50257
+    // result ciphertexts): it has a test of its own below, ignored by default.
+    let v = bench_golden_tiny(&["--no-server-precompute"]);
+    assert!(v["modes"].get("pool_server").is_none(), "{v:#}");
+    assert!(v["ratios"]["server_precompute_cpu_vs_reference_cpu"].is_null());
+    assert_eq!(v["input_terms_per_slot"], 2 * (128 + 128 + 128 + 512) + 128);
+    assert_eq!(
+        v["output_terms_per_slot"],
+        2 * (384 + 128 + 512 + 128) + 50257
+    );
+}
+
+/// The `pool_server` mode: about a minute of mostly server CPU on two cores (one batch of the
+/// blind offline phase; see DEVELOPERS.md). Run it with `cargo test --release -p veil-client
+/// --test bench -- --ignored`.
+#[test]
+#[ignore = "about a minute: one RLWE batch of golden tiny's offline phase, LM head included"]
+fn bench_golden_tiny_server_filled_pool() {
+    // `bench_golden_tiny` checked that its tokens equal the reference's (`tokens_identical`).
+    let v = bench_golden_tiny(&[]);
+    let ps = &v["modes"]["pool_server"];
+    assert_eq!(ps["prompt_tokens"], 8, "{ps:#}");
+    assert!(ps["generated_tokens"].as_u64().unwrap() >= 2, "{ps:#}");
+    assert!(ps["peak_rss_kib"].as_i64().unwrap() > 0, "{ps:#}");
+    // Generation from it offloads the LM head as from the local pool.
+    assert_eq!(ps["round_trips_per_token"].as_f64(), Some(9.0), "{ps:#}");
+    // One batch for 8 + 8 + 8 slots, every cost positive; each slot's ciphertexts are one per
+    // input and one per output of every layer (2 blocks of 128 wide, MLP 512, LM head 128 →
+    // 50257).
+    assert_eq!(ps["precompute_slots"], 24, "{ps:#}");
+    assert_eq!(ps["precompute_batches"], 1, "{ps:#}");
+    assert_eq!(ps["batch_slots"], 4096, "{ps:#}");
+    assert_eq!(v["input_terms_per_slot"], 2 * (128 + 128 + 128 + 512) + 128);
+    assert_eq!(
+        v["output_terms_per_slot"],
+        2 * (384 + 128 + 512 + 128) + 50257
+    );
+    let report = &ps["precompute_report"];
+    assert_eq!(report["input_ciphertexts"], v["input_terms_per_slot"]);
+    assert_eq!(report["output_ciphertexts"], v["output_terms_per_slot"]);
+    let mut positive = vec![
+        "precompute_ms_per_slot",
+        "precompute_cpu_ms_per_slot",
+        "precompute_peak_rss_kib",
+        "precompute_bytes_up_per_slot",
+        "precompute_bytes_down_per_slot",
+    ];
+    let mut positive_full = vec![
+        "ms_per_slot",
+        "cpu_ms_per_slot",
+        "bytes_up_per_slot",
+        "bytes_down_per_slot",
+    ];
+    // The server's CPU comes from /proc.
+    if cfg!(target_os = "linux") {
+        positive.push("precompute_server_cpu_ms_per_slot");
+        positive_full.push("server_cpu_ms_per_slot");
+    }
+    for k in positive {
+        assert!(ps[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {ps:#}");
+    }
+    for k in positive_full {
+        let x = ps["precompute_full_batch"][k].as_f64();
+        assert!(x.is_some_and(|x| x > 0.0), "full batch {k}: {ps:#}");
+    }
+    assert!(
+        v["ratios"]["server_precompute_cpu_vs_reference_cpu"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v:#}"
+    );
 }

@@ -1,6 +1,6 @@
 //! The server-assisted offline phase (`precompute --server`): the server computes the unmasking
 //! terms blind under RLWE, and the pool it fills holds exactly the terms the client would have
-//! computed itself.
+//! computed itself; `precompute --json` reports the run's work.
 
 mod common;
 
@@ -10,7 +10,10 @@ use std::time::Duration;
 use veil_client::offline::{precompute_through, switch_for};
 use veil_client::pool::{PoolError, PoolProjections, PoolSource};
 use veil_client::transport::{ConnectOptions, Connection};
-use veil_core::model::format::{encode_linear_header, LinearLayout, HEADER_LEN};
+use veil_core::model::format::{
+    encode_client_header, encode_linear_header, ClientHeader, ClientLayout, LinearLayout,
+    HEADER_LEN,
+};
 use veil_core::model::{LinearWeights, ModelConfig};
 use veil_core::session::{compute_pool_record, pool_record_offset, pool_record_words};
 use veil_core::wire::ClientSettings;
@@ -291,6 +294,84 @@ fn a_device_without_linear_weights_precomputes_through_the_server_and_generates(
         );
         assert_eq!(got.len(), 16);
         assert_eq!(got, want, "sampling {sampling:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `client.veil` for `CFG` paired with `linear.veil` of `fingerprint`: a valid header, zero
+/// weights (precomputing reads only the shape and the pairing).
+fn zero_client_file(fingerprint: [u8; 32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; ClientLayout::new(&CFG).total_len];
+    let mut h = [0u8; HEADER_LEN];
+    let header = ClientHeader {
+        config: CFG,
+        ln_eps_q32: 42950,
+        eos_token_id: 0,
+        linear_fingerprint: fingerprint,
+    };
+    encode_client_header(&header, &mut h);
+    bytes[..HEADER_LEN].copy_from_slice(&h);
+    bytes
+}
+
+/// `veil-client precompute --json`, through the server and locally: one JSON object on stdout
+/// with the run's work (what `veil-client bench` reads for its `pool_server` mode).
+#[test]
+fn precompute_json_reports_the_work_of_the_run() {
+    let dir = temp_dir("json");
+    let bytes = random_linear(9);
+    std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
+    let server = common::start_server(&dir, ServerConfig::default());
+    std::fs::write(
+        dir.join("client.veil"),
+        zero_client_file(server.weights.fingerprint()),
+    )
+    .unwrap();
+    let run = |pool: &str, extra: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil-client"))
+            .arg("precompute")
+            .arg("--weights")
+            .arg(&dir)
+            .arg("--pool")
+            .arg(dir.join(pool))
+            .args(["--tokens", "3", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "precompute failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let inputs: u64 = CFG.linears().map(|l| l.dims(&CFG).0 as u64).sum();
+    let outputs: u64 = CFG.linears().map(|l| l.dims(&CFG).1 as u64).sum();
+
+    let v = run("server.pool", &["--server", &server.addr.to_string()]);
+    assert_eq!(v["source"], "server", "{v:#}");
+    assert_eq!(v["slots"], 3, "{v:#}");
+    assert_eq!(v["batches"], 1, "{v:#}");
+    assert_eq!(v["input_ciphertexts"], inputs, "{v:#}");
+    assert_eq!(v["output_ciphertexts"], outputs, "{v:#}");
+    // 32 KiB up per input ciphertext (and a little framing); results down.
+    assert!(v["bytes_up"].as_u64().unwrap() >= inputs * 32768, "{v:#}");
+    assert!(v["bytes_down"].as_u64().unwrap() > 0, "{v:#}");
+    for k in ["wall_ms", "cpu_ms"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v:#}");
+    }
+
+    let v = run("local.pool", &[]);
+    assert_eq!(v["source"], "local", "{v:#}");
+    assert_eq!(v["slots"], 3, "{v:#}");
+    for k in [
+        "batches",
+        "input_ciphertexts",
+        "output_ciphertexts",
+        "bytes_up",
+        "bytes_down",
+    ] {
+        assert_eq!(v[k], 0, "{k}: {v:#}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
