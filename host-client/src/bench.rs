@@ -311,6 +311,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "cpus": client_cpus,
         },
         "server_cpus": cpus.as_ref().map(|c| &c.server),
+        // Linux's exec records the old address space's peak into the new program's `ru_maxrss`,
+        // and std spawns with vfork (the old space is this driver's): a child's `peak_rss_kib`
+        // equal to this is a floor, its own peak is at most this (golden tiny's pool runs).
+        "driver_peak_rss_kib": driver_peak_rss_kib(),
         "model": model,
         // What the offline phase encrypts and decrypts per slot: one mask word per input and one
         // term per output of every linear layer (its cost grows with these, not with in × out).
@@ -506,6 +510,18 @@ fn run_mode(
     stats.insert("process_cpu_ms".into(), json!(run.cpu_ms));
     let text = v["text"].as_str().map(str::to_owned);
     Ok((Value::Object(stats), tokens, text))
+}
+
+/// This process's peak resident set size, KiB (`ru_maxrss`); `None` if getrusage fails.
+fn driver_peak_rss_kib() -> Option<i64> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is valid, writable and aligned for a `rusage`, which getrusage fills on
+    // success; it is read only then.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised (a valid `rusage`) and filled by the successful call above.
+    Some(unsafe { ru.assume_init() }.ru_maxrss)
 }
 
 /// What a finished child left behind.

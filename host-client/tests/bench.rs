@@ -90,6 +90,8 @@ fn bench_golden_tiny(extra: &[&str]) -> serde_json::Value {
         );
     }
     assert_eq!(v["modes"]["reference"]["round_trips"], 0);
+    // The floor under every child's peak RSS (see bench.rs).
+    assert!(v["driver_peak_rss_kib"].as_i64().unwrap() > 0, "{v:#}");
     assert!(
         v["modes"]["pool"]["precompute_ms_per_token"]
             .as_f64()
