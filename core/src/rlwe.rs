@@ -414,16 +414,25 @@ fn unpack_bits(words: &[u32], width: u32, values: &mut [u64]) {
     } else {
         (1 << width) - 1
     };
-    let (mut acc, mut bits, mut at) = (0u128, 0u32, 0usize);
-    for v in values.iter_mut() {
-        while bits < width {
-            acc |= (words.get(at).copied().unwrap_or(0) as u128) << bits;
-            at += 1;
-            bits += 32;
-        }
-        *v = acc as u64 & mask;
-        acc >>= width;
-        bits -= width;
+    let w = width as usize;
+    // Value `k` lies in words `i..i + 3` (`i = k·w / 32`, at most 64 + 31 bits): independent
+    // iterations, no carried state, so the loop pipelines.
+    let safe = values
+        .len()
+        .min(words.len().saturating_sub(2) * 32 / w.max(1));
+    let (fast, rest) = values.split_at_mut(safe.min(values.len()));
+    for (k, v) in fast.iter_mut().enumerate() {
+        let pos = k * w;
+        let i = pos / 32;
+        let x = words[i] as u128 | (words[i + 1] as u128) << 32 | (words[i + 2] as u128) << 64;
+        *v = (x >> (pos % 32)) as u64 & mask;
+    }
+    for (k, v) in rest.iter_mut().enumerate() {
+        let pos = (safe + k) * w;
+        let i = pos / 32;
+        let word = |j: usize| words.get(j).copied().unwrap_or(0) as u128;
+        let x = word(i) | word(i + 1) << 32 | word(i + 2) << 64;
+        *v = (x >> (pos % 32)) as u64 & mask;
     }
 }
 

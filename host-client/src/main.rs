@@ -10,7 +10,6 @@ use veil_client::files::ModelFiles;
 use veil_client::generate::{
     generate_reference, GenOptions, GenStats, PrivateGenerator, Verification, DEFAULT_PREFILL_ROWS,
 };
-use veil_client::pool::PoolProjections;
 use veil_client::pool::PoolSource;
 use veil_client::transport::{read_psk_file, ConnectOptions, Connection};
 use veil_core::mask::MaskKey;
@@ -426,8 +425,10 @@ fn precompute_through_server(
 ) -> anyhow::Result<()> {
     // The device needs no linear.veil: if it is there it is used (and checked) for the check
     // data of a new pool, otherwise the server's copy is streamed once for it.
-    let has_linear = args.weights.join("linear.veil").exists();
-    let files = ModelFiles::open(&args.weights, has_linear)?;
+    let linear_path = args.weights.join("linear.veil");
+    let has_linear = linear_path.exists();
+    // Not mapped: read once, sequentially, for the check data (below).
+    let files = ModelFiles::open(&args.weights, false)?;
     let cfg = *files.client()?.config();
     let fingerprint = files.fingerprint()?;
     let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
@@ -440,10 +441,10 @@ fn precompute_through_server(
         timeout,
     };
     let mut conn = Connection::connect(addr, &options)?;
-    let linear = files.linear()?;
     let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key| {
-        if let Some(linear) = &linear {
-            return Ok::<_, anyhow::Error>(PoolProjections::compute(key, linear));
+        if has_linear {
+            let p = veil_client::offline::file_projections(&linear_path, key, &cfg, &fingerprint)?;
+            return Ok::<_, anyhow::Error>(p);
         }
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(

@@ -23,7 +23,7 @@
 use std::io::{Read, Write};
 use std::ops::Range;
 
-use rand_core::OsRng;
+use rand_core::{CryptoRng, OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use veil_core::mask::MaskKey;
 use veil_core::model::format::LinearLayout;
@@ -66,12 +66,20 @@ pub enum OfflineError {
     },
     /// The weights the server sent are not the ones this client's model was made with.
     #[error(
-        "the server's linear.veil ({bytes} bytes) does not match the fingerprint in client.veil: \
-         the server holds other weights (or altered them); nothing was derived from them"
+        "linear.veil ({bytes} bytes) does not match the fingerprint in client.veil: other weights \
+         (or altered ones); nothing was derived from them"
     )]
     WeightsMismatch {
         /// Bytes received.
         bytes: u64,
+    },
+    /// A local file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
     },
     /// The server answered results out of order (a protocol fault).
     #[error("the server sent result {got} of {linear} when {want} was due")]
@@ -98,9 +106,98 @@ pub struct OfflineStats {
     pub outputs: u64,
 }
 
-/// Downloads the server's `linear.veil` once, streaming (memory: a row), and derives the pool's
-/// check projections for `key` from it; the file is checked against `fingerprint` (the SHA-256 in
-/// `client.veil`) and nothing is kept of it. `progress` gets (bytes so far, bytes in all).
+/// `linear.veil` read as a stream of bytes (from the server, or from a local file read
+/// sequentially, so that no page of it stays mapped): hashed, and its weight rows handed to a
+/// [`ProjectionStream`] as they complete. Memory: one row.
+#[derive(Debug)]
+pub struct WeightsParser {
+    cfg: ModelConfig,
+    layers: Vec<(LinearId, Range<usize>)>,
+    expected: u64,
+    projections: ProjectionStream,
+    hash: Sha256,
+    pos: usize,
+    at: usize,
+    j: usize,
+    row: Vec<u8>,
+}
+
+impl WeightsParser {
+    /// For the check data of `key` over a model of shape `cfg`.
+    pub fn new(key: &MaskKey, cfg: &ModelConfig) -> Self {
+        let layout = LinearLayout::new(cfg);
+        WeightsParser {
+            cfg: *cfg,
+            layers: cfg.linears().map(|l| (l, layout.matrix(l))).collect(),
+            expected: layout.total_len as u64,
+            projections: ProjectionStream::new(key, cfg),
+            hash: Sha256::new(),
+            pos: 0,
+            at: 0,
+            j: 0,
+            row: Vec::new(),
+        }
+    }
+
+    /// The file's expected length.
+    pub fn expected_bytes(&self) -> u64 {
+        self.expected
+    }
+
+    /// Bytes taken so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.pos as u64
+    }
+
+    /// The next bytes of the file.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        self.hash.update(bytes);
+        while !bytes.is_empty() {
+            let Some((linear, range)) = self.layers.get(self.at) else {
+                self.pos += bytes.len();
+                break;
+            };
+            if self.pos >= range.end {
+                (self.at, self.j) = (self.at + 1, 0);
+                continue;
+            }
+            if self.pos < range.start {
+                // The header and alignment padding: hashed, not projected.
+                let skip = (range.start - self.pos).min(bytes.len());
+                self.pos += skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let in_dim = linear.dims(&self.cfg).0;
+            let take = (range.end - self.pos)
+                .min(bytes.len())
+                .min(in_dim - self.row.len());
+            self.row.extend_from_slice(&bytes[..take]);
+            self.pos += take;
+            bytes = &bytes[take..];
+            if self.row.len() == in_dim {
+                self.projections.row(*linear, self.j, &self.row);
+                self.j += 1;
+                self.row.clear();
+            }
+        }
+    }
+
+    /// The projections, if the whole file went by and is the one `fingerprint` names.
+    pub fn finish(self, fingerprint: &[u8; 32]) -> Result<PoolProjections, OfflineError> {
+        let digest: [u8; 32] = self.hash.finalize().into();
+        if self.pos as u64 != self.expected || digest != *fingerprint {
+            return Err(OfflineError::WeightsMismatch {
+                bytes: self.pos as u64,
+            });
+        }
+        Ok(self.projections.finish())
+    }
+}
+
+/// Downloads the server's `linear.veil` once, streaming, and derives the pool's check
+/// projections for `key` from it ([`WeightsParser`]); nothing is kept of the file.
+/// `progress` gets (bytes so far, bytes in all).
 pub fn download_projections<R: Read, W: Write>(
     conn: &mut Connection<R, W>,
     key: &MaskKey,
@@ -108,50 +205,38 @@ pub fn download_projections<R: Read, W: Write>(
     fingerprint: &[u8; 32],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PoolProjections, OfflineError> {
-    let layout = LinearLayout::new(cfg);
-    let layers: Vec<(LinearId, Range<usize>)> =
-        cfg.linears().map(|l| (l, layout.matrix(l))).collect();
-    let expected = layout.total_len as u64;
-    let mut stream = ProjectionStream::new(key, cfg);
-    let mut hash = Sha256::new();
-    let (mut pos, mut at, mut j) = (0usize, 0usize, 0usize);
-    let mut row: Vec<u8> = Vec::new();
-    let total = conn.download_weights(&mut |mut bytes: &[u8]| {
-        hash.update(bytes);
-        while !bytes.is_empty() {
-            let Some((linear, range)) = layers.get(at) else {
-                pos += bytes.len();
-                break;
-            };
-            if pos >= range.end {
-                (at, j) = (at + 1, 0);
-                continue;
-            }
-            if pos < range.start {
-                // The header and alignment padding: hashed, not projected.
-                let skip = (range.start - pos).min(bytes.len());
-                pos += skip;
-                bytes = &bytes[skip..];
-                continue;
-            }
-            let in_dim = linear.dims(cfg).0;
-            let take = (range.end - pos).min(bytes.len()).min(in_dim - row.len());
-            row.extend_from_slice(&bytes[..take]);
-            pos += take;
-            bytes = &bytes[take..];
-            if row.len() == in_dim {
-                stream.row(*linear, j, &row);
-                j += 1;
-                row.clear();
-            }
-        }
-        progress(pos as u64, expected);
+    let mut parser = WeightsParser::new(key, cfg);
+    let expected = parser.expected_bytes();
+    conn.download_weights(&mut |bytes: &[u8]| {
+        parser.feed(bytes);
+        progress(parser.bytes_seen(), expected);
     })?;
-    let digest: [u8; 32] = hash.finalize().into();
-    if total != expected || digest != *fingerprint {
-        return Err(OfflineError::WeightsMismatch { bytes: total });
+    parser.finish(fingerprint)
+}
+
+/// The same from a local `linear.veil`, read sequentially in 1 MiB pieces (none of it stays
+/// resident: the precompute's memory stays that of the offline phase).
+pub fn file_projections(
+    path: &std::path::Path,
+    key: &MaskKey,
+    cfg: &ModelConfig,
+    fingerprint: &[u8; 32],
+) -> Result<PoolProjections, OfflineError> {
+    let io = |source| OfflineError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut parser = WeightsParser::new(key, cfg);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        parser.feed(&buf[..n]);
     }
-    Ok(stream.finish())
+    parser.finish(fingerprint)
 }
 
 /// The modulus switch asked for a layer with `in_dim` inputs: the fewest bits down whose failure
@@ -186,9 +271,22 @@ pub fn precompute_through<R: Read, W: Write>(
         let slot0 = pool.filled();
         let mut key_words = vec![0u64; SecretKey::WORDS];
         {
-            let key = SecretKey::generate(&mut OsRng, &mut key_words);
+            // The batch's randomness (key, seeds, errors): the OS's, fetched 64 KiB at a time
+            // rather than one system call per word, and zeroized when the batch is done.
+            let mut rng = OsRandom::new();
+            let key = SecretKey::generate(&mut rng, &mut key_words);
             for linear in cfg.linears() {
-                offline_layer(conn, pool, cfg, &key, &mut buffers, linear, slot0, slots)?;
+                offline_layer(
+                    conn,
+                    pool,
+                    cfg,
+                    &key,
+                    &mut rng,
+                    &mut buffers,
+                    linear,
+                    slot0,
+                    slots,
+                )?;
                 let (i, o) = linear.dims(cfg);
                 stats.inputs += i as u64;
                 stats.outputs += o as u64;
@@ -201,6 +299,68 @@ pub fn precompute_through<R: Read, W: Write>(
         stats.batches += 1;
     }
     Ok(stats)
+}
+
+/// The operating system's random numbers, read in 64 KiB blocks; the unread rest is zeroized when
+/// dropped (it holds future key and error bits).
+struct OsRandom {
+    buf: Box<[u8]>,
+    at: usize,
+}
+
+impl OsRandom {
+    const BLOCK: usize = 1 << 16;
+
+    fn new() -> Self {
+        OsRandom {
+            buf: vec![0u8; Self::BLOCK].into_boxed_slice(),
+            at: Self::BLOCK,
+        }
+    }
+}
+
+impl RngCore for OsRandom {
+    fn next_u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.fill_bytes(&mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill_bytes(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn fill_bytes(&mut self, mut dest: &mut [u8]) {
+        while !dest.is_empty() {
+            if self.at == Self::BLOCK {
+                // OsRng panics only if the OS has no random numbers at all.
+                OsRng.fill_bytes(&mut self.buf);
+                self.at = 0;
+            }
+            let n = dest.len().min(Self::BLOCK - self.at);
+            let src = &mut self.buf[self.at..self.at + n];
+            dest[..n].copy_from_slice(src);
+            src.zeroize();
+            self.at += n;
+            dest = &mut dest[n..];
+        }
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+// The bytes are the operating system's CSPRNG output, each handed out once.
+impl CryptoRng for OsRandom {}
+
+impl Drop for OsRandom {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
 }
 
 /// The client's scratch, allocated once per run.
@@ -266,6 +426,7 @@ fn offline_layer<R: Read, W: Write>(
     pool: &mut PoolSource,
     cfg: &ModelConfig,
     key: &SecretKey<'_>,
+    rng: &mut OsRandom,
     buf: &mut Buffers,
     linear: LinearId,
     slot0: u64,
@@ -273,7 +434,7 @@ fn offline_layer<R: Read, W: Write>(
 ) -> Result<(), OfflineError> {
     let (in_dim, out_dim) = linear.dims(cfg);
     let switch = switch_for(in_dim);
-    let seed = Seed::random(&mut OsRng);
+    let seed = Seed::random(rng);
     let mask_key = pool.key();
     let mut ws = Workspace::new(&mut buf.ws);
     let s = &mut buf.check_s[..out_dim * OFFLINE_CHECKS];
@@ -294,14 +455,14 @@ fn offline_layer<R: Read, W: Write>(
             i0..i0 + n,
             cols,
         );
+        accumulate(
+            &mut buf.from_masks,
+            cols,
+            &p[i0 * OFFLINE_CHECKS..(i0 + n) * OFFLINE_CHECKS],
+        );
         for (c, msg) in cols.chunks_exact(N).enumerate() {
             let i = i0 + c;
-            accumulate(
-                &mut buf.from_masks,
-                msg,
-                &p[i * OFFLINE_CHECKS..(i + 1) * OFFLINE_CHECKS],
-            );
-            encrypt(key, &seed, i as u64, msg, &mut OsRng, &mut ws, &mut buf.b);
+            encrypt(key, &seed, i as u64, msg, rng, &mut ws, &mut buf.b);
             input_words(&buf.b, &mut buf.words);
             conn.send_ciphertext(&buf.words)?;
         }
@@ -321,14 +482,13 @@ fn offline_layer<R: Read, W: Write>(
             }
             unpack_result(reply, switch, &mut buf.a, &mut buf.b);
             decrypt(key, &buf.a, &buf.b, switch, &mut ws, &mut buf.col);
-            let j = j0 + jj;
-            accumulate(
-                &mut buf.from_terms,
-                &buf.col,
-                &s[j * OFFLINE_CHECKS..(j + 1) * OFFLINE_CHECKS],
-            );
             buf.group[jj * N..(jj + 1) * N].copy_from_slice(&buf.col);
         }
+        accumulate(
+            &mut buf.from_terms,
+            &buf.group[..g * N],
+            &s[j0 * OFFLINE_CHECKS..(j0 + g) * OFFLINE_CHECKS],
+        );
         // Transpose into each slot's record: `g` consecutive words per slot.
         for k in 0..slots as usize {
             for (jj, r) in buf.row[..g].iter_mut().enumerate() {

@@ -70,13 +70,33 @@ pub fn project_row(row: &[u8], sj: &[u32], p: &mut [u32]) {
     }
 }
 
-/// `acc[t][k] += column[k] · coeffs[t] (mod 2^32)` for a column of `N` slot values (a mask
-/// column with the projections `p[i][·]`, or a decrypted term column with `s[j][·]`).
-pub fn accumulate(acc: &mut [u32], column: &[u32], coeffs: &[u32]) {
-    assert!(acc.len() == OFFLINE_CHECKS * N && column.len() == N && coeffs.len() == OFFLINE_CHECKS);
-    for (row, &c) in acc.chunks_exact_mut(N).zip(coeffs) {
-        for (a, &x) in row.iter_mut().zip(column) {
-            *a = a.wrapping_add(x.wrapping_mul(c));
+/// `acc[t][k] += Σ_c columns[c][k] · coeffs[c][t] (mod 2^32)` for `g` columns of `N` slot
+/// values (mask columns with the projections `p[i][·]` of their inputs, or decrypted term
+/// columns with `s[j][·]` of their outputs): `columns` is `g · N` words, `coeffs` `g · T`.
+///
+/// Blocked by slots so that a block of every accumulator row stays in L1 while all the columns
+/// pass over it (one pass over the accumulators per call, not per column).
+pub fn accumulate(acc: &mut [u32], columns: &[u32], coeffs: &[u32]) {
+    const BLOCK: usize = 256;
+    let g = columns.len() / N;
+    assert!(acc.len() == OFFLINE_CHECKS * N && columns.len() == g * N);
+    assert_eq!(
+        coeffs.len(),
+        g * OFFLINE_CHECKS,
+        "T coefficients per column"
+    );
+    for k0 in (0..N).step_by(BLOCK) {
+        for (t, row) in acc.chunks_exact_mut(N).enumerate() {
+            let a = &mut row[k0..k0 + BLOCK];
+            for (col, cs) in columns
+                .chunks_exact(N)
+                .zip(coeffs.chunks_exact(OFFLINE_CHECKS))
+            {
+                let c = cs[t];
+                for (ai, &x) in a.iter_mut().zip(&col[k0..k0 + BLOCK]) {
+                    *ai = ai.wrapping_add(x.wrapping_mul(c));
+                }
+            }
         }
     }
 }
@@ -135,6 +155,7 @@ mod tests {
                 vec![0u32; OFFLINE_CHECKS * N],
                 vec![0u32; OFFLINE_CHECKS * N],
             );
+            // Mask columns one at a time, term columns all at once: the grouping is free.
             let mut col = vec![0u32; N];
             for ii in 0..i {
                 for k in 0..slots {
@@ -146,16 +167,13 @@ mod tests {
                     &p[ii * OFFLINE_CHECKS..(ii + 1) * OFFLINE_CHECKS],
                 );
             }
+            let mut cols = vec![0u32; o * N];
             for j in 0..o {
                 for k in 0..slots {
-                    col[k] = u[k * o + j];
+                    cols[j * N + k] = u[k * o + j];
                 }
-                accumulate(
-                    &mut at,
-                    &col,
-                    &s[j * OFFLINE_CHECKS..(j + 1) * OFFLINE_CHECKS],
-                );
             }
+            accumulate(&mut at, &cols, &s);
             first_mismatch(&am, &at, slots)
         };
         assert_eq!(run(&u), None);
