@@ -32,7 +32,7 @@ use veil_core::wire::{
 };
 
 use crate::batch::{Batcher, Registration};
-use crate::{ServerConfig, ServerWeights};
+use crate::{OfflineLimit, ServerConfig, ServerWeights};
 
 /// Bytes of a connection's receive buffer (the machine's frame buffer, read into directly): two
 /// frames, so a frame straddling its end (moved to the front once) is the exception.
@@ -133,7 +133,10 @@ where
         &mut stream,
         settings,
         &compute,
-        &weights,
+        &Offline {
+            weights: weights.clone(),
+            limit: config.offline_layers.clone(),
+        },
         config.idle_timeout,
         &|| weights.count_computed(),
     )
@@ -215,15 +218,27 @@ fn multiply(m: &impl Matrices, job: &mut Job) -> bool {
     true
 }
 
+/// What offline steps need: the weights, and the server-wide limit on layers in progress.
+struct Offline<M> {
+    weights: Arc<M>,
+    limit: OfflineLimit,
+}
+
+/// A connection's offline layer in progress: its input ciphertexts and its share of the limit.
+struct OfflineStore {
+    words: Vec<u64>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// One step of an offline layer on the blocking pool: keep input ciphertexts in `store`
 /// (allocated at the layer's first step), or compute results from it (dropped after the last),
 /// the outputs shared among the CPUs. Returns the job, the store to keep, and whether it
 /// succeeded.
 async fn offline_step<M: Matrices>(
     job: Job,
-    store: Option<Vec<u64>>,
+    store: Option<OfflineStore>,
     weights: Arc<M>,
-) -> (Job, Option<Vec<u64>>, bool) {
+) -> (Job, Option<OfflineStore>, bool) {
     let h = job.header();
     let task = tokio::task::spawn_blocking(move || {
         let mut job = job;
@@ -237,15 +252,20 @@ async fn offline_step<M: Matrices>(
     task.await.unwrap_or_else(|_| (lost(h), None, false))
 }
 
-fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<Vec<u64>>) -> bool {
+fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<OfflineStore>) -> bool {
     let in_dim = job.in_dim;
     match job.kind {
         JobKind::OfflineInputs { seed, first, count } => {
-            let s = store.get_or_insert_with(|| vec![0u64; store_words(in_dim)]);
+            let Some(s) = store.as_mut() else {
+                return false;
+            };
             if first == 0 {
-                s.resize(store_words(in_dim), 0);
+                s.words = vec![0u64; store_words(in_dim)];
             }
-            absorb_inputs(&seed, first, count, job.offline_inputs(), s);
+            if s.words.len() != store_words(in_dim) {
+                return false;
+            }
+            absorb_inputs(&seed, first, count, job.offline_inputs(), &mut s.words);
             true
         }
         JobKind::OfflineResults {
@@ -254,7 +274,7 @@ fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<Vec<u64
             switch,
         } => {
             let (Some(s), Some(w)) = (
-                store.as_ref(),
+                store.as_ref().map(|s| &s.words),
                 m.matrix(job.linear)
                     .filter(|w| w.len() == in_dim * job.out_dim),
             ) else {
@@ -271,6 +291,7 @@ fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<Vec<u64
                     let j0 = first + t * per;
                     let n = part.len() / rw;
                     scope.spawn(move || {
+                        lower_priority();
                         let mut tmp = vec![0u64; n * 2 * RLWE_N];
                         results(s, w, in_dim, j0..j0 + n, switch, &mut tmp, part);
                     });
@@ -297,12 +318,23 @@ fn offline_compute<M: Matrices>(m: &M, job: &mut Job, store: &mut Option<Vec<u64
     }
 }
 
+/// Makes the calling thread yield to the online work (which users wait for token by token): the
+/// offline phase fills pools in the background. Best effort: a refusal changes nothing else.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its arguments; with `who = 0` it applies to the calling
+    // thread on Linux (its threads are scheduled entities of their own).
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
 /// One conversation over `stream` with a fresh machine; closes (or lingers after a refusal).
 async fn converse<S, M>(
     stream: &mut S,
     settings: ServerSettings,
     compute: &Compute<M>,
-    weights: &Arc<M>,
+    offline: &Offline<M>,
     idle: Duration,
     computed: &(dyn Fn() + Sync),
 ) -> Result<Ending, ConnError>
@@ -324,7 +356,7 @@ where
     )
     .map_err(io::Error::other)?;
     let mut tx = vec![0u8; TX_BYTES].into_boxed_slice();
-    let transport = drive(stream, &mut conn, &mut tx, compute, weights, idle, computed).await;
+    let transport = drive(stream, &mut conn, &mut tx, compute, offline, idle, computed).await;
     match (conn.outcome(), transport) {
         (Some(Err(e)), transport) if e.code().is_some() => {
             // The Error frame is out, unless the transport failed on the way.
@@ -356,7 +388,7 @@ async fn drive<S, M>(
     conn: &mut ServerConnection<Box<[u8]>, Vec<u32>>,
     tx: &mut [u8],
     compute: &Compute<M>,
-    weights: &Arc<M>,
+    offline: &Offline<M>,
     idle: Duration,
     computed: &(dyn Fn() + Sync),
 ) -> io::Result<()>
@@ -365,7 +397,7 @@ where
     M: Matrices,
 {
     // The offline layer's input ciphertexts, while one is in progress.
-    let mut store: Option<Vec<u64>> = None;
+    let mut store: Option<OfflineStore> = None;
     loop {
         // Frames due, encoded by the machine straight into `tx`, written as they are.
         loop {
@@ -385,7 +417,20 @@ where
         }
         if let Some(job) = conn.poll_job() {
             if job.kind != JobKind::Products {
-                let (job, kept, ok) = offline_step(job, store.take(), weights.clone()).await;
+                let starts = matches!(job.kind, JobKind::OfflineInputs { first: 0, .. });
+                if starts && store.is_none() {
+                    // Waits while other connections' layers hold the limit.
+                    let Ok(permit) = offline.limit.0.clone().acquire_owned().await else {
+                        conn.fail_job(job);
+                        continue;
+                    };
+                    store = Some(OfflineStore {
+                        words: Vec::new(),
+                        _permit: permit,
+                    });
+                }
+                let (job, kept, ok) =
+                    offline_step(job, store.take(), offline.weights.clone()).await;
                 store = kept;
                 if ok {
                     conn.finish_job(job);
@@ -537,6 +582,10 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         let none = Arc::new(NoMatrices);
         let compute = Compute::Alone(none.clone());
+        let offline = Offline {
+            weights: none,
+            limit: OfflineLimit::new(1),
+        };
         let counted = std::sync::atomic::AtomicUsize::new(0);
         let count = || {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -553,7 +602,7 @@ mod tests {
                 &mut server,
                 settings,
                 &compute,
-                &none,
+                &offline,
                 Duration::from_secs(5),
                 &count
             ),

@@ -31,7 +31,7 @@ mod weights;
 
 pub use batch::{BatchConfig, BatchStats, Batcher, JobFailed, Registration};
 pub use conn::{handle_connection, handle_connection_with, ConnError};
-pub use serve::{serve, serve_with, ServerConfig};
+pub use serve::{serve, serve_with, OfflineLimit, ServerConfig};
 pub use veil_core::wire::auth::{PskKey, PSK_MIN_BYTES};
 pub use veil_core::wire::{Ending, ErrorCode, ServerError};
 pub use weights::{hex, ServerWeights};

@@ -53,6 +53,13 @@ struct Args {
     #[arg(long)]
     no_serve_weights: bool,
 
+    /// Offline layers computed at once, over all connections: each holds its layer's input
+    /// ciphertexts in memory (`in · 64 KiB`: 192 MiB for distilgpt2's widest, 400 MiB for
+    /// gpt2-xl's); other connections' layers wait their turn.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    offline_layers: u64,
+
     /// Pre-shared key file (hex text, or raw bytes; at least 16 bytes): clients must prove they
     /// hold the same key before anything is computed for them. Without it, anyone may connect.
     #[arg(long, value_name = "FILE")]
@@ -112,6 +119,7 @@ fn main() -> anyhow::Result<()> {
         psk,
         offline_inputs: args.offline_inputs,
         serve_weights: !args.no_serve_weights,
+        offline_layers: veil_server::OfflineLimit::new(args.offline_layers as usize),
     };
     let per_conn = {
         let (widest_in, widest_out) = weights.config().widest_linear();

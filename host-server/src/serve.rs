@@ -34,6 +34,30 @@ pub struct ServerConfig {
     /// Send `linear.veil` to a client that asks (once per connection: a client without the
     /// linear weights derives its secret check data from them).
     pub serve_weights: bool,
+    /// Offline layers in progress at once, over every connection served with this config (its
+    /// clones share it): each holds the layer's input ciphertexts, `in · 64 KiB` (192 MiB for
+    /// distilgpt2's `mlp.c_proj`), so this bounds the offline phase's memory.
+    pub offline_layers: OfflineLimit,
+}
+
+/// A limit on offline layers in progress, shared by the connections of one server.
+#[derive(Clone, Debug)]
+pub struct OfflineLimit(pub(crate) Arc<Semaphore>);
+
+/// Two limits are equal when they are the same shared limit.
+impl PartialEq for OfflineLimit {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OfflineLimit {}
+
+impl OfflineLimit {
+    /// At most `layers` at once (at least 1).
+    pub fn new(layers: usize) -> Self {
+        OfflineLimit(Arc::new(Semaphore::new(layers.max(1))))
+    }
 }
 
 impl Default for ServerConfig {
@@ -46,6 +70,7 @@ impl Default for ServerConfig {
             // About 32 GiB up: some 30 batches of 4096 distilgpt2 tokens.
             offline_inputs: 1 << 20,
             serve_weights: true,
+            offline_layers: OfflineLimit::new(2),
         }
     }
 }

@@ -52,6 +52,7 @@ fn server_config(psk: bool) -> ServerConfig {
         psk: psk.then(|| PskKey::new(fuzz_model::PSK).unwrap()),
         offline_inputs: fuzz_model::OFFLINE_INPUTS,
         serve_weights: false,
+        offline_layers: veil_server::OfflineLimit::new(1),
     }
 }
 
@@ -647,6 +648,7 @@ async fn flood() {
         idle_timeout: Duration::from_secs(2),
         offline_inputs: fuzz_model::OFFLINE_INPUTS,
         serve_weights: false,
+        offline_layers: veil_server::OfflineLimit::new(1),
     };
     let w = weights();
     let fp = w.fingerprint();
