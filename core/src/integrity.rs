@@ -41,31 +41,37 @@ pub fn offsets(cfg: &ModelConfig, linear: LinearId) -> (usize, usize) {
 /// Fills the secret check vectors of every layer (`check_words` elements, each uniform in F_p
 /// up to a bias of 2^-61) from the client's key, in their own mask domain.
 pub fn fill_check_vectors(key: &MaskKey, cfg: &ModelConfig, s: &mut [u64]) {
-    let mut words = [0u32; 512];
     for id in cfg.linears() {
         let (o_off, _) = offsets(cfg, id);
         let out = id.dims(cfg).1;
-        let mut done = 0;
-        let mut block = 0u64;
-        while done < out {
-            let n = (out - done).min(words.len() / 2);
-            // Slot = block index within the layer: the Check domain has its own stream space.
-            fill_mask(
-                key,
-                MaskAddress {
-                    slot: block,
-                    linear: id.flat_index(cfg),
-                    domain: MaskDomain::Check,
-                },
-                &mut words[..2 * n],
-            );
-            for k in 0..n {
-                let v = ((words[2 * k] as u64) << 32 | words[2 * k + 1] as u64) & P;
-                s[o_off + done + k] = if v == P { 0 } else { v };
-            }
-            done += n;
-            block += 1;
+        fill_layer_check_vector(key, cfg, id, &mut s[o_off..o_off + out]);
+    }
+}
+
+/// One layer's check vector (`out_dim` elements), as [`fill_check_vectors`] fills it.
+pub fn fill_layer_check_vector(key: &MaskKey, cfg: &ModelConfig, id: LinearId, s: &mut [u64]) {
+    let mut words = [0u32; 512];
+    let out = s.len();
+    let mut done = 0;
+    let mut block = 0u64;
+    while done < out {
+        let n = (out - done).min(words.len() / 2);
+        // Slot = block index within the layer: the Check domain has its own stream space.
+        fill_mask(
+            key,
+            MaskAddress {
+                slot: block,
+                linear: id.flat_index(cfg),
+                domain: MaskDomain::Check,
+            },
+            &mut words[..2 * n],
+        );
+        for k in 0..n {
+            let v = ((words[2 * k] as u64) << 32 | words[2 * k + 1] as u64) & P;
+            s[done + k] = if v == P { 0 } else { v };
         }
+        done += n;
+        block += 1;
     }
 }
 

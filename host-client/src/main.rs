@@ -441,10 +441,10 @@ fn precompute_through_server(
         timeout,
     };
     let mut conn = Connection::connect(addr, &options)?;
-    let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key| {
+    let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key, sink| {
         if has_linear {
-            let p = veil_client::offline::file_projections(&linear_path, key, &cfg, &fingerprint)?;
-            return Ok::<_, anyhow::Error>(p);
+            veil_client::offline::file_projections(&linear_path, key, &cfg, &fingerprint, sink)?;
+            return Ok::<_, anyhow::Error>(());
         }
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
@@ -454,19 +454,21 @@ fn precompute_through_server(
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        let p = veil_client::offline::download_projections(
+        veil_client::offline::download_projections(
             &mut conn,
             key,
             &cfg,
             &fingerprint,
+            sink,
             &mut |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             },
         )?;
         bar.finish_and_clear();
-        Ok(p)
+        Ok(())
     })?;
+
     let bar = indicatif::ProgressBar::new(1);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -37,7 +37,7 @@ use veil_core::rlwe::{
 use veil_core::session::pool_record_offset;
 use zeroize::Zeroize;
 
-use crate::pool::{PoolError, PoolProjections, PoolSource, ProjectionStream};
+use crate::pool::{PoolError, PoolSource, ProjectionSink, ProjectionStream};
 use crate::transport::{Connection, TransportError};
 
 /// Decrypted output columns gathered before they are written into the slots' records.
@@ -115,6 +115,8 @@ pub struct WeightsParser {
     layers: Vec<(LinearId, Range<usize>)>,
     expected: u64,
     projections: ProjectionStream,
+    /// The first failure to write a layer's projections (reported by `finish`).
+    failed: Option<PoolError>,
     hash: Sha256,
     pos: usize,
     at: usize,
@@ -123,14 +125,15 @@ pub struct WeightsParser {
 }
 
 impl WeightsParser {
-    /// For the check data of `key` over a model of shape `cfg`.
-    pub fn new(key: &MaskKey, cfg: &ModelConfig) -> Self {
+    /// For the check data of `key` over a model of shape `cfg`, written into `sink`.
+    pub fn new(key: &MaskKey, cfg: &ModelConfig, sink: ProjectionSink) -> Self {
         let layout = LinearLayout::new(cfg);
         WeightsParser {
             cfg: *cfg,
             layers: cfg.linears().map(|l| (l, layout.matrix(l))).collect(),
             expected: layout.total_len as u64,
-            projections: ProjectionStream::new(key, cfg),
+            projections: ProjectionStream::new(key, cfg, sink),
+            failed: None,
             hash: Sha256::new(),
             pos: 0,
             at: 0,
@@ -176,22 +179,29 @@ impl WeightsParser {
             self.pos += take;
             bytes = &bytes[take..];
             if self.row.len() == in_dim {
-                self.projections.row(*linear, self.j, &self.row);
+                if let Err(e) = self.projections.row(*linear, self.j, &self.row) {
+                    self.failed.get_or_insert(e);
+                }
                 self.j += 1;
                 self.row.clear();
             }
         }
     }
 
-    /// The projections, if the whole file went by and is the one `fingerprint` names.
-    pub fn finish(self, fingerprint: &[u8; 32]) -> Result<PoolProjections, OfflineError> {
+    /// Ok once the whole file went by, is the one `fingerprint` names, and its projections are
+    /// written (a pool whose projections came from other weights is never used: its creation
+    /// fails).
+    pub fn finish(self, fingerprint: &[u8; 32]) -> Result<(), OfflineError> {
         let digest: [u8; 32] = self.hash.finalize().into();
         if self.pos as u64 != self.expected || digest != *fingerprint {
             return Err(OfflineError::WeightsMismatch {
                 bytes: self.pos as u64,
             });
         }
-        Ok(self.projections.finish())
+        if let Some(e) = self.failed {
+            return Err(e.into());
+        }
+        Ok(self.projections.finish()?)
     }
 }
 
@@ -203,9 +213,10 @@ pub fn download_projections<R: Read, W: Write>(
     key: &MaskKey,
     cfg: &ModelConfig,
     fingerprint: &[u8; 32],
+    sink: ProjectionSink,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<PoolProjections, OfflineError> {
-    let mut parser = WeightsParser::new(key, cfg);
+) -> Result<(), OfflineError> {
+    let mut parser = WeightsParser::new(key, cfg, sink);
     let expected = parser.expected_bytes();
     conn.download_weights(&mut |bytes: &[u8]| {
         parser.feed(bytes);
@@ -221,13 +232,14 @@ pub fn file_projections(
     key: &MaskKey,
     cfg: &ModelConfig,
     fingerprint: &[u8; 32],
-) -> Result<PoolProjections, OfflineError> {
+    sink: ProjectionSink,
+) -> Result<(), OfflineError> {
     let io = |source| OfflineError::Read {
         path: path.to_path_buf(),
         source,
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut parser = WeightsParser::new(key, cfg);
+    let mut parser = WeightsParser::new(key, cfg, sink);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).map_err(io)?;

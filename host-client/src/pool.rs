@@ -50,28 +50,56 @@ fn offline_projections_start(cfg: &ModelConfig) -> u64 {
     HEADER + (veil_core::integrity::projection_words(cfg) as u64 * 8).div_ceil(4096) * 4096
 }
 
-/// The secret-dependent data a new pool stores, computed once from the weights.
+/// Where a new pool's check projections go: straight into its file, layer by layer, so that
+/// making them holds one layer's worth, not the model's (`Σ in · 160` bytes: 86 MB for gpt2-xl).
 #[derive(Debug)]
-pub struct PoolProjections {
-    /// The online check's projections `W · s (mod 2^61 - 1)` (`integrity::projection_words`).
-    pub online: Vec<u64>,
-    /// The offline check's projections `W · s' (mod 2^32)` (`rlwe::check::projection_words`).
-    pub offline: Vec<u32>,
+pub struct ProjectionSink {
+    file: File,
+    path: PathBuf,
+    cfg: ModelConfig,
 }
 
-impl PoolProjections {
-    /// Both, for the check vectors of `key`, in one pass over the weights in memory.
-    pub fn compute(key: &MaskKey, weights: &LinearWeights<'_>) -> Self {
-        let cfg = *weights.config();
-        let mut p = ProjectionStream::new(key, &cfg);
-        for linear in cfg.linears() {
-            let in_dim = linear.dims(&cfg).0;
-            for (j, row) in weights.matrix(linear).chunks_exact(in_dim).enumerate() {
-                p.row(linear, j, row);
-            }
+impl ProjectionSink {
+    fn io(&self, source: std::io::Error) -> PoolError {
+        PoolError::Io {
+            path: self.path.clone(),
+            source,
         }
-        p.finish()
     }
+
+    /// The online check's projections of `linear` (`in_dim` elements of F_p).
+    pub fn online(&self, linear: LinearId, w: &[u64]) -> Result<(), PoolError> {
+        let (_, wo) = veil_core::integrity::offsets(&self.cfg, linear);
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.file
+            .write_all_at(&bytes, HEADER + wo as u64 * 8)
+            .map_err(|e| self.io(e))
+    }
+
+    /// The offline check's projections of `linear` (`in_dim · T` words).
+    pub fn offline(&self, linear: LinearId, p: &[u32]) -> Result<(), PoolError> {
+        let at = veil_core::rlwe::check::projection_offset(&self.cfg, linear) as u64 * 4;
+        let bytes: Vec<u8> = p.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.file
+            .write_all_at(&bytes, offline_projections_start(&self.cfg) + at)
+            .map_err(|e| self.io(e))
+    }
+}
+
+/// Both check projections of a new pool, built row by row as the weights go by (from memory, or
+/// streamed once by a client that does not store them) and written layer by layer into the
+/// pool's file: memory `O(widest layer · T)`.
+pub struct ProjectionStream {
+    cfg: ModelConfig,
+    key: MaskKey,
+    sink: ProjectionSink,
+    /// The layer being streamed: its check vectors and projection accumulators.
+    current: Option<LinearId>,
+    online_s: Vec<u64>,
+    online_acc: Vec<i128>,
+    online: Vec<u64>,
+    offline_s: Vec<u32>,
+    offline: Vec<u32>,
 }
 
 impl std::fmt::Debug for ProjectionStream {
@@ -82,79 +110,89 @@ impl std::fmt::Debug for ProjectionStream {
     }
 }
 
-/// Both projections, built row by row as the weights go by (from memory, or streamed once from
-/// the server by a client that does not store them): memory `O(Σ in · T)`, not the weights'.
-pub struct ProjectionStream {
-    cfg: ModelConfig,
-    key: MaskKey,
-    /// The online check vectors of every layer, and the projections' accumulators of the layer
-    /// being streamed.
-    online_s: Vec<u64>,
-    online_acc: Vec<i128>,
-    online: Vec<u64>,
-    /// The offline check vectors of the layer being streamed, and all offline projections.
-    offline_s: Vec<u32>,
-    offline: Vec<u32>,
-    current: Option<LinearId>,
-}
-
 impl ProjectionStream {
     /// Ready for the rows of `cfg`'s layers, in [`ModelConfig::linears`] order.
-    pub fn new(key: &MaskKey, cfg: &ModelConfig) -> Self {
-        let (online_s, online) = crate::generate::Verification::check_vectors(key, cfg);
+    pub fn new(key: &MaskKey, cfg: &ModelConfig, sink: ProjectionSink) -> Self {
         ProjectionStream {
             cfg: *cfg,
             key: key.clone(),
-            online_s,
-            online_acc: Vec::new(),
-            online,
-            offline_s: Vec::new(),
-            offline: vec![0u32; veil_core::rlwe::check::projection_words(cfg)],
+            sink,
             current: None,
+            online_s: Vec::new(),
+            online_acc: Vec::new(),
+            online: Vec::new(),
+            offline_s: Vec::new(),
+            offline: Vec::new(),
         }
     }
 
+    /// Both projections of the weights in memory, in one pass.
+    pub fn from_weights(
+        key: &MaskKey,
+        weights: &LinearWeights<'_>,
+        sink: ProjectionSink,
+    ) -> Result<(), PoolError> {
+        let cfg = *weights.config();
+        let mut p = ProjectionStream::new(key, &cfg, sink);
+        for linear in cfg.linears() {
+            let in_dim = linear.dims(&cfg).0;
+            for (j, row) in weights.matrix(linear).chunks_exact(in_dim).enumerate() {
+                p.row(linear, j, row)?;
+            }
+        }
+        p.finish()
+    }
+
     /// Row `j` of `linear`'s `[out][in]` matrix (rows of a layer in order, layers in order).
-    pub fn row(&mut self, linear: LinearId, j: usize, row: &[u8]) {
-        use veil_core::rlwe::check::{
-            check_vectors, project_row, projection_offset, OFFLINE_CHECKS,
-        };
+    pub fn row(&mut self, linear: LinearId, j: usize, row: &[u8]) -> Result<(), PoolError> {
+        use veil_core::rlwe::check::{check_vectors, project_row, OFFLINE_CHECKS};
         let (i, o) = linear.dims(&self.cfg);
         if self.current != Some(linear) {
-            self.end_layer();
+            self.end_layer()?;
             self.current = Some(linear);
+            self.online_s.resize(o, 0);
+            veil_core::integrity::fill_layer_check_vector(
+                &self.key,
+                &self.cfg,
+                linear,
+                &mut self.online_s,
+            );
             self.online_acc.clear();
             self.online_acc.resize(i, 0);
             self.offline_s.resize(o * OFFLINE_CHECKS, 0);
             check_vectors(&self.key, &self.cfg, linear, &mut self.offline_s);
+            self.offline.clear();
+            self.offline.resize(i * OFFLINE_CHECKS, 0);
         }
-        let (so, _) = veil_core::integrity::offsets(&self.cfg, linear);
-        veil_core::integrity::project_row(row, self.online_s[so + j], &mut self.online_acc);
-        let at = projection_offset(&self.cfg, linear);
+        veil_core::integrity::project_row(row, self.online_s[j], &mut self.online_acc);
         project_row(
             row,
             &self.offline_s[j * OFFLINE_CHECKS..(j + 1) * OFFLINE_CHECKS],
-            &mut self.offline[at..at + i * OFFLINE_CHECKS],
+            &mut self.offline,
         );
+        Ok(())
     }
 
-    fn end_layer(&mut self) {
+    fn end_layer(&mut self) -> Result<(), PoolError> {
         if let Some(linear) = self.current.take() {
-            let i = linear.dims(&self.cfg).0;
-            let (_, wo) = veil_core::integrity::offsets(&self.cfg, linear);
-            veil_core::integrity::finish_projection(&self.online_acc, &mut self.online[wo..wo + i]);
+            self.online.resize(self.online_acc.len(), 0);
+            veil_core::integrity::finish_projection(&self.online_acc, &mut self.online);
+            self.sink.online(linear, &self.online)?;
+            self.sink.offline(linear, &self.offline)?;
         }
+        Ok(())
     }
 
-    /// The projections, once every row went by.
-    pub fn finish(mut self) -> PoolProjections {
-        self.end_layer();
-        self.offline_s.zeroize();
+    /// Writes the last layer's projections, once every row went by.
+    pub fn finish(mut self) -> Result<(), PoolError> {
+        self.end_layer()
+    }
+}
+
+impl Drop for ProjectionStream {
+    fn drop(&mut self) {
         self.online_s.zeroize();
-        PoolProjections {
-            online: std::mem::take(&mut self.online),
-            offline: std::mem::take(&mut self.offline),
-        }
+        self.offline_s.zeroize();
     }
 }
 
@@ -273,13 +311,15 @@ impl PoolSource {
         })
     }
 
-    /// Creates a pool with a fresh random key (its Freivalds projections from `projections`,
-    /// called once with the new key), or opens the existing one.
+    /// Creates a pool with a fresh random key, its check projections written by `projections`
+    /// (called once with the new key and the new file's [`ProjectionSink`], e.g. through a
+    /// [`ProjectionStream`]), or opens the existing one. The file appears under `path` only
+    /// complete.
     pub fn create_or_open<E: From<PoolError>>(
         path: &Path,
         cfg: &ModelConfig,
         fingerprint: &[u8; 32],
-        projections: impl FnOnce(&MaskKey) -> Result<PoolProjections, E>,
+        projections: impl FnOnce(&MaskKey, ProjectionSink) -> Result<(), E>,
     ) -> Result<Self, E> {
         let io = |source| PoolError::Io {
             path: path.into(),
@@ -289,21 +329,15 @@ impl PoolSource {
             let mut key = [0u8; 32];
             rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
                 .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            let p = projections(&MaskKey::from_bytes(key))?;
-            if p.online.len() != veil_core::integrity::projection_words(cfg)
-                || p.offline.len() != veil_core::rlwe::check::projection_words(cfg)
-            {
-                return Err(PoolError::Corrupt(path.into()).into());
-            }
             let mut h = vec![0u8; HEADER as usize];
             h[0..8].copy_from_slice(MAGIC);
             h[8..12].copy_from_slice(&VERSION.to_le_bytes());
             h[12..16].copy_from_slice(&(pool_record_words(cfg) as u32).to_le_bytes());
             h[16..48].copy_from_slice(fingerprint);
             h[48..80].copy_from_slice(&key);
-            key.zeroize();
             let tmp = path.with_extension("tmp");
             let f = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
@@ -312,12 +346,18 @@ impl PoolSource {
                 .map_err(io)?;
             f.write_all_at(&h, 0).map_err(io)?;
             h.zeroize();
-            let bytes: Vec<u8> = p.online.iter().flat_map(|w| w.to_le_bytes()).collect();
-            f.write_all_at(&bytes, HEADER).map_err(io)?;
-            let bytes: Vec<u8> = p.offline.iter().flat_map(|w| w.to_le_bytes()).collect();
-            f.write_all_at(&bytes, offline_projections_start(cfg))
-                .map_err(io)?;
             f.set_len(records_start(cfg)).map_err(io)?;
+            let sink = ProjectionSink {
+                file: f.try_clone().map_err(io)?,
+                path: tmp.clone(),
+                cfg: *cfg,
+            };
+            let made = projections(&MaskKey::from_bytes(key), sink);
+            key.zeroize();
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, path).map_err(io)?;
         }
@@ -334,9 +374,9 @@ impl PoolSource {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Self, PoolError> {
         let cfg = *weights.config();
-        let mut pool = Self::create_or_open(path, &cfg, fingerprint, |key| {
-            // The integrity projections, computed once per key.
-            Ok::<_, PoolError>(PoolProjections::compute(key, weights))
+        // The integrity projections, computed once per key.
+        let mut pool = Self::create_or_open(path, &cfg, fingerprint, |key, sink| {
+            ProjectionStream::from_weights(key, weights, sink)
         })?;
         let mut r = vec![0u32; cfg.d().max(cfg.n_inner as usize)];
         let mut rec = vec![0u32; pool.record_words];

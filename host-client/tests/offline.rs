@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use veil_client::offline::{precompute_through, switch_for};
-use veil_client::pool::{PoolError, PoolProjections, PoolSource};
+use veil_client::pool::{PoolSource, ProjectionStream};
 use veil_client::transport::{ConnectOptions, Connection};
 use veil_core::model::format::{
     encode_client_header, encode_linear_header, ClientHeader, ClientLayout, LinearLayout,
@@ -99,8 +99,8 @@ fn a_server_filled_pool_holds_the_terms_the_client_would_compute() {
         timeout: Duration::from_secs(120),
     };
     let path = dir.join("server.pool");
-    let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key| {
-        Ok::<_, PoolError>(PoolProjections::compute(key, &lin))
+    let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key, sink| {
+        ProjectionStream::from_weights(key, &lin, sink)
     })
     .unwrap();
     let mut conn = Connection::connect(&server.addr.to_string(), &options).unwrap();
@@ -203,8 +203,8 @@ fn an_altered_result_ciphertext_is_caught_and_its_batch_never_used() {
     // Early (the first layer's results) and late (the LM head's: ciphertexts 577..=876).
     for target in [3, 700] {
         let path = dir.join(format!("tampered-{target}.pool"));
-        let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key| {
-            Ok::<_, PoolError>(PoolProjections::compute(key, &lin))
+        let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key, sink| {
+            ProjectionStream::from_weights(key, &lin, sink)
         })
         .unwrap();
         let proxy = tampering_proxy(server.addr, target);

@@ -214,7 +214,8 @@ fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
 
 #[derive(Debug, Args)]
 struct SynthArgs {
-    /// Model shape: tiny (2 layers, d=128), distilgpt2 (6, 768) or gpt2 (12, 768); all use GPT-2's
+    /// Model shape: tiny (2 layers, d=128), distilgpt2 (6, 768), gpt2 (12, 768), gpt2-medium
+    /// (24, 1024) or gpt2-xl (48, 1600: 6.2 GB of f32 to write); all use GPT-2's
     /// 50257-token vocabulary.
     #[arg(long, value_enum)]
     preset: Preset,
