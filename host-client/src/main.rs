@@ -258,18 +258,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .server
             .as_deref()
             .context("--server ADDR is required (or --reference)")?;
-        let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
-        let timeout = std::time::Duration::try_from_secs_f64(args.timeout_secs)
-            .ok()
-            .filter(|t| !t.is_zero())
-            .context("--timeout-secs must be a positive number of seconds")?;
-        let options = ConnectOptions {
-            settings: ClientSettings {
-                fingerprint: files.fingerprint()?,
-                psk,
-            },
-            timeout,
-        };
+        let options = connect_options(
+            files.fingerprint()?,
+            args.psk_file.as_deref(),
+            args.timeout_secs,
+        )?;
         let open = move || Connection::connect(addr, &options);
         // The first connection is retried like a lost one (a server that is restarting, or that
         // accepted and stalled); what a new connection cannot cure (wrong weights, key,
@@ -418,6 +411,23 @@ fn precompute(args: PrecomputeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How to reach the server: the weights fingerprint, the key of `--psk-file`, `--timeout-secs`.
+fn connect_options(
+    fingerprint: [u8; 32],
+    psk_file: Option<&std::path::Path>,
+    timeout_secs: f64,
+) -> anyhow::Result<ConnectOptions> {
+    let psk = psk_file.map(read_psk_file).transpose()?;
+    let timeout = std::time::Duration::try_from_secs_f64(timeout_secs)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .context("--timeout-secs must be a positive number of seconds")?;
+    Ok(ConnectOptions {
+        settings: ClientSettings { fingerprint, psk },
+        timeout,
+    })
+}
+
 fn precompute_through_server(
     args: &PrecomputeArgs,
     addr: &str,
@@ -431,15 +441,7 @@ fn precompute_through_server(
     let files = ModelFiles::open(&args.weights, false)?;
     let cfg = *files.client()?.config();
     let fingerprint = files.fingerprint()?;
-    let psk = args.psk_file.as_deref().map(read_psk_file).transpose()?;
-    let timeout = std::time::Duration::try_from_secs_f64(args.timeout_secs)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .context("--timeout-secs must be a positive number of seconds")?;
-    let options = ConnectOptions {
-        settings: ClientSettings { fingerprint, psk },
-        timeout,
-    };
+    let options = connect_options(fingerprint, args.psk_file.as_deref(), args.timeout_secs)?;
     let mut conn = Connection::connect(addr, &options)?;
     let mut pool = PoolSource::create_or_open(&args.pool, &cfg, &fingerprint, |key, sink| {
         if has_linear {

@@ -398,12 +398,18 @@ impl PoolSource {
         linear: LinearId,
         out: &mut [u32],
     ) -> Result<(), PoolError> {
-        let o = linear.dims(&self.cfg).1;
-        if slot >= self.filled || out.len() != o {
+        if slot >= self.filled || out.len() != linear.dims(&self.cfg).1 {
             return Err(PoolError::Corrupt(self.path.clone()));
         }
-        let mut bytes = vec![0u8; o * 4];
-        let at = self.record_at(slot, pool_record_offset(&self.cfg, linear));
+        self.read_words(
+            self.record_at(slot, pool_record_offset(&self.cfg, linear)),
+            out,
+        )
+    }
+
+    /// Little-endian words at byte offset `at` into `out`.
+    fn read_words(&self, at: u64, out: &mut [u32]) -> Result<(), PoolError> {
+        let mut bytes = vec![0u8; out.len() * 4];
         self.file
             .read_exact_at(&mut bytes, at)
             .map_err(|source| PoolError::Io {
@@ -426,19 +432,9 @@ impl PoolSource {
         if out.len() != linear.dims(&self.cfg).0 * OFFLINE_CHECKS {
             return Err(PoolError::Corrupt(self.path.clone()));
         }
-        let mut bytes = vec![0u8; out.len() * 4];
         let at =
             offline_projections_start(&self.cfg) + projection_offset(&self.cfg, linear) as u64 * 4;
-        self.file
-            .read_exact_at(&mut bytes, at)
-            .map_err(|source| PoolError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        for (w, v) in out.iter_mut().zip(WordBytes(&bytes).iter()) {
-            *w = v;
-        }
-        Ok(())
+        self.read_words(at, out)
     }
 
     /// Slots whose records are present (used or not).

@@ -83,21 +83,28 @@ fn assert_pool_holds_local_terms(pool: &PoolSource, lin: &LinearWeights<'_>, slo
     }
 }
 
-#[test]
-fn a_server_filled_pool_holds_the_terms_the_client_would_compute() {
-    let dir = temp_dir("fill");
-    let bytes = random_linear(5);
+/// A temporary directory with [`random_linear`]`(seed)` as its `linear.veil`, a server for it,
+/// and how to connect.
+fn serve_random(tag: &str, seed: u64) -> (PathBuf, Vec<u8>, common::Server, ConnectOptions) {
+    let dir = temp_dir(tag);
+    let bytes = random_linear(seed);
     std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
-    let lin = LinearWeights::parse(&bytes).unwrap();
     let server = common::start_server(&dir, ServerConfig::default());
-    let fingerprint = server.weights.fingerprint();
     let options = ConnectOptions {
         settings: ClientSettings {
-            fingerprint,
+            fingerprint: server.weights.fingerprint(),
             psk: None,
         },
         timeout: Duration::from_secs(120),
     };
+    (dir, bytes, server, options)
+}
+
+#[test]
+fn a_server_filled_pool_holds_the_terms_the_client_would_compute() {
+    let (dir, bytes, server, options) = serve_random("fill", 5);
+    let lin = LinearWeights::parse(&bytes).unwrap();
+    let fingerprint = server.weights.fingerprint();
     let path = dir.join("server.pool");
     let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key, sink| {
         ProjectionStream::from_weights(key, &lin, sink)
@@ -187,19 +194,9 @@ fn tampering_proxy(server: std::net::SocketAddr, target: usize) -> std::net::Soc
 
 #[test]
 fn an_altered_result_ciphertext_is_caught_and_its_batch_never_used() {
-    let dir = temp_dir("tamper");
-    let bytes = random_linear(9);
-    std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
+    let (dir, bytes, server, options) = serve_random("tamper", 9);
     let lin = LinearWeights::parse(&bytes).unwrap();
-    let server = common::start_server(&dir, ServerConfig::default());
     let fingerprint = server.weights.fingerprint();
-    let options = ConnectOptions {
-        settings: ClientSettings {
-            fingerprint,
-            psk: None,
-        },
-        timeout: Duration::from_secs(120),
-    };
     // Early (the first layer's results) and late (the LM head's: ciphertexts 577..=876).
     for target in [3, 700] {
         let path = dir.join(format!("tampered-{target}.pool"));

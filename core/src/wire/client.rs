@@ -14,6 +14,7 @@ use super::auth::{PskKey, CLIENT_LABEL, SERVER_LABEL};
 use super::chunks::{DataLengthError, WordCursor};
 use super::frame::{encode_frame, FrameDecoder, FrameError, MAX_FRAME};
 use super::message::{ErrorCode, Message, PROTOCOL_VERSION};
+use super::OfflineLayer as Offline;
 use crate::mask::MaskedRows;
 use crate::model::LinearId;
 use crate::rlwe::{ModSwitch, Seed, INPUT_WORDS};
@@ -307,17 +308,6 @@ enum Phase {
     WeightsReceiving { total: usize, done: usize },
     /// Failed or said goodbye: a queued `Error` or `Bye` may still go out.
     Closed,
-}
-
-/// The offline layer in progress.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Offline {
-    request: u32,
-    linear: LinearId,
-    in_dim: usize,
-    out_dim: usize,
-    seed: Seed,
-    switch: ModSwitch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -43,6 +43,17 @@ mod server;
 mod tests;
 
 pub use chunks::{DataLengthError, CHUNK_WORDS};
+
+/// An offline layer in progress, as both machines track it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OfflineLayer {
+    pub(crate) request: u32,
+    pub(crate) linear: crate::model::LinearId,
+    pub(crate) in_dim: usize,
+    pub(crate) out_dim: usize,
+    pub(crate) seed: crate::rlwe::Seed,
+    pub(crate) switch: crate::rlwe::ModSwitch,
+}
 pub use client::{ClientConnection, ClientError, ClientEvent, ClientSettings, Waiting};
 pub use frame::{
     decode_body, encode_data_frame, encode_frame, FrameDecoder, FrameError, FrameHeader,

@@ -13,6 +13,7 @@ use super::auth::{PskKey, CLIENT_LABEL, SERVER_LABEL};
 use super::chunks::{DataLengthError, WordCursor};
 use super::frame::{encode_frame, FrameDecoder, FrameError, MAX_FRAME};
 use super::message::{ErrorCode, Message, PROTOCOL_VERSION};
+use super::OfflineLayer as Offline;
 use crate::model::{LinearId, ModelConfig};
 use crate::rlwe::{ModSwitch, Seed, INPUT_WORDS};
 
@@ -521,17 +522,6 @@ enum Phase {
     },
     /// Ended: queued frames (an `Error`) still go out, nothing more comes in.
     Closing,
-}
-
-/// The offline layer being served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Offline {
-    request: u32,
-    linear: LinearId,
-    in_dim: usize,
-    out_dim: usize,
-    seed: Seed,
-    switch: ModSwitch,
 }
 
 /// Control frames waiting to go out, in order (at most two are ever queued: `ServerProof` and
