@@ -51,8 +51,11 @@ pub const CFG: ModelConfig = ModelConfig {
 /// Most rows per request of the fuzzed server: few, so one input costs microseconds.
 pub const MAX_ROWS: u32 = 4;
 
-/// Offline input ciphertexts per connection of the fuzzed server: a few layers' worth.
-pub const OFFLINE_INPUTS: u64 = 4 * 64;
+/// Offline input ciphertexts per connection of the fuzzed server: none. This model predicts the
+/// online conversation only; an `OfflineLayer` or `FetchWeights` is refused (`OfflineRefused`).
+/// The offline phase and the weights download are covered by the pair tests in
+/// `core/src/wire/tests.rs`.
+pub const OFFLINE_INPUTS: u64 = 0;
 
 /// The key of the runs with a pre-shared key (the fuzzer cannot forge MACs: these runs explore
 /// the challenge and its refusals).
