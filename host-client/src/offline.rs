@@ -218,10 +218,14 @@ pub fn download_projections<R: Read, W: Write>(
 ) -> Result<(), OfflineError> {
     let mut parser = WeightsParser::new(key, cfg, sink);
     let expected = parser.expected_bytes();
-    conn.download_weights(&mut |bytes: &[u8]| {
+    // A length other than the model's is refused before any byte is read.
+    let announced = conn.download_weights(expected, &mut |bytes: &[u8]| {
         parser.feed(bytes);
         progress(parser.bytes_seen(), expected);
     })?;
+    if announced != expected {
+        return Err(OfflineError::WeightsMismatch { bytes: announced });
+    }
     parser.finish(fingerprint)
 }
 

@@ -315,9 +315,11 @@ impl<R: Read, W: Write> Connection<R, W> {
     }
 
     /// Downloads the server's `linear.veil`, handing its bytes to `on_bytes` in order, in pieces;
-    /// returns its length. Memory: one chunk.
+    /// returns its announced length. If `expected` is not that length, stops before the first
+    /// byte (the connection is then unusable: drop it). Memory: one chunk.
     pub fn download_weights(
         &mut self,
+        expected: u64,
         on_bytes: &mut dyn FnMut(&[u8]),
     ) -> Result<u64, TransportError> {
         self.machine.fetch_weights()?;
@@ -328,6 +330,7 @@ impl<R: Read, W: Write> Connection<R, W> {
         let (mut total, mut left) = (0u64, 0u64);
         loop {
             match self.receive(&mut words)? {
+                ClientEvent::Weights { bytes } if bytes != expected => return Ok(bytes),
                 ClientEvent::Weights { bytes } => (total, left) = (bytes, bytes),
                 ClientEvent::WeightsData { words: n } => {
                     for (b, w) in bytes.chunks_exact_mut(4).zip(&words[..n]) {

@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use veil_client::offline::{precompute_through, switch_for};
+use veil_client::offline::{download_projections, precompute_through, switch_for, OfflineError};
 use veil_client::pool::{PoolSource, ProjectionStream};
 use veil_client::transport::{ConnectOptions, Connection};
 use veil_core::model::format::{
@@ -370,5 +370,63 @@ fn precompute_json_reports_the_work_of_the_run() {
     ] {
         assert_eq!(v[k], 0, "{k}: {v:#}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A device without `linear.veil` takes the server's copy only if it is the file its
+/// `client.veil` names: an altered download is refused and no pool is created.
+#[test]
+fn altered_weights_from_the_server_are_refused_and_no_pool_is_made() {
+    let (dir, bytes, server, options) = serve_random("weights", 3);
+    let fingerprint = server.weights.fingerprint();
+    // Honest: the projections equal those made from the weights in memory.
+    let honest = dir.join("honest.pool");
+    let mut conn = Connection::connect(&server.addr.to_string(), &options).unwrap();
+    PoolSource::create_or_open(&honest, &CFG, &fingerprint, |key, sink| {
+        download_projections(&mut conn, key, &CFG, &fingerprint, sink, &mut |_, _| {})
+    })
+    .unwrap();
+    let pool = PoolSource::open(&honest, &CFG, &fingerprint).unwrap();
+    let lin = LinearWeights::parse(&bytes).unwrap();
+    let local = dir.join("local.pool");
+    let key = pool.key();
+    // The same key's projections from memory, written through a sink of another pool file.
+    let mut want = Vec::new();
+    let mut got = Vec::new();
+    PoolSource::create_or_open(&local, &CFG, &fingerprint, |_, sink| {
+        ProjectionStream::from_weights(&key, &lin, sink)
+    })
+    .unwrap();
+    let other = PoolSource::open(&local, &CFG, &fingerprint).unwrap();
+    for linear in CFG.linears() {
+        let n = linear.dims(&CFG).0 * veil_core::rlwe::check::OFFLINE_CHECKS;
+        let (mut a, mut b) = (vec![0u32; n], vec![0u32; n]);
+        pool.read_offline_projection(linear, &mut a).unwrap();
+        other.read_offline_projection(linear, &mut b).unwrap();
+        got.extend(a);
+        want.extend(b);
+    }
+    assert_eq!(
+        got, want,
+        "downloaded and local weights give the same check data"
+    );
+    assert_eq!(
+        pool.verification().unwrap().w,
+        other.verification().unwrap().w
+    );
+    // Altered on the way (the first full chunk of the download).
+    let path = dir.join("altered.pool");
+    let proxy = tampering_proxy(server.addr, 1);
+    let mut conn = Connection::connect(&proxy.to_string(), &options).unwrap();
+    let err = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key, sink| {
+        download_projections(&mut conn, key, &CFG, &fingerprint, sink, &mut |_, _| {})
+    })
+    .expect_err("altered weights must be refused");
+    assert!(matches!(err, OfflineError::WeightsMismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains("does not match the fingerprint"),
+        "{err}"
+    );
+    assert!(!path.exists() && !path.with_extension("tmp").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
