@@ -14,9 +14,9 @@ use veil_core::rlwe::{self, ntt, ModSwitch, SecretKey, Seed, Workspace, N};
 
 fn bench_client(c: &mut Criterion) {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let mut key_words = vec![0u64; SecretKey::WORDS];
+    let mut key_words = vec![0u32; SecretKey::WORDS];
     let key = SecretKey::generate(&mut rng, &mut key_words);
-    let mut ws_words = vec![0u64; Workspace::WORDS];
+    let mut ws_words = vec![0u32; Workspace::WORDS];
     let mut ws = Workspace::new(&mut ws_words);
     let seed = Seed::random(&mut rng);
     let msg: Vec<u32> = (0..N).map(|_| rng.next_u32()).collect();
@@ -27,11 +27,17 @@ fn bench_client(c: &mut Criterion) {
     let mut g = c.benchmark_group("rlwe_client");
     g.throughput(Throughput::Elements(N as u64));
     g.bench_function("ntt_forward", |bch| {
-        let mut v: Vec<u64> = (0..N as u64).collect();
+        let mut v = Box::new([0u32; N]);
+        v.iter_mut().enumerate().for_each(|(i, x)| *x = i as u32);
         bch.iter(|| ntt::forward(black_box(&mut v)))
     });
+    g.bench_function("ntt_inverse", |bch| {
+        let mut v = Box::new([0u32; N]);
+        v.iter_mut().enumerate().for_each(|(i, x)| *x = i as u32);
+        bch.iter(|| ntt::inverse(black_box(&mut v)))
+    });
     g.bench_function("keygen", |bch| {
-        let mut words = vec![0u64; SecretKey::WORDS];
+        let mut words = vec![0u32; SecretKey::WORDS];
         bch.iter(|| drop(SecretKey::generate(&mut rng, &mut words)))
     });
     let mut index = 0;
@@ -64,6 +70,20 @@ fn bench_client(c: &mut Criterion) {
             bch.iter(|| rlwe::decrypt(&key, black_box(&a2), &b2, sw, &mut ws, &mut out))
         });
     }
+    g.finish();
+
+    // The offline check per term: 256 columns of N slots into the T accumulators.
+    let mut g = c.benchmark_group("rlwe_check");
+    let cols = 256;
+    g.throughput(Throughput::Elements((cols * N) as u64));
+    let columns: Vec<u32> = (0..cols * N).map(|_| rng.next_u32()).collect();
+    let coeffs: Vec<u32> = (0..cols * rlwe::check::OFFLINE_CHECKS)
+        .map(|_| rng.next_u32())
+        .collect();
+    let mut acc = vec![0u32; rlwe::check::OFFLINE_CHECKS * N];
+    g.bench_function("accumulate_per_term", |bch| {
+        bch.iter(|| rlwe::check::accumulate(&mut acc, black_box(&columns), &coeffs))
+    });
     g.finish();
 }
 

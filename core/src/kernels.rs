@@ -25,6 +25,8 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)] // SIMD intrinsics: each `unsafe` block carries its SAFETY argument.
 mod x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::Avx2;
 
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 #[allow(unsafe_code)] // SIMD intrinsics: each `unsafe` block carries its SAFETY argument.

@@ -285,7 +285,7 @@ pub fn precompute_through<R: Read, W: Write>(
     while stats.slots < tokens {
         let slots = (tokens - stats.slots).min(N as u64);
         let slot0 = pool.filled();
-        let mut key_words = vec![0u64; SecretKey::WORDS];
+        let mut key_words = vec![0u32; SecretKey::WORDS];
         {
             // The batch's randomness (key, seeds, errors): the OS's, fetched 64 KiB at a time
             // rather than one system call per word, and zeroized when the batch is done.
@@ -389,7 +389,7 @@ struct Buffers {
     col: Vec<u32>,
     group: Vec<u32>,
     row: Vec<u32>,
-    ws: Vec<u64>,
+    ws: Vec<u32>,
     /// The layer's check vectors, projections, and the two sides' accumulators.
     check_s: Vec<u32>,
     check_p: Vec<u32>,

@@ -41,9 +41,9 @@ fn rlwe() {
     use rand_chacha::rand_core::SeedableRng;
     use veil_core::rlwe::{self, ModSwitch, SecretKey, Seed, Workspace, N};
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(black_box([1; 32]));
-    let mut key_words = [0u64; SecretKey::WORDS];
+    let mut key_words = [0u32; SecretKey::WORDS];
     let key = SecretKey::generate(&mut rng, &mut key_words);
-    let mut ws_words = [0u64; Workspace::WORDS];
+    let mut ws_words = [0u32; Workspace::WORDS];
     let mut ws = Workspace::new(&mut ws_words);
     let seed = Seed::random(&mut rng);
     let msg = black_box([0u32; N]);

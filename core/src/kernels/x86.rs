@@ -29,7 +29,7 @@ static DETECTED: AtomicU8 = AtomicU8::new(UNKNOWN);
 impl Avx2 {
     /// `Some` when AVX2 can be used here. The first call runs CPUID; later calls read the cache.
     #[inline]
-    pub(super) fn detect() -> Option<Self> {
+    pub(crate) fn detect() -> Option<Self> {
         if cfg!(target_feature = "avx2") {
             return Some(Avx2(()));
         }
@@ -96,6 +96,23 @@ impl Avx2 {
         // SAFETY: `self` exists only if `detect` found AVX2 (CPU and OS).
         unsafe { axpy_i16_rows(acc, p, shift, values, stride) }
     }
+
+    /// [`crate::rlwe::check::accumulate`] on AVX2.
+    #[inline]
+    pub(crate) fn accumulate_checks(self, acc: &mut [u32], columns: &[u32], coeffs: &[u32]) {
+        // SAFETY: `self` exists only if `detect` found AVX2 (CPU and OS).
+        unsafe { accumulate_checks(acc, columns, coeffs) }
+    }
+}
+
+/// The portable [`crate::rlwe::check::accumulate_portable`] compiled for AVX2 (`vpmulld`, which
+/// the SSE2 baseline lacks).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_checks(acc: &mut [u32], columns: &[u32], coeffs: &[u32]) {
+    crate::rlwe::check::accumulate_portable(acc, columns, coeffs)
 }
 
 /// The portable [`super::scalar::dot_i16_rows`] compiled for AVX2: plain integer code that LLVM

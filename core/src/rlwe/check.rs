@@ -73,11 +73,8 @@ pub fn project_row(row: &[u8], sj: &[u32], p: &mut [u32]) {
 /// `acc[t][k] += Σ_c columns[c][k] · coeffs[c][t] (mod 2^32)` for `g` columns of `N` slot
 /// values (mask columns with the projections `p[i][·]` of their inputs, or decrypted term
 /// columns with `s[j][·]` of their outputs): `columns` is `g · N` words, `coeffs` `g · T`.
-///
-/// Blocked by slots so that a block of every accumulator row stays in L1 while all the columns
-/// pass over it (one pass over the accumulators per call, not per column).
+/// Runs on the best kernel for this CPU ([`accumulate_portable`] compiled for AVX2 on x86_64).
 pub fn accumulate(acc: &mut [u32], columns: &[u32], coeffs: &[u32]) {
-    const BLOCK: usize = 256;
     let g = columns.len() / N;
     assert!(acc.len() == OFFLINE_CHECKS * N && columns.len() == g * N);
     assert_eq!(
@@ -85,18 +82,42 @@ pub fn accumulate(acc: &mut [u32], columns: &[u32], coeffs: &[u32]) {
         g * OFFLINE_CHECKS,
         "T coefficients per column"
     );
-    for k0 in (0..N).step_by(BLOCK) {
-        for (t, row) in acc.chunks_exact_mut(N).enumerate() {
-            let a = &mut row[k0..k0 + BLOCK];
-            for (col, cs) in columns
-                .chunks_exact(N)
-                .zip(coeffs.chunks_exact(OFFLINE_CHECKS))
-            {
-                let c = cs[t];
-                for (ai, &x) in a.iter_mut().zip(&col[k0..k0 + BLOCK]) {
-                    *ai = ai.wrapping_add(x.wrapping_mul(c));
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return t.accumulate_checks(acc, columns, coeffs);
+    }
+    accumulate_portable(acc, columns, coeffs)
+}
+
+/// Slots per block of [`accumulate_portable`]: one cache line of each column.
+const SLOT_BLOCK: usize = 16;
+
+/// The portable [`accumulate`] (shapes checked there). For each block of 16 slots, the `T`
+/// accumulators of those slots (2.5 KiB) stay in L1 while every column's 16 values (one cache
+/// line, read once) are multiplied into them: fixed-width array arithmetic that LLVM vectorises
+/// to whole registers.
+#[inline(always)] // so that the AVX2 build in `kernels::x86` compiles its own copy
+pub(crate) fn accumulate_portable(acc: &mut [u32], columns: &[u32], coeffs: &[u32]) {
+    let mut block = [[0u32; SLOT_BLOCK]; OFFLINE_CHECKS];
+    for k0 in (0..N).step_by(SLOT_BLOCK) {
+        for (t, b) in block.iter_mut().enumerate() {
+            b.copy_from_slice(&acc[t * N + k0..t * N + k0 + SLOT_BLOCK]);
+        }
+        for (col, cs) in columns
+            .chunks_exact(N)
+            .zip(coeffs.chunks_exact(OFFLINE_CHECKS))
+        {
+            let x: &[u32; SLOT_BLOCK] = col[k0..k0 + SLOT_BLOCK]
+                .try_into()
+                .expect("a block of slots");
+            for (b, &c) in block.iter_mut().zip(cs) {
+                for (a, &v) in b.iter_mut().zip(x) {
+                    *a = a.wrapping_add(v.wrapping_mul(c));
                 }
             }
+        }
+        for (t, b) in block.iter().enumerate() {
+            acc[t * N + k0..t * N + k0 + SLOT_BLOCK].copy_from_slice(b);
         }
     }
 }
@@ -122,6 +143,32 @@ mod tests {
     use super::*;
     use crate::kernels::matmul_u32_i8;
     use std::vec;
+
+    #[test]
+    fn the_dispatched_and_portable_accumulations_equal_the_definition() {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        let mut g = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let mut words = |n: usize| (0..n).map(|_| g.next_u32()).collect::<vec::Vec<u32>>();
+        let cols = 3;
+        let (acc, columns, coeffs) = (
+            words(OFFLINE_CHECKS * N),
+            words(cols * N),
+            words(cols * OFFLINE_CHECKS),
+        );
+        let mut want = acc.clone();
+        for t in 0..OFFLINE_CHECKS {
+            for k in 0..N {
+                for c in 0..cols {
+                    let x = columns[c * N + k].wrapping_mul(coeffs[c * OFFLINE_CHECKS + t]);
+                    want[t * N + k] = want[t * N + k].wrapping_add(x);
+                }
+            }
+        }
+        let (mut a, mut b) = (acc.clone(), acc);
+        accumulate(&mut a, &columns, &coeffs);
+        accumulate_portable(&mut b, &columns, &coeffs);
+        assert!(a == want && b == want);
+    }
 
     #[test]
     fn honest_terms_pass_and_any_single_error_is_caught() {

@@ -273,9 +273,9 @@ fn offline_layer(
     let cfg = *pair.weights.config();
     let (in_dim, out_dim) = linear.dims(&cfg);
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(77);
-    let mut sk_words = vec![0u64; SecretKey::WORDS];
+    let mut sk_words = vec![0u32; SecretKey::WORDS];
     let sk = SecretKey::generate(&mut rng, &mut sk_words);
-    let mut ws_words = vec![0u64; Workspace::WORDS];
+    let mut ws_words = vec![0u32; Workspace::WORDS];
     let mut ws = Workspace::new(&mut ws_words);
     let seed = Seed::random(&mut rng);
     pair.client
