@@ -239,9 +239,31 @@ impl<R: Read, W: Write> Connection<R, W> {
 
     fn write(&mut self, n: usize) -> Result<(), TransportError> {
         let result = self.writer.write_all(&self.tx[..n]);
-        result.map_err(|e| self.io_error(e))?;
+        if let Err(e) = result {
+            return Err(self.server_reason().unwrap_or_else(|| self.io_error(e)));
+        }
         self.stats.bytes_up += n as u64;
         Ok(())
+    }
+
+    /// After a failed write: the server's reason, if it sent one before closing. A server refuses
+    /// a request at its header and hangs up while the client is still sending the rest (an
+    /// offline layer's upload is megabytes), so the write fails with "broken pipe" or "reset"
+    /// while the `Error` frame that says why waits, unread, in the receive queue.
+    fn server_reason(&mut self) -> Option<TransportError> {
+        let mut n = 0;
+        loop {
+            match self.machine.handle_received(n, &mut []) {
+                Err(e) => return Some(e.into()),
+                Ok(Some(_)) => return None,
+                Ok(None) => {}
+            }
+            n = match self.reader.read(self.machine.recv_buffer()) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            self.stats.bytes_down += n as u64;
+        }
     }
 
     /// A transport error, with a timeout reported as the machine's timeout event.

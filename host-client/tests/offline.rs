@@ -430,3 +430,46 @@ fn altered_weights_from_the_server_are_refused_and_no_pool_is_made() {
     assert!(!path.exists() && !path.with_extension("tmp").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A server over its offline budget refuses the layer, and the client says so (not "connection
+/// reset"), however much of the layer's upload the server had not read yet.
+#[test]
+fn a_refused_offline_layer_is_reported_as_the_servers_refusal() {
+    let dir = temp_dir("refused");
+    let bytes = random_linear(8);
+    std::fs::write(dir.join("linear.veil"), &bytes).unwrap();
+    let lin = LinearWeights::parse(&bytes).unwrap();
+    // Budget for the layers before the first MLP down-projection: that one is refused at its
+    // header, and the client has its 128 input ciphertexts (4 MiB) to send when the refusal comes.
+    let before: u64 = CFG
+        .linears()
+        .take_while(|l| l.kind != veil_core::model::LinearKind::MlpDown)
+        .map(|l| l.dims(&CFG).0 as u64)
+        .sum();
+    let config = ServerConfig {
+        offline_inputs: before,
+        ..ServerConfig::default()
+    };
+    let server = common::start_server(&dir, config);
+    let options = ConnectOptions {
+        settings: ClientSettings {
+            fingerprint: server.weights.fingerprint(),
+            psk: None,
+        },
+        timeout: Duration::from_secs(30),
+    };
+    let path = dir.join("refused.pool");
+    let fingerprint = server.weights.fingerprint();
+    let mut pool = PoolSource::create_or_open(&path, &CFG, &fingerprint, |key, sink| {
+        ProjectionStream::from_weights(key, &lin, sink)
+    })
+    .unwrap();
+    for _ in 0..5 {
+        let mut conn = Connection::connect(&server.addr.to_string(), &options).unwrap();
+        let err = precompute_through(&mut conn, &mut pool, &CFG, 2, &mut |_, _| {}).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("refused"), "{text}");
+        assert_eq!(pool.filled(), 0, "nothing of a refused batch is usable");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -39,9 +39,23 @@ use crate::{OfflineLimit, ServerConfig, ServerWeights};
 const RX_BYTES: usize = 2 * MAX_FRAME;
 /// Bytes of its transmit buffer: room for a `Result` and a full `Data` frame in one write.
 const TX_BYTES: usize = 2 * MAX_FRAME;
-/// How long a refused connection is drained after its `Error` frame, and how much at most.
+/// How long a refused connection may stay silent while it is drained after its `Error` frame,
+/// and how much of it is drained at most: enough for the rest of any request (the widest offline
+/// layer's upload, [`linger_bytes`], is megabytes) so that the client, which sends a whole request
+/// before it reads, then reads the `Error` frame instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 1 << 20;
+pub(crate) const LINGER_BYTES: usize = 1 << 20;
+
+/// The most a refused connection is drained: one frame's worth, or a whole offline layer's input
+/// ciphertexts (plus framing) when the server takes offline work.
+fn linger_bytes(settings: &ServerSettings) -> usize {
+    if settings.offline_inputs == 0 {
+        return LINGER_BYTES;
+    }
+    let widest_in = settings.model.widest_linear().0;
+    let upload = widest_in * veil_core::rlwe::INPUT_WORDS * 4;
+    LINGER_BYTES.max(upload + upload / 8)
+}
 
 /// Why a conversation was cut short.
 #[derive(Debug)]
@@ -347,6 +361,7 @@ where
         .try_fill_bytes(&mut nonce)
         .map_err(|e| io::Error::other(format!("OS random numbers: {e}")))?;
     let (input, output) = (settings.input_words(), settings.output_words());
+    let drain = linger_bytes(&settings);
     let mut conn = ServerConnection::new(
         settings,
         nonce,
@@ -361,7 +376,7 @@ where
         (Some(Err(e)), transport) if e.code().is_some() => {
             // The Error frame is out, unless the transport failed on the way.
             if transport.is_ok() {
-                linger(stream, &mut tx, idle).await;
+                linger(stream, &mut tx, idle, drain).await;
             }
             Err(ConnError::Refused(e))
         }
@@ -489,6 +504,7 @@ pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut [u8],
     idle: Duration,
+    max_bytes: usize,
 ) {
     if !matches!(
         tokio::time::timeout(idle, stream.shutdown()).await,
@@ -496,16 +512,14 @@ pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(
     ) {
         return;
     }
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut total = 0;
-        while total < LINGER_BYTES {
-            match stream.read(buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
+    // Each read may wait `LINGER`: a client still sending keeps being drained, up to `max_bytes`.
+    let mut total = 0;
+    while total < max_bytes {
+        match tokio::time::timeout(LINGER, stream.read(buf)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => break,
         }
-    })
-    .await;
+    }
 }
 
 #[cfg(test)]

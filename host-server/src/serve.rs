@@ -13,7 +13,7 @@ use veil_core::wire::auth::PskKey;
 use veil_core::wire::busy_frame;
 
 use crate::batch::{BatchConfig, Batcher};
-use crate::conn::{handle_connection_with, linger};
+use crate::conn::{handle_connection_with, linger, LINGER_BYTES};
 use crate::ServerWeights;
 
 /// Limits of the server.
@@ -163,7 +163,7 @@ pub async fn serve_with(
                                 })
                                 .await;
                                 if matches!(sent, Ok(Ok(()))) {
-                                    linger(&mut stream, &mut buf, limit).await;
+                                    linger(&mut stream, &mut buf, limit, LINGER_BYTES).await;
                                 }
                             });
                         }
