@@ -468,6 +468,8 @@ fn insert_server_precompute(
             "server_cpu_ms_per_slot": server_per(full),
             "bytes_up_per_slot": up as f64 / full,
             "bytes_down_per_slot": down as f64 / full,
+            "ns_per_input_term": report["ns_per_input_term"],
+            "ns_per_output_term": report["ns_per_output_term"],
         }),
     );
     m.insert("precompute_report".into(), report.clone());

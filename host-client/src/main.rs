@@ -359,6 +359,10 @@ fn precompute_json(
         "batches": stats.batches,
         "input_ciphertexts": stats.inputs,
         "output_ciphertexts": stats.outputs,
+        // Per term (one input or output of one slot), the client CPU of each side of the
+        // exchange: shape-independent, so they price any model's offline phase.
+        "ns_per_input_term": (stats.inputs > 0).then(|| stats.ns_per_input_term()),
+        "ns_per_output_term": (stats.outputs > 0).then(|| stats.ns_per_output_term()),
         "bytes_up": wire.bytes_up,
         "bytes_down": wire.bytes_down,
         "wall_ms": t0.elapsed().as_secs_f64() * 1e3,

@@ -23,6 +23,7 @@
 use std::io::{Read, Write};
 use std::ops::Range;
 
+use crate::generate::cpu_ms;
 use rand_core::{CryptoRng, OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use veil_core::mask::MaskKey;
@@ -94,7 +95,7 @@ pub enum OfflineError {
 }
 
 /// What one run of the offline phase did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OfflineStats {
     /// Slots filled.
     pub slots: u64,
@@ -104,6 +105,24 @@ pub struct OfflineStats {
     pub inputs: u64,
     /// Result ciphertexts received and decrypted.
     pub outputs: u64,
+    /// Process CPU (ms) spent on the input side: masks, their check sums, encryption, upload.
+    pub input_cpu_ms: f64,
+    /// Process CPU (ms) spent on the output side: download, unpacking, decryption, the check
+    /// sums, the pool writes.
+    pub output_cpu_ms: f64,
+}
+
+impl OfflineStats {
+    /// Client CPU per encrypted input term (one input of one slot: a ciphertext holds `N`),
+    /// in ns: independent of the model's shape, so it prices any model's offline phase.
+    pub fn ns_per_input_term(&self) -> f64 {
+        self.input_cpu_ms * 1e6 / (self.inputs as f64 * N as f64)
+    }
+
+    /// Client CPU per decrypted output term, in ns (as [`OfflineStats::ns_per_input_term`]).
+    pub fn ns_per_output_term(&self) -> f64 {
+        self.output_cpu_ms * 1e6 / (self.outputs as f64 * N as f64)
+    }
 }
 
 /// `linear.veil` read as a stream of bytes (from the server, or from a local file read
@@ -292,7 +311,7 @@ pub fn precompute_through<R: Read, W: Write>(
             let mut rng = OsRandom::new();
             let key = SecretKey::generate(&mut rng, &mut key_words);
             for linear in cfg.linears() {
-                offline_layer(
+                let (input_ms, output_ms) = offline_layer(
                     conn,
                     pool,
                     cfg,
@@ -303,6 +322,8 @@ pub fn precompute_through<R: Read, W: Write>(
                     slot0,
                     slots,
                 )?;
+                stats.input_cpu_ms += input_ms;
+                stats.output_cpu_ms += output_ms;
                 let (i, o) = linear.dims(cfg);
                 stats.inputs += i as u64;
                 stats.outputs += o as u64;
@@ -436,6 +457,7 @@ impl Drop for Buffers {
 }
 
 /// One layer of one batch: encrypt and send the masks, receive, decrypt and store the terms.
+/// Returns the process CPU (ms) of its input side and of its output side.
 #[allow(clippy::too_many_arguments)]
 fn offline_layer<R: Read, W: Write>(
     conn: &mut Connection<R, W>,
@@ -447,8 +469,9 @@ fn offline_layer<R: Read, W: Write>(
     linear: LinearId,
     slot0: u64,
     slots: u64,
-) -> Result<(), OfflineError> {
+) -> Result<(f64, f64), OfflineError> {
     let (in_dim, out_dim) = linear.dims(cfg);
+    let cpu0 = cpu_ms();
     let switch = switch_for(in_dim);
     let seed = Seed::random(rng);
     let mask_key = pool.key();
@@ -483,6 +506,9 @@ fn offline_layer<R: Read, W: Write>(
             conn.send_ciphertext(&buf.words)?;
         }
     }
+    // Flushed here so that the upload's system time counts on the input side.
+    conn.flush()?;
+    let cpu1 = cpu_ms();
     let base = pool_record_offset(cfg, linear);
     let reply = &mut buf.reply[..switch.result_words()];
     for j0 in (0..out_dim).step_by(GROUP) {
@@ -520,5 +546,5 @@ fn offline_layer<R: Read, W: Write>(
             slot: slot0 + k as u64,
         });
     }
-    Ok(())
+    Ok((cpu1 - cpu0, cpu_ms() - cpu1))
 }

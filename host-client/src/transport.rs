@@ -397,6 +397,11 @@ impl<R: Read, W: Write> Connection<R, W> {
         self.write(n)
     }
 
+    /// Writes out what is buffered (e.g. the last input ciphertexts of an offline layer).
+    pub fn flush(&mut self) -> Result<(), TransportError> {
+        self.writer.flush().map_err(|e| self.io_error(e))
+    }
+
     /// Receives the next result ciphertext of the offline layer into `reply` (its
     /// [`ModSwitch::result_words`] words); returns its output index.
     pub fn receive_offline_output(&mut self, reply: &mut [u32]) -> Result<usize, TransportError> {
