@@ -11,7 +11,11 @@
 //! ([`PrivateForward::set_local_lm_head`]): then it is never offered to the host at all.
 //!
 //! Slots: each row of a step takes a fresh slot from the source ([`UnmaskSource::reserve`]) before
-//! any of its masked words exist; the mask of (slot, layer) is used for exactly one message.
+//! any of its masked words exist; the mask of (slot, layer) is used for exactly one message. The
+//! masks of a slot come from that slot's key, which the source hands out
+//! ([`UnmaskSource::mask_key`]): one key per session for the online source, and for a pool a key
+//! per slot that the pool erases once the slot is taken, so that nothing left on the device after
+//! a generation regenerates its masks (forward secrecy).
 
 use crate::kernels::matmul_u32_i8;
 use crate::mask::{
@@ -31,6 +35,11 @@ pub trait UnmaskSource {
     /// that persists slots (a pool) must have recorded them as used before returning.
     fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error>;
 
+    /// The key of the masks of `slot`, one of the slots the last [`UnmaskSource::reserve`]
+    /// returned. The same slot always gets the same key; a source that keeps one key per session
+    /// returns it for every slot, a pool returns the slot's own (see the module comment).
+    fn mask_key(&mut self, slot: u64) -> Result<MaskKey, Self::Error>;
+
     /// Writes `u = r · W_linear` for `rows` consecutive slots from `first_slot` into `out`
     /// (`rows · out_dim` words). `r` holds those rows' masks (`rows · in_dim`), for sources that
     /// compute.
@@ -45,18 +54,22 @@ pub trait UnmaskSource {
 }
 
 /// The `online` source: computes `r · W` on the client when needed (as costly as running the layer
-/// locally). Slots start at 0 and are kept in memory, so it must be used with a fresh key per session.
+/// locally). Slots start at 0 and are kept in memory, so it must be used with a fresh key per
+/// session (the key lives only in memory and goes with the source).
 #[derive(Debug)]
 pub struct OnlineUnmask<'w> {
     weights: LinearWeights<'w>,
+    key: MaskKey,
     next_slot: u64,
 }
 
 impl<'w> OnlineUnmask<'w> {
-    /// A source over the client's copy of the int8 weights.
-    pub fn new(weights: LinearWeights<'w>) -> Self {
+    /// A source over the client's copy of the int8 weights, masking every slot with `key` (drawn
+    /// fresh for this session by the host).
+    pub fn new(weights: LinearWeights<'w>, key: MaskKey) -> Self {
         OnlineUnmask {
             weights,
+            key,
             next_slot: 0,
         }
     }
@@ -69,6 +82,10 @@ impl UnmaskSource for OnlineUnmask<'_> {
         let first = self.next_slot;
         self.next_slot += rows;
         Ok(first)
+    }
+
+    fn mask_key(&mut self, _slot: u64) -> Result<MaskKey, Self::Error> {
+        Ok(self.key.clone())
     }
 
     fn unmask_terms(
@@ -233,7 +250,6 @@ pub struct Verifier<'a> {
 pub struct PrivateForward<'w, 'a> {
     verifier: Option<Verifier<'a>>,
     fwd: Forward<'w, 'a>,
-    key: MaskKey,
     masked: &'a mut [u32],
     r: &'a mut [u32],
     y: &'a mut [u32],
@@ -248,11 +264,11 @@ pub struct PrivateForward<'w, 'a> {
 }
 
 impl<'w, 'a> PrivateForward<'w, 'a> {
-    /// Wraps a forward pass (workspace with `LogitRows::Last`) with a mask key and buffers sized by
+    /// Wraps a forward pass (workspace with `LogitRows::Last`) with buffers sized by
     /// [`SessionSizes`]: two of `input_words` (`masked`, `r`), two of `output_words` (`y`, `u`).
+    /// The masks' keys come from the source of each step.
     pub fn new<E>(
         fwd: Forward<'w, 'a>,
-        key: MaskKey,
         masked: &'a mut [u32],
         r: &'a mut [u32],
         y: &'a mut [u32],
@@ -269,7 +285,6 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         Ok(PrivateForward {
             verifier: None,
             fwd,
-            key,
             masked,
             r,
             y,
@@ -357,22 +372,25 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         }
     }
 
-    /// The masked rows of the pending layer (masks drawn on the first call for that layer).
-    pub fn outgoing(&mut self) -> Option<Outgoing<'_>> {
-        let req = self.fwd.request()?;
+    /// The masked rows of the pending layer (masks drawn on the first call for that layer, with
+    /// the keys `source` gives for the step's slots).
+    pub fn outgoing<S: UnmaskSource>(
+        &mut self,
+        source: &mut S,
+    ) -> Result<Outgoing<'_>, SessionError<S::Error>> {
+        let req = self
+            .fwd
+            .request()
+            .ok_or(SessionError::Forward(ForwardError::NoPendingRequest))?;
         let (linear, rows, in_dim, out_dim) = (req.id, req.rows, req.in_dim, req.out_dim);
         if !self.masked_ready {
             let cfg = *self.fwd.config();
             let slot0 = self.request_slot(linear, rows);
             for row in 0..rows {
+                let slot = slot0 + row as u64;
+                let key = source.mask_key(slot).map_err(SessionError::Source)?;
                 let span = row * in_dim..(row + 1) * in_dim;
-                input_mask(
-                    &self.key,
-                    &cfg,
-                    slot0 + row as u64,
-                    linear,
-                    &mut self.r[span.clone()],
-                );
+                input_mask(&key, &cfg, slot, linear, &mut self.r[span.clone()]);
                 mask_row(
                     &req.input[span.clone()],
                     &self.r[span.clone()],
@@ -381,7 +399,7 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
             }
             self.masked_ready = true;
         }
-        Some(Outgoing {
+        Ok(Outgoing {
             linear,
             rows,
             in_dim,
@@ -492,6 +510,8 @@ mod tests {
         next: u64,
         cfg: ModelConfig,
         reserved: Vec<u64>,
+        /// One key per slot, as a file pool keeps them.
+        keys: Vec<MaskKey>,
     }
 
     impl UnmaskSource for MemPool {
@@ -504,6 +524,12 @@ mod tests {
             self.next += rows;
             self.reserved.extend(first..first + rows);
             Ok(first)
+        }
+        fn mask_key(&mut self, slot: u64) -> Result<MaskKey, Self::Error> {
+            if !self.reserved.contains(&slot) {
+                return Err("key of a slot not reserved");
+            }
+            self.keys.get(slot as usize).cloned().ok_or("no such slot")
         }
         fn unmask_terms(
             &mut self,
@@ -557,7 +583,7 @@ mod tests {
         let mut w = vec![0u64; crate::integrity::projection_words(&m.cfg)];
         crate::integrity::fill_check_vectors(&key, &m.cfg, &mut s);
         crate::integrity::fill_projections(&lin, &s, &mut w, &mut vec![0i128; 64]);
-        let mut pf = PrivateForward::new::<S::Error>(fwd, key, masked, r, y, u).unwrap();
+        let mut pf = PrivateForward::new::<S::Error>(fwd, masked, r, y, u).unwrap();
         pf.set_verifier::<S::Error>(Verifier { s: &s, w: &w })
             .unwrap();
         let mut out = vec![];
@@ -566,7 +592,7 @@ mod tests {
         for _ in 0..n {
             pf.begin(&next, source)?;
             loop {
-                let o = pf.outgoing().unwrap();
+                let o = pf.outgoing(source).unwrap();
                 let (linear, rows, i, od) = (o.linear, o.rows, o.in_dim, o.out_dim);
                 let sent = o.masked.words().to_vec();
                 seen.extend_from_slice(&sent);
@@ -600,7 +626,7 @@ mod tests {
         for trial in 0..60usize {
             let nth = (trial * 7) % (3 * per_token);
             let tamper = Some((nth, trial * 31, (trial % 32) as u32));
-            let mut src = OnlineUnmask::new(lin.clone());
+            let mut src = OnlineUnmask::new(lin.clone(), MaskKey::from_bytes([1; 32]));
             let got = generate_tampered(&m, &mut src, 1, &[1, 2], 3, &mut vec![], tamper);
             assert!(
                 matches!(got, Err(SessionError::IntegrityFailure(_))),
@@ -617,10 +643,8 @@ mod tests {
         let lin = LinearWeights::parse(&m.linear).unwrap();
         let mut b = bufs(&m.cfg, 1);
         let (fwd, [a, bb, c, d]) = forward(&m, &mut b, 1);
-        let key = MaskKey::from_bytes([1; 32]);
-        let mut pf =
-            PrivateForward::new::<core::convert::Infallible>(fwd, key, a, bb, c, d).unwrap();
-        let mut src = OnlineUnmask::new(lin);
+        let mut pf = PrivateForward::new::<core::convert::Infallible>(fwd, a, bb, c, d).unwrap();
+        let mut src = OnlineUnmask::new(lin, MaskKey::from_bytes([1; 32]));
         pf.begin(&[3], &mut src).unwrap();
         let qkv = LinearId {
             layer: 0,
@@ -631,7 +655,7 @@ mod tests {
             pf.prepare_unmask(&mut src),
             Err(SessionError::MasksNotDrawn(qkv))
         );
-        assert!(pf.outgoing().is_some());
+        assert!(pf.outgoing(&mut src).is_ok());
         assert_eq!(pf.prepare_unmask(&mut src), Ok(()));
     }
 
@@ -645,7 +669,7 @@ mod tests {
         assert_eq!(
             generate_private(
                 &m,
-                &mut OnlineUnmask::new(lin.clone()),
+                &mut OnlineUnmask::new(lin.clone(), MaskKey::from_bytes([3; 32])),
                 3,
                 &prompt,
                 6,
@@ -653,14 +677,14 @@ mod tests {
             ),
             want
         );
-        // Pool: precompute records for 8 slots with the same key, then generate from it.
+        // Pool: precompute records for 8 slots, each with its own key, then generate from it.
         let words = pool_record_words(&m.cfg);
         let mut records = vec![0u32; 8 * words];
         let mut r = vec![0u32; 64];
-        let key = MaskKey::from_bytes([4; 32]);
+        let keys: Vec<MaskKey> = (0..8).map(|s| MaskKey::from_bytes([40 + s; 32])).collect();
         for s in 0..8 {
             compute_pool_record(
-                &key,
+                &keys[s as usize],
                 &lin,
                 s,
                 &mut r,
@@ -673,6 +697,7 @@ mod tests {
             next: 0,
             cfg: m.cfg,
             reserved: vec![],
+            keys,
         };
         assert_eq!(
             generate_private(&m, &mut pool, 4, &prompt, 6, &mut seen),
@@ -683,7 +708,7 @@ mod tests {
         // A ninth token finds the pool exhausted: an error, never a reused slot.
         let mut b = bufs(&m.cfg, 1);
         let (fwd, [a, bb, c, d]) = forward(&m, &mut b, 1);
-        let mut pf = PrivateForward::new::<&str>(fwd, key, a, bb, c, d).unwrap();
+        let mut pf = PrivateForward::new::<&str>(fwd, a, bb, c, d).unwrap();
         assert_eq!(
             pf.begin(&[1], &mut pool),
             Err(SessionError::Source("pool exhausted"))
@@ -699,7 +724,7 @@ mod tests {
         let mut seen = vec![];
         generate_private(
             &m,
-            &mut OnlineUnmask::new(lin),
+            &mut OnlineUnmask::new(lin, MaskKey::from_bytes([5; 32])),
             5,
             &[1, 2, 3, 4],
             5,

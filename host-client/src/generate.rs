@@ -377,10 +377,7 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
         self.pf.begin(tokens, self.source).map_err(session)?;
         loop {
             let exchanged = {
-                let out = self
-                    .pf
-                    .outgoing()
-                    .ok_or(GenError::Forward(ForwardError::NoPendingRequest))?;
+                let out = self.pf.outgoing(self.source).map_err(session)?;
                 let (linear, rows, in_dim, out_dim) =
                     (out.linear, out.rows, out.in_dim, out.out_dim);
                 self.link
@@ -491,11 +488,10 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
         self.link.reconnects
     }
 
-    /// Generates privately from `prompt`, masking with `key` and unmasking with `source`.
+    /// Generates privately from `prompt`, masking and unmasking with `source`'s keys and terms.
     pub fn generate<S: UnmaskSource>(
         &mut self,
         source: &mut S,
-        key: MaskKey,
         prompt: &[u32],
         opts: &GenOptions,
         on_token: &mut dyn FnMut(u32),
@@ -512,7 +508,7 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
             .forward(self.client.clone())
             .map_err(GenError::Forward)?;
         let session = |e: SessionError<S::Error>| GenError::from_session(e, 0);
-        let mut pf = PrivateForward::new::<S::Error>(fwd, key, m, r, y, u).map_err(session)?;
+        let mut pf = PrivateForward::new::<S::Error>(fwd, m, r, y, u).map_err(session)?;
         if let Some(v) = &self.verification {
             pf.set_verifier::<S::Error>(Verifier { s: &v.s, w: &v.w })
                 .map_err(session)?;

@@ -280,14 +280,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let reconnect: veil_client::generate::Reconnect<'_, _, _> = Box::new(open);
         let linear = if need_linear { files.linear()? } else { None };
-        let key_source = |pool: Option<&PoolSource>| -> anyhow::Result<MaskKey> {
-            if let Some(p) = pool {
-                return Ok(p.key());
-            }
+        // The online source's key: fresh for this session, in memory only.
+        let session_key = || -> anyhow::Result<MaskKey> {
             let mut key = [0u8; 32];
             rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
                 .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
-            Ok(MaskKey::from_bytes(key))
+            let k = MaskKey::from_bytes(key);
+            zeroize::Zeroize::zeroize(&mut key);
+            Ok(k)
         };
         let mut generator = PrivateGenerator::new(client, conn).resume_with(retries, reconnect);
         if local_lm_head {
@@ -300,13 +300,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let out = match args.mask_source {
             MaskSourceKind::Online => {
                 let linear = linear.context("linear.veil is needed for --mask-source online")?;
-                let key = key_source(None)?;
+                let key = session_key()?;
                 if !args.no_verify {
                     generator = generator.verify_with(Verification::compute(&key, &linear));
                 }
-                let mut source = OnlineUnmask::new(linear);
+                let mut source = OnlineUnmask::new(linear, key);
                 generator
-                    .generate(&mut source, key, &ids, &opts, &mut on_token)
+                    .generate(&mut source, &ids, &opts, &mut on_token)
                     .with_context(context)?
             }
             MaskSourceKind::Pool => {
@@ -315,11 +315,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     .as_deref()
                     .context("--pool FILE is needed with --mask-source pool")?;
                 let mut pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
-                let key = key_source(Some(&pool))?;
                 if !args.no_verify {
                     generator = generator.verify_with(pool.verification()?);
                 }
-                let generated = generator.generate(&mut pool, key, &ids, &opts, &mut on_token);
+                let generated = generator.generate(&mut pool, &ids, &opts, &mut on_token);
                 // Slots claimed ahead go back to the pool; if that fails they are only skipped.
                 if let Err(e) = pool.close() {
                     eprintln!("warning: {e} (a few unused pool slots will be skipped)");

@@ -310,18 +310,25 @@ pub fn precompute_through<R: Read, W: Write>(
             // rather than one system call per word, and zeroized when the batch is done.
             let mut rng = OsRandom::new();
             let key = SecretKey::generate(&mut rng, &mut key_words);
+            // Each slot's mask key, written into its record (the online phase regenerates the
+            // masks from it, and erases it once the slot is taken).
+            let mut slot_keys = Vec::with_capacity(slots as usize);
+            for k in 0..slots {
+                let mut bytes = [0u8; 32];
+                rng.fill_bytes(&mut bytes);
+                let slot_key = MaskKey::from_bytes(bytes);
+                bytes.zeroize();
+                pool.write_key(slot0 + k, &slot_key)?;
+                slot_keys.push(slot_key);
+            }
+            let batch = Batch {
+                key: &key,
+                slot_keys: &slot_keys,
+                slot0,
+            };
             for linear in cfg.linears() {
-                let (input_ms, output_ms) = offline_layer(
-                    conn,
-                    pool,
-                    cfg,
-                    &key,
-                    &mut rng,
-                    &mut buffers,
-                    linear,
-                    slot0,
-                    slots,
-                )?;
+                let (input_ms, output_ms) =
+                    offline_layer(conn, pool, cfg, &batch, &mut rng, &mut buffers, linear)?;
                 stats.input_cpu_ms += input_ms;
                 stats.output_cpu_ms += output_ms;
                 let (i, o) = linear.dims(cfg);
@@ -330,7 +337,7 @@ pub fn precompute_through<R: Read, W: Write>(
                 done += (i + o) as u64;
                 progress(done, total);
             }
-        } // the key is zeroized here
+        } // the RLWE key and the slot keys are zeroized here
         pool.commit_filled(slots)?;
         stats.slots += slots;
         stats.batches += 1;
@@ -456,28 +463,33 @@ impl Drop for Buffers {
     }
 }
 
+/// What the layers of one batch share: the RLWE key and the slots with their mask keys.
+struct Batch<'b, 'k> {
+    key: &'b SecretKey<'k>,
+    /// One per slot of the batch, from `slot0` on.
+    slot_keys: &'b [MaskKey],
+    slot0: u64,
+}
+
 /// One layer of one batch: encrypt and send the masks, receive, decrypt and store the terms.
 /// Returns the process CPU (ms) of its input side and of its output side.
-#[allow(clippy::too_many_arguments)]
 fn offline_layer<R: Read, W: Write>(
     conn: &mut Connection<R, W>,
     pool: &mut PoolSource,
     cfg: &ModelConfig,
-    key: &SecretKey<'_>,
+    batch: &Batch<'_, '_>,
     rng: &mut OsRandom,
     buf: &mut Buffers,
     linear: LinearId,
-    slot0: u64,
-    slots: u64,
 ) -> Result<(f64, f64), OfflineError> {
+    let (key, slot0, slots) = (batch.key, batch.slot0, batch.slot_keys.len() as u64);
     let (in_dim, out_dim) = linear.dims(cfg);
     let cpu0 = cpu_ms();
     let switch = switch_for(in_dim);
     let seed = Seed::random(rng);
-    let mask_key = pool.key();
     let mut ws = Workspace::new(&mut buf.ws);
     let s = &mut buf.check_s[..out_dim * OFFLINE_CHECKS];
-    check_vectors(&mask_key, cfg, linear, s);
+    check_vectors(&pool.check_key(), cfg, linear, s);
     let p = &mut buf.check_p[..in_dim * OFFLINE_CHECKS];
     pool.read_offline_projection(linear, p)?;
     buf.from_masks.fill(0);
@@ -487,7 +499,7 @@ fn offline_layer<R: Read, W: Write>(
         let n = COLUMNS.min(in_dim - i0);
         let cols = &mut buf.cols[..n * N];
         mask_columns(
-            &mask_key,
+            batch.slot_keys,
             cfg,
             linear,
             slot0..slot0 + slots,

@@ -42,9 +42,9 @@ fn online(
     let linear = files.linear().unwrap().unwrap();
     let key = MaskKey::from_bytes([key; 32]);
     let verification = Verification::compute(&key, &linear);
-    let mut src = OnlineUnmask::new(linear);
+    let mut src = OnlineUnmask::new(linear, key);
     let mut g = PrivateGenerator::new(files.client().unwrap(), conn).verify_with(verification);
-    let (t, stats) = g.generate(&mut src, key, prompt, o, &mut |_| {}).unwrap();
+    let (t, stats) = g.generate(&mut src, prompt, o, &mut |_| {}).unwrap();
     let conn = g.into_connection();
     let n_layer = files.client().unwrap().config().n_layer as f64;
     if o.max_new_tokens > 1 {
@@ -68,11 +68,10 @@ fn pooled(
     let cfg = *files.client().unwrap().config();
     let pool = PoolSource::open(pool, &cfg, &files.fingerprint().unwrap()).unwrap();
     let conn = connect(addr, files);
-    let key = pool.key();
     let verification = pool.verification().unwrap();
     let mut src = Recording::new(pool);
     let mut g = PrivateGenerator::new(files.client().unwrap(), conn).verify_with(verification);
-    let (t, _) = g.generate(&mut src, key, prompt, o, &mut |_| {}).unwrap();
+    let (t, _) = g.generate(&mut src, prompt, o, &mut |_| {}).unwrap();
     g.into_connection().bye();
     src.inner.close().unwrap();
     (t, src.reserved)
@@ -352,10 +351,10 @@ fn tampered_replies_are_always_detected() {
         let linear = files.linear().unwrap().unwrap();
         let key = MaskKey::from_bytes([target.map_or(0, |t| t.0 as u8); 32]);
         let verification = Verification::compute(&key, &linear);
-        let mut src = OnlineUnmask::new(linear);
+        let mut src = OnlineUnmask::new(linear, key);
         let mut emitted = vec![];
         let mut g = PrivateGenerator::new(files.client().unwrap(), conn).verify_with(verification);
-        let result = g.generate(&mut src, key, &prompt, &o, &mut |t| emitted.push(t));
+        let result = g.generate(&mut src, &prompt, &o, &mut |t| emitted.push(t));
         drop(g);
         (result.map(|r| r.0), emitted, proxy.join().unwrap())
     };
@@ -435,8 +434,7 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
     // No retries: a clear error with the progress.
     let conn = connect(cutting_proxy(server.addr, cut_after), &files);
     let mut src = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
-    let key = src.key();
-    let (err, _) = generate_with(&files, conn, &mut src, key, &prompt, &o);
+    let (err, _) = generate_with(&files, conn, &mut src, &prompt, &o);
     let err = err.unwrap_err();
     let msg = err.to_string();
     let GenError::Transport { generated, .. } = err else {
@@ -450,7 +448,6 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
 
     // With a reconnect: the same tokens as the reference, one reconnection, fresh slots only.
     let pool = PoolSource::open(&pool, &cfg, &files.fingerprint().unwrap()).unwrap();
-    let key = pool.key();
     let first_free = pool.next_slot();
     let verification = pool.verification().unwrap();
     let mut src = Recording::new(pool);
@@ -466,7 +463,7 @@ fn vanished_server_is_reported_and_generation_resumes_on_a_new_connection() {
     let mut g = PrivateGenerator::new(files.client().unwrap(), conn)
         .verify_with(verification)
         .resume_with(1, reconnect);
-    let (tokens, stats) = g.generate(&mut src, key, &prompt, &o, &mut |_| {}).unwrap();
+    let (tokens, stats) = g.generate(&mut src, &prompt, &o, &mut |_| {}).unwrap();
     assert_eq!(tokens, want);
     assert_eq!(stats.reconnects, 1);
     let slots: Vec<u64> = src.reserved.iter().flat_map(|&(f, n)| f..f + n).collect();
@@ -506,12 +503,12 @@ fn local_lm_head_gives_identical_tokens_with_one_round_trip_less() {
         let linear = files.linear().unwrap().unwrap();
         let key = MaskKey::from_bytes([21; 32]);
         let verification = Verification::compute(&key, &linear);
-        let mut src = OnlineUnmask::new(linear.clone());
+        let mut src = OnlineUnmask::new(linear.clone(), key);
         let conn = connect(server.addr, &files);
         let mut g = PrivateGenerator::new(files.client().unwrap(), conn)
             .verify_with(verification)
             .local_lm_head(linear);
-        let (tokens, stats) = g.generate(&mut src, key, &prompt, &o, &mut |_| {}).unwrap();
+        let (tokens, stats) = g.generate(&mut src, &prompt, &o, &mut |_| {}).unwrap();
         assert_eq!(tokens, want);
         assert_eq!(stats.round_trips_per_token, 8.0);
     }

@@ -13,11 +13,12 @@ use crate::model::{LinearId, ModelConfig};
 pub const COLUMNS: usize = 64;
 
 /// The messages of input ciphertexts `inputs` (at most [`COLUMNS`]) of `linear` for the batch
-/// of slots `slots` (at most `N`): `out[c][k] = r[slots.start + k][inputs.start + c]`, the online
-/// mask of that slot and input, and 0 for the unused coefficients. `out` holds
-/// `inputs.len() · N` words (secret: the caller zeroizes it).
+/// of slots `slots` (at most `N`), whose mask keys are `keys` (one per slot, in order):
+/// `out[c][k] = r[slots.start + k][inputs.start + c]`, the online mask of that slot and input,
+/// and 0 for the unused coefficients. `out` holds `inputs.len() · N` words (secret: the caller
+/// zeroizes it).
 pub fn mask_columns(
-    key: &MaskKey,
+    keys: &[MaskKey],
     cfg: &ModelConfig,
     linear: LinearId,
     slots: Range<u64>,
@@ -26,10 +27,10 @@ pub fn mask_columns(
 ) {
     let (slot0, slots) = (slots.start, (slots.end - slots.start) as usize);
     let (first, cols) = (inputs.start, inputs.len());
-    assert!(slots <= N && cols <= COLUMNS && out.len() == cols * N);
+    assert!(slots <= N && cols <= COLUMNS && out.len() == cols * N && keys.len() == slots);
     let mut row = [0u32; COLUMNS];
     out.fill(0);
-    for k in 0..slots {
+    for (k, key) in keys.iter().enumerate() {
         let addr = MaskAddress {
             slot: slot0 + k as u64,
             linear: linear.flat_index(cfg),

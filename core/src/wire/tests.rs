@@ -260,9 +260,8 @@ impl<'m> Pair<'m> {
 /// `[slot][out]` and the number of output ciphertexts seen.
 fn offline_layer(
     pair: &mut Pair<'_>,
-    key: &MaskKey,
+    keys: &[MaskKey],
     linear: LinearId,
-    slots: usize,
     switch: crate::rlwe::ModSwitch,
 ) -> Result<Vec<u32>, ClientError> {
     use crate::rlwe::layer::{mask_columns, COLUMNS};
@@ -272,6 +271,7 @@ fn offline_layer(
     use rand_chacha::rand_core::SeedableRng;
     let cfg = *pair.weights.config();
     let (in_dim, out_dim) = linear.dims(&cfg);
+    let slots = keys.len();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(77);
     let mut sk_words = vec![0u32; SecretKey::WORDS];
     let sk = SecretKey::generate(&mut rng, &mut sk_words);
@@ -286,7 +286,7 @@ fn offline_layer(
     for i0 in (0..in_dim).step_by(COLUMNS) {
         let n = COLUMNS.min(in_dim - i0);
         mask_columns(
-            key,
+            keys,
             &cfg,
             linear,
             0..slots as u64,
@@ -333,7 +333,8 @@ fn test_pair_offline_layer_decrypts_to_the_online_terms() {
     use crate::rlwe::ModSwitch;
     let m = RandomModel::new(5);
     let lin = LinearWeights::parse(&m.linear).unwrap();
-    let key = MaskKey::from_bytes([4; 32]);
+    // One key per slot, as a pool keeps them.
+    let keys: Vec<MaskKey> = (0..5).map(|k| MaskKey::from_bytes([4 + k; 32])).collect();
     for (linear, fragment, switch) in [
         (
             LinearId {
@@ -359,13 +360,13 @@ fn test_pair_offline_layer_decrypts_to_the_online_terms() {
             fragment,
         );
         pair.handshake().unwrap();
-        let slots = 5;
-        let terms = offline_layer(&mut pair, &key, linear, slots, switch).unwrap();
+        let slots = keys.len();
+        let terms = offline_layer(&mut pair, &keys, linear, switch).unwrap();
         let (i, o) = linear.dims(&m.cfg);
         let mut r = vec![0u32; i];
         let mut want = vec![0u32; o];
         for k in 0..slots {
-            crate::session::input_mask(&key, &m.cfg, k as u64, linear, &mut r);
+            crate::session::input_mask(&keys[k], &m.cfg, k as u64, linear, &mut r);
             matmul_u32_i8(&r, lin.matrix(linear), i, o, &mut want);
             assert_eq!(terms[k * o..(k + 1) * o], want[..], "{linear} slot {k}");
         }
@@ -522,21 +523,20 @@ fn private_generation(
     let mut w = vec![0u64; crate::integrity::projection_words(&m.cfg)];
     crate::integrity::fill_check_vectors(&key, &m.cfg, &mut s);
     crate::integrity::fill_projections(&lin, &s, &mut w, &mut vec![0i128; 64]);
-    let mut pf =
-        PrivateForward::new::<core::convert::Infallible>(fwd, key, masked, r, y, u).unwrap();
+    let mut pf = PrivateForward::new::<core::convert::Infallible>(fwd, masked, r, y, u).unwrap();
     pf.set_verifier::<core::convert::Infallible>(Verifier { s: &s, w: &w })
         .unwrap();
     if local_lm_head {
         pf.set_local_lm_head(lin.clone());
     }
-    let mut source = OnlineUnmask::new(lin.clone());
+    let mut source = OnlineUnmask::new(lin.clone(), key);
     let mut out = vec![];
     let mut next = prompt.to_vec();
     let run = (|| {
         for _ in 0..5 {
             pf.begin(&next, &mut source)?;
             loop {
-                let o = pf.outgoing().expect("a layer is pending");
+                let o = pf.outgoing(&mut source)?;
                 let (linear, rows) = (o.linear, o.rows);
                 assert!(
                     !(local_lm_head && linear.kind == LinearKind::LmHead),

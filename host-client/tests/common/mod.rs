@@ -107,18 +107,17 @@ pub fn handshake(
 /// The outcome of one generation.
 pub type Generated<E> = Result<(Vec<u32>, GenStats), GenError<E>>;
 
-/// Generates privately over `conn` with `source` and mask key `key` (replies unchecked), and
+/// Generates privately over `conn` with `source`'s keys and terms (replies unchecked), and
 /// hands the connection back with the outcome.
 pub fn generate_with<R: Read, W: Write, S: UnmaskSource>(
     files: &ModelFiles,
     conn: Connection<R, W>,
     source: &mut S,
-    key: MaskKey,
     prompt: &[u32],
     o: &GenOptions,
 ) -> (Generated<S::Error>, Connection<R, W>) {
     let mut g = PrivateGenerator::new(files.client().unwrap(), conn);
-    let out = g.generate(source, key, prompt, o, &mut |_| {});
+    let out = g.generate(source, prompt, o, &mut |_| {});
     (out, g.into_connection())
 }
 
@@ -145,15 +144,11 @@ pub fn generate_online<R: Read, W: Write>(
     prompt: &[u32],
     o: &GenOptions,
 ) -> (Vec<u32>, GenStats, Connection<R, W>) {
-    let mut src = OnlineUnmask::new(files.linear().unwrap().unwrap());
-    let (out, conn) = generate_with(
-        files,
-        conn,
-        &mut src,
+    let mut src = OnlineUnmask::new(
+        files.linear().unwrap().unwrap(),
         MaskKey::from_bytes([key; 32]),
-        prompt,
-        o,
     );
+    let (out, conn) = generate_with(files, conn, &mut src, prompt, o);
     let (tokens, stats) = out.unwrap();
     (tokens, stats, conn)
 }
@@ -201,6 +196,10 @@ impl<S: UnmaskSource> UnmaskSource for Recording<S> {
         let first = self.inner.reserve(rows)?;
         self.reserved.push((first, rows));
         Ok(first)
+    }
+
+    fn mask_key(&mut self, slot: u64) -> Result<MaskKey, Self::Error> {
+        self.inner.mask_key(slot)
     }
 
     fn unmask_terms(
