@@ -211,11 +211,18 @@ pub struct SessionSizes {
 impl SessionSizes {
     /// Sizes for steps of up to `max_rows` rows with logits for the last row.
     pub fn new(cfg: &ModelConfig, max_rows: usize) -> Self {
+        Self::scoring(cfg, max_rows, 1)
+    }
+
+    /// Sizes for steps of up to `max_rows` rows with logits for up to `logit_rows` last rows
+    /// (speculative decoding's verification steps).
+    pub fn scoring(cfg: &ModelConfig, max_rows: usize, logit_rows: usize) -> Self {
         let d = cfg.d();
         let inner = cfg.n_inner as usize;
         SessionSizes {
             input_words: max_rows * d.max(inner),
-            output_words: (max_rows * (3 * d).max(inner)).max(cfg.vocab_size as usize),
+            output_words: (max_rows * (3 * d).max(inner))
+                .max(logit_rows.max(1) * cfg.vocab_size as usize),
         }
     }
 }
@@ -274,7 +281,7 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         y: &'a mut [u32],
         u: &'a mut [u32],
     ) -> Result<Self, SessionError<E>> {
-        let s = SessionSizes::new(fwd.config(), fwd.max_rows());
+        let s = SessionSizes::scoring(fwd.config(), fwd.max_rows(), fwd.max_logit_rows());
         if masked.len() < s.input_words
             || r.len() < s.input_words
             || y.len() < s.output_words
@@ -342,7 +349,18 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         tokens: &[u32],
         source: &mut S,
     ) -> Result<(), SessionError<S::Error>> {
-        self.fwd.begin(tokens)?;
+        self.begin_scoring(tokens, 1, source)
+    }
+
+    /// As [`PrivateForward::begin`], with logits for the last `logit_rows` rows (see
+    /// [`Forward::begin_scoring`]). Every row takes a slot, whether its token is kept or not.
+    pub fn begin_scoring<S: UnmaskSource>(
+        &mut self,
+        tokens: &[u32],
+        logit_rows: usize,
+        source: &mut S,
+    ) -> Result<(), SessionError<S::Error>> {
+        self.fwd.begin_scoring(tokens, logit_rows)?;
         match source.reserve(tokens.len() as u64) {
             Ok(first) => self.first_slot = first,
             Err(e) => {
@@ -353,6 +371,12 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         self.masked_ready = false;
         self.terms_ready = false;
         Ok(())
+    }
+
+    /// Forgets the cache's positions from `len` on (a rejected speculation's tokens); their
+    /// slots stay used.
+    pub fn truncate(&mut self, len: usize) -> Result<(), ForwardError> {
+        self.fwd.truncate(len)
     }
 
     /// Abandons the step in progress (the slots it reserved stay used).

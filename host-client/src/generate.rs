@@ -13,6 +13,7 @@ use veil_core::model::{
 };
 use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource, Verifier};
 
+use crate::speculate::{DraftLength, Speculation};
 use crate::transport::{Connection, TransportError, WireStats};
 
 /// Most prompt rows per prefill step (bounded by the server's limit too).
@@ -31,6 +32,8 @@ pub struct GenOptions {
     pub eos: Option<u32>,
     /// Rows per prefill step.
     pub prefill_rows: usize,
+    /// Speculative decoding (off: one token per step).
+    pub speculation: Option<Speculation>,
 }
 
 /// Figures of one generation.
@@ -56,6 +59,12 @@ pub struct GenStats {
     pub bytes_down_per_token: f64,
     /// Times the connection was re-established after breaking.
     pub reconnects: usize,
+    /// Steps after the prompt (one per decoded token without speculation).
+    pub decode_steps: usize,
+    /// Tokens decoded per step after the prompt (1 without speculation).
+    pub tokens_per_step: f64,
+    /// Drafted tokens kept, of those the model examined (speculation only).
+    pub draft_acceptance: f64,
 }
 
 /// Why generation stopped early.
@@ -135,11 +144,17 @@ pub struct Buffers {
 }
 
 impl Buffers {
-    /// Buffers for prefill steps of `rows` rows and a context of `capacity` positions.
-    pub fn new(cfg: &veil_core::model::ModelConfig, rows: usize, capacity: usize) -> Self {
-        let sizes = WorkspaceSizes::new(cfg, rows, LogitRows::Last, capacity);
+    /// Buffers for steps of `rows` rows with logits for up to `logit_rows` of them and a
+    /// context of `capacity` positions.
+    pub fn new(
+        cfg: &veil_core::model::ModelConfig,
+        rows: usize,
+        logit_rows: usize,
+        capacity: usize,
+    ) -> Self {
+        let sizes = WorkspaceSizes::new(cfg, rows, LogitRows::UpTo(logit_rows), capacity);
         let kv = KvSizes::new(cfg, capacity);
-        let s = SessionSizes::new(cfg, rows);
+        let s = SessionSizes::scoring(cfg, rows, logit_rows);
         Buffers {
             i32s: vec![0; sizes.i32_len],
             i8s: vec![0; sizes.i8_len],
@@ -190,16 +205,28 @@ fn kv_capacity(cfg: &veil_core::model::ModelConfig, prompt: &[u32], opts: &GenOp
 trait Stepper {
     /// The mask source's error (none for the local reference).
     type Error: std::fmt::Debug + std::fmt::Display;
-    /// Feeds `tokens` (a prefill chunk or one decoded token); `generated` tokens so far.
-    fn step(&mut self, tokens: &[u32], generated: usize) -> Result<(), GenError<Self::Error>>;
-    /// The last step's logits.
+    /// Feeds `tokens` (a prefill chunk, one decoded token, or one and its drafts) with logits for
+    /// the last `logit_rows` of them; `generated` tokens so far.
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        logit_rows: usize,
+        generated: usize,
+    ) -> Result<(), GenError<Self::Error>>;
+    /// The last step's logits (`logit_rows · vocab`).
     fn logits(&self) -> &[i32];
+    /// Positions in the cache.
+    fn position(&self) -> usize;
+    /// Forgets the positions from `len` on (rejected drafts).
+    fn truncate(&mut self, len: usize) -> Result<(), GenError<Self::Error>>;
     /// Traffic so far (zero for the local reference).
     fn wire(&self) -> WireStats;
 }
 
 /// Prefill in chunks, then pick a token and decode it until the limit, end of text or a full
-/// context; times the prefill and the decode steps and counts traffic per decoded token.
+/// context; times the prefill and the decode steps and counts traffic per decoded token. With
+/// speculation each decode step feeds the last token and its drafts and keeps the drafts the
+/// model agrees with (see [`crate::speculate`]): the tokens are the same as without.
 fn token_loop<S: Stepper>(
     stepper: &mut S,
     prompt: &[u32],
@@ -215,16 +242,31 @@ fn token_loop<S: Stepper>(
     let mut rng = ChaCha20Rng::seed_from_u64(opts.seed);
     let t0 = Instant::now();
     for chunk in prompt.chunks(opts.prefill_rows.max(1)) {
-        stepper.step(chunk, 0)?;
+        stepper.step(chunk, 1, 0)?;
     }
     stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut out = Vec::new();
     let (t1, c1, w1) = (Instant::now(), cpu_ms(), stepper.wire());
-    let mut decode_steps = 0usize;
+    let mut drafter = opts.speculation.map(|s| s.drafter());
+    let mut length = opts
+        .speculation
+        .map(|s| DraftLength::new(s.max_draft, s.adaptive));
+    let (mut context, mut fed) = (prompt.to_vec(), Vec::new());
+    let vocab = scratch.len();
+    // The next token's distribution is row `row` of the last step's logits; that step fed
+    // `fed` (a token and its drafts), took `step_secs` and drafted `step_drafts`.
+    let (mut row, mut step_secs, mut step_drafts) = (0, 0.0, 0);
     loop {
-        let t = sample(stepper.logits(), &opts.sampling, rng.next_u32(), scratch)
-            .map_err(GenError::Sample)?;
+        let logits = stepper.logits();
+        let t = sample(
+            logits.get(row * vocab..(row + 1) * vocab).unwrap_or(&[]),
+            &opts.sampling,
+            rng.next_u32(),
+            scratch,
+        )
+        .map_err(GenError::Sample)?;
         out.push(t);
+        context.push(t);
         on_token(t);
         if out.len() >= opts.max_new_tokens
             || Some(t) == opts.eos
@@ -232,15 +274,54 @@ fn token_loop<S: Stepper>(
         {
             break;
         }
-        stepper.step(&[t], out.len())?;
-        decode_steps += 1;
+        if row + 1 < fed.len() && fed[row + 1] == t {
+            // The model picked the drafted token, which the cache already holds: its logits
+            // are the next row.
+            row += 1;
+            continue;
+        }
+        // `t` is the model's own pick: the drafts after `row` leave the cache.
+        if let Some(l) = length.as_mut().filter(|_| !fed.is_empty()) {
+            l.record(fed.len(), step_secs, step_drafts, row);
+        }
+        if fed.len() > row + 1 {
+            let keep = stepper.position() - (fed.len() - 1 - row);
+            stepper.truncate(keep)?;
+        }
+        fed.clear();
+        fed.push(t);
+        step_drafts = 0;
+        if let (Some(d), Some(l)) = (drafter.as_mut(), length.as_ref()) {
+            // Bounded by the tokens still wanted and the cache.
+            let room = (opts.max_new_tokens - out.len())
+                .min(capacity - stepper.position())
+                .saturating_sub(1);
+            let k = l.next().min(room);
+            if k > 0 {
+                d.draft(&context, k, &mut fed);
+                // Padded to `k`, so the row count does not say whether the drafter found anything.
+                let pad = fed.last().copied().unwrap_or(t);
+                fed.resize(k + 1, pad);
+                step_drafts = k;
+            }
+        }
+        let ts = Instant::now();
+        stepper.step(&fed, fed.len(), out.len())?;
+        step_secs = ts.elapsed().as_secs_f64();
+        stats.decode_steps += 1;
+        row = 0;
     }
     stats.generated_tokens = out.len();
     stats.wire = stepper.wire();
-    if decode_steps > 0 {
-        let n = decode_steps as f64;
+    if let Some(l) = &length {
+        stats.draft_acceptance = l.acceptance();
+    }
+    let decoded = out.len().saturating_sub(1);
+    if decoded > 0 && stats.decode_steps > 0 {
+        let n = decoded as f64;
         stats.decode_ms_per_token = t1.elapsed().as_secs_f64() * 1e3 / n;
         stats.client_cpu_ms_per_token = (cpu_ms() - c1) / n;
+        stats.tokens_per_step = n / stats.decode_steps as f64;
         let w = stats.wire;
         stats.round_trips_per_token = w.round_trips.saturating_sub(w1.round_trips) as f64 / n;
         stats.bytes_up_per_token = w.bytes_up.saturating_sub(w1.bytes_up) as f64 / n;
@@ -257,17 +338,54 @@ struct LocalStepper<'w, 'a, 'l> {
 
 impl Stepper for LocalStepper<'_, '_, '_> {
     type Error = std::convert::Infallible;
-    fn step(&mut self, tokens: &[u32], _: usize) -> Result<(), GenError<Self::Error>> {
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        logit_rows: usize,
+        _: usize,
+    ) -> Result<(), GenError<Self::Error>> {
         self.fwd
-            .step_locally(self.linear, tokens)
-            .map_err(GenError::Forward)
+            .begin_scoring(tokens, logit_rows)
+            .map_err(GenError::Forward)?;
+        while self
+            .fwd
+            .complete_locally(self.linear)
+            .map_err(GenError::Forward)?
+            == StepState::Pending
+        {}
+        Ok(())
     }
     fn logits(&self) -> &[i32] {
         self.fwd.logits().unwrap_or(&[])
     }
+    fn position(&self) -> usize {
+        self.fwd.position()
+    }
+    fn truncate(&mut self, len: usize) -> Result<(), GenError<Self::Error>> {
+        self.fwd.truncate(len).map_err(GenError::Forward)
+    }
     fn wire(&self) -> WireStats {
         WireStats::default()
     }
+}
+
+/// Rows per step and logit rows a generation's buffers need: the prefill chunk, or a token
+/// and its drafts, whichever is more (at most `limit` rows, the server's), and that many logit
+/// rows for the drafts. The drafts are cut to fit.
+fn step_shape(prompt: &[u32], opts: &GenOptions, limit: usize) -> (usize, usize, GenOptions) {
+    let mut opts = opts.clone();
+    let limit = limit.max(1);
+    if let Some(s) = opts.speculation.as_mut() {
+        s.max_draft = s.max_draft.min(limit - 1);
+    }
+    let logit_rows = opts.speculation.map_or(1, |s| s.max_draft + 1);
+    let rows = opts
+        .prefill_rows
+        .min(prompt.len())
+        .max(logit_rows)
+        .min(limit)
+        .max(1);
+    (rows, logit_rows, opts)
 }
 
 /// Generates locally with the plaintext integer pipeline (`--reference`): the same numbers the
@@ -281,10 +399,11 @@ pub fn generate_reference(
 ) -> Result<(Vec<u32>, GenStats), GenError<std::convert::Infallible>> {
     let cfg = *client.config();
     let capacity = kv_capacity(&cfg, prompt, opts);
-    let mut bufs = Buffers::new(&cfg, opts.prefill_rows.min(prompt.len()).max(1), capacity);
+    let (rows, logit_rows, opts) = step_shape(prompt, opts, usize::MAX);
+    let mut bufs = Buffers::new(&cfg, rows, logit_rows, capacity);
     let (fwd, _, scratch) = bufs.forward(client).map_err(GenError::Forward)?;
     let mut stepper = LocalStepper { fwd, linear };
-    token_loop(&mut stepper, prompt, opts, capacity, scratch, on_token)
+    token_loop(&mut stepper, prompt, &opts, capacity, scratch, on_token)
 }
 
 /// Freivalds check data for every layer (see `veil_core::integrity`): the secret check vectors,
@@ -372,9 +491,16 @@ struct PrivateStepper<'w, 'a, 'l, 'r, 's, R: Read, W: Write, S> {
 impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, '_, '_, R, W, S> {
     type Error = S::Error;
 
-    fn step(&mut self, tokens: &[u32], generated: usize) -> Result<(), GenError<S::Error>> {
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        logit_rows: usize,
+        generated: usize,
+    ) -> Result<(), GenError<S::Error>> {
         let session = |e: SessionError<S::Error>| GenError::from_session(e, generated);
-        self.pf.begin(tokens, self.source).map_err(session)?;
+        self.pf
+            .begin_scoring(tokens, logit_rows, self.source)
+            .map_err(session)?;
         loop {
             let exchanged = {
                 let out = self.pf.outgoing(self.source).map_err(session)?;
@@ -398,7 +524,9 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
                     .resume(err)
                     .map_err(|source| GenError::Transport { source, generated })?;
                 // Redo the whole step on the new connection, with new slots (so new masks).
-                self.pf.begin(tokens, self.source).map_err(session)?;
+                self.pf
+                    .begin_scoring(tokens, logit_rows, self.source)
+                    .map_err(session)?;
                 continue;
             }
             if self.pf.complete(self.source).map_err(session)? == StepState::Done {
@@ -409,6 +537,14 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
 
     fn logits(&self) -> &[i32] {
         self.pf.forward().logits().unwrap_or(&[])
+    }
+
+    fn position(&self) -> usize {
+        self.pf.forward().position()
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), GenError<S::Error>> {
+        self.pf.truncate(len).map_err(GenError::Forward)
     }
 
     fn wire(&self) -> WireStats {
@@ -498,12 +634,11 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
     ) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
         let cfg = *self.client.config();
         let capacity = kv_capacity(&cfg, prompt, opts);
-        let rows = opts
-            .prefill_rows
-            .min(self.link.conn.max_rows())
-            .min(prompt.len())
-            .max(1);
-        let bufs = self.bufs.insert(Buffers::new(&cfg, rows, capacity));
+        let (rows, logit_rows, opts) = step_shape(prompt, opts, self.link.conn.max_rows());
+        let opts = &opts;
+        let bufs = self
+            .bufs
+            .insert(Buffers::new(&cfg, rows, logit_rows, capacity));
         let (fwd, [m, r, y, u], scratch) = bufs
             .forward(self.client.clone())
             .map_err(GenError::Forward)?;

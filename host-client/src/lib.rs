@@ -14,4 +14,5 @@ pub mod files;
 pub mod generate;
 pub mod offline;
 pub mod pool;
+pub mod speculate;
 pub mod transport;

@@ -11,6 +11,7 @@ use veil_client::generate::{
     generate_reference, GenOptions, GenStats, PrivateGenerator, Verification, DEFAULT_PREFILL_ROWS,
 };
 use veil_client::pool::PoolSource;
+use veil_client::speculate::{DrafterKind, Speculation};
 use veil_client::transport::{read_psk_file, ConnectOptions, Connection};
 use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
@@ -56,6 +57,15 @@ enum LmHeadPlacement {
     Local,
     /// Offload the LM head to the server like the other layers (196 KiB down per token).
     Offload,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum SpeculateKind {
+    /// One token per step (every decoded token waits for 4 round trips per block + 1).
+    None,
+    /// Draft from the context itself: the tokens that followed the last earlier occurrence of
+    /// the latest 1-3 tokens. Costs nothing and needs no weights.
+    PromptLookup,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +131,19 @@ struct RunArgs {
     /// Where the LM head (vocabulary-wide, tied to the embeddings) runs.
     #[arg(long, value_enum, default_value_t = LmHeadPlacement::Auto)]
     lm_head: LmHeadPlacement,
+    /// Speculative decoding: a drafter guesses the next tokens and the private model checks them
+    /// all in one step (the round trips of one token), keeping those it agrees with. The output
+    /// is token for token the same as without (greedy and seeded sampling). The server then
+    /// sees how many steps a generation takes (how predictable the text was); see README.
+    #[arg(long, value_enum, default_value_t = SpeculateKind::None)]
+    speculate: SpeculateKind,
+    /// Most drafted tokens per step with --speculate (each step then sends this many rows plus
+    /// one; the length adapts to the acceptance and step times measured, unless --fixed-draft).
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    draft_tokens: usize,
+    /// Always draft --draft-tokens tokens (no adaptation).
+    #[arg(long)]
+    fixed_draft: bool,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +191,9 @@ fn stats_json(s: &GenStats) -> serde_json::Value {
         "round_trips_per_token": s.round_trips_per_token,
         "bytes_up_per_token": s.bytes_up_per_token,
         "bytes_down_per_token": s.bytes_down_per_token,
+        "decode_steps": s.decode_steps,
+        "tokens_per_step": s.tokens_per_step,
+        "draft_acceptance": s.draft_acceptance,
     })
 }
 
@@ -225,6 +251,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         seed: args.seed,
         eos: Some(client.header().eos_token_id),
         prefill_rows: args.prefill_rows.max(1),
+        speculation: match args.speculate {
+            SpeculateKind::None => None,
+            SpeculateKind::PromptLookup => Some(Speculation {
+                drafter: DrafterKind::PromptLookup,
+                max_draft: args.draft_tokens,
+                adaptive: !args.fixed_draft,
+            }),
+        },
     };
     // Streams text as tokens arrive: decode everything so far and print what is new, holding back
     // an incomplete UTF-8 sequence (shown as U+FFFD by the decoder).

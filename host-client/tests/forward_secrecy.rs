@@ -24,6 +24,7 @@ fn opts(n: usize) -> GenOptions {
         seed: 7,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     }
 }
 

@@ -54,6 +54,7 @@ fn opts() -> GenOptions {
         seed: 0,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     }
 }
 

@@ -65,6 +65,7 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
         seed: 0,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     };
     let (tokens, _, conn) = generate_online(&files, conn, key, prompt, &opts);
     conn.bye();

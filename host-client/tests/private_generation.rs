@@ -28,6 +28,7 @@ fn opts(sampling: SamplingParams, n: usize) -> GenOptions {
         seed: 42,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     }
 }
 

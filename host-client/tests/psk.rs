@@ -70,6 +70,7 @@ fn same_key_on_both_sides_generates_like_the_reference() {
         seed: 7,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     };
     let expected = reference(&files, &prompt, &o);
 

@@ -143,6 +143,7 @@ fn reference_of(dir: &std::path::Path, n: usize) -> Vec<u32> {
         seed: 0,
         eos: Some(files.client().unwrap().header().eos_token_id),
         prefill_rows: 64,
+        speculation: None,
     };
     reference(&files, &ids, &o)
 }

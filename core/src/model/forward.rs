@@ -67,6 +67,20 @@ pub enum LogitRows {
     Last,
     /// Every row (evaluation, perplexity).
     All,
+    /// The last row by default; a step begun with [`Forward::begin_scoring`] gets them for up to
+    /// this many last rows (speculative decoding checks every drafted token in one step).
+    UpTo(usize),
+}
+
+impl LogitRows {
+    /// Most logit rows a step of `rows` rows can have.
+    fn capacity(self, rows: usize) -> usize {
+        match self {
+            LogitRows::Last => 1,
+            LogitRows::All => rows,
+            LogitRows::UpTo(n) => n.clamp(1, rows.max(1)),
+        }
+    }
 }
 
 /// Buffer lengths a [`Workspace`] needs.
@@ -120,10 +134,7 @@ impl Parts {
         let d = cfg.d();
         let inner = cfg.n_inner as usize;
         let widest = (3 * d).max(inner);
-        let lm_rows = match logit_rows {
-            LogitRows::Last => 1,
-            LogitRows::All => rows,
-        };
+        let lm_rows = logit_rows.capacity(rows);
         Parts {
             resid: rows * d,
             norm: rows * d.max(inner),
@@ -228,6 +239,8 @@ pub struct Forward<'w, 'a> {
     cfg: ModelConfig,
     stage: Stage,
     rows: usize,
+    /// Rows of the step in progress that get logits (its last ones).
+    lm_rows: usize,
     pos0: usize,
     inv_sqrt_dh_q31: i64,
 }
@@ -256,6 +269,7 @@ impl<'w, 'a> Forward<'w, 'a> {
             cfg,
             stage: Stage::Idle,
             rows: 0,
+            lm_rows: 1,
             pos0: 0,
             inv_sqrt_dh_q31,
         })
@@ -286,6 +300,11 @@ impl<'w, 'a> Forward<'w, 'a> {
         self.ws.sizes.max_rows
     }
 
+    /// Most rows a step's logits can cover (see [`LogitRows`]).
+    pub fn max_logit_rows(&self) -> usize {
+        self.ws.sizes.logit_rows.capacity(self.ws.sizes.max_rows)
+    }
+
     /// Forgets the sequence and any step in progress.
     pub fn reset(&mut self) {
         self.kv.clear();
@@ -297,8 +316,37 @@ impl<'w, 'a> Forward<'w, 'a> {
         self.stage = Stage::Idle;
     }
 
+    /// Forgets the positions from `len` on (tokens a rejected speculation fed), so the next step
+    /// continues from there. Between steps only; a `len` beyond the position changes nothing.
+    pub fn truncate(&mut self, len: usize) -> Result<(), ForwardError> {
+        if matches!(self.stage, Stage::Linear(_)) {
+            return Err(ForwardError::StepInProgress);
+        }
+        self.kv.set_len(len.min(self.kv.len()));
+        self.stage = Stage::Idle;
+        Ok(())
+    }
+
     /// Starts a step that feeds `tokens` at the next positions, and prepares the first request.
+    /// Logits: every row with [`LogitRows::All`], else the last row.
     pub fn begin(&mut self, tokens: &[u32]) -> Result<(), ForwardError> {
+        let lm_rows = match self.ws.sizes.logit_rows {
+            LogitRows::All => tokens.len().max(1),
+            LogitRows::Last | LogitRows::UpTo(_) => 1,
+        };
+        self.begin_scoring(tokens, lm_rows)
+    }
+
+    /// As [`Forward::begin`], with logits for the last `logit_rows` rows (at most what the
+    /// workspace's [`LogitRows`] holds): row `i` of [`Forward::logits`] is then what a step
+    /// ending at that token would give.
+    pub fn begin_scoring(&mut self, tokens: &[u32], logit_rows: usize) -> Result<(), ForwardError> {
+        if logit_rows == 0
+            || logit_rows > tokens.len().max(1)
+            || logit_rows > self.ws.sizes.logit_rows.capacity(self.ws.sizes.max_rows)
+        {
+            return Err(ForwardError::TooManyRows);
+        }
         if matches!(self.stage, Stage::Linear(_)) {
             return Err(ForwardError::StepInProgress);
         }
@@ -316,6 +364,7 @@ impl<'w, 'a> Forward<'w, 'a> {
         }
         let d = self.cfg.d();
         self.rows = tokens.len();
+        self.lm_rows = logit_rows;
         self.pos0 = self.kv.len();
         for (r, &t) in tokens.iter().enumerate() {
             self.weights.embed(
@@ -333,10 +382,7 @@ impl<'w, 'a> Forward<'w, 'a> {
     }
 
     fn lm_rows(&self) -> usize {
-        match self.ws.sizes.logit_rows {
-            LogitRows::Last => 1,
-            LogitRows::All => self.rows,
-        }
+        self.lm_rows
     }
 
     /// The linear layer waiting to be computed, if any.
@@ -719,6 +765,65 @@ mod tests {
         assert_eq!(one.position(), tokens.len());
         // Logits are not degenerate.
         assert!(all_logits.iter().any(|&x| x != all_logits[0]));
+    }
+
+    /// A scoring step over a drafted continuation gives, row by row, the logits of feeding the
+    /// tokens one at a time; truncating the cache after it and feeding other tokens gives what a
+    /// cache that never saw the rejected ones gives (the speculation's rollback).
+    #[test]
+    fn test_scoring_step_and_rollback_equal_incremental_decode() {
+        let m = RandomModel::new(8);
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let vocab = m.cfg.vocab_size as usize;
+        let (prefix, draft, other) = ([3u32, 17, 5], [60u32, 2, 9, 33], [41u32, 7]);
+        // Reference: one token at a time, prefix then draft[..2] then `other`.
+        let (mut b1, ws1) = bufs(&m.cfg, 1, LogitRows::Last);
+        let mut one = forward(&m, &mut b1, ws1);
+        let mut want = vec![];
+        for &t in prefix.iter().chain(&draft) {
+            one.step_locally(&lin, &[t]).unwrap();
+            want.push(one.logits().unwrap().to_vec());
+        }
+        one.reset();
+        let mut want_other = vec![];
+        for &t in prefix.iter().chain(&draft[..2]).chain(&other) {
+            one.step_locally(&lin, &[t]).unwrap();
+            want_other.push(one.logits().unwrap().to_vec());
+        }
+        // Speculative: the prefix, then the whole draft scored in one step.
+        let (mut b2, ws2) = bufs(&m.cfg, 4, LogitRows::UpTo(4));
+        let mut f = forward(&m, &mut b2, ws2);
+        f.step_locally(&lin, &prefix).unwrap();
+        assert_eq!(
+            f.logits().unwrap(),
+            &want[2][..],
+            "a plain step: last row only"
+        );
+        f.begin_scoring(&draft, 4).unwrap();
+        while f.complete_locally(&lin).unwrap() == StepState::Pending {}
+        let got = f.logits().unwrap();
+        for i in 0..4 {
+            assert_eq!(
+                &got[i * vocab..(i + 1) * vocab],
+                &want[3 + i][..],
+                "draft row {i}"
+            );
+        }
+        // Keep two drafted tokens, reject the rest, continue with others.
+        f.truncate(prefix.len() + 2).unwrap();
+        assert_eq!(f.position(), 5);
+        f.begin_scoring(&other, 2).unwrap();
+        while f.complete_locally(&lin).unwrap() == StepState::Pending {}
+        let got = f.logits().unwrap();
+        for i in 0..2 {
+            assert_eq!(
+                &got[i * vocab..(i + 1) * vocab],
+                &want_other[5 + i][..],
+                "row {i}"
+            );
+        }
+        assert_eq!(f.begin_scoring(&other, 3), Err(ForwardError::TooManyRows));
+        assert_eq!(f.begin_scoring(&draft, 5), Err(ForwardError::TooManyRows));
     }
 
     #[test]
