@@ -9,6 +9,10 @@
 //! driver's. Prints one JSON object: the model configuration, every mode's
 //! generation statistics plus its peak RSS, whether all modes generated the same tokens (they must:
 //! the private path reproduces the local integer pipeline bit for bit) and CPU ratios.
+//!
+//! With `--link-rtt-ms` / `--link-mbit`, the decode modes reach the server through a link
+//! emulator ([`crate::link`]) in this process, and each mode also reports what crossed the link;
+//! `decode_per_token` gathers every mode's decode time, round trips and bytes per decoded token.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
+
+use crate::link::{Link, LinkParams};
 
 /// Arguments of `veil-client bench`.
 #[derive(Debug, clap::Args)]
@@ -66,6 +72,15 @@ pub struct BenchArgs {
     /// the server mostly, which dominates the run for a wide vocabulary.
     #[arg(long)]
     pub no_server_precompute: bool,
+    /// Route the decode modes' connections through a link emulator (a loopback proxy in this
+    /// process, see `link.rs`) with this round-trip time, ms. The offline phase of
+    /// `pool_server` still goes direct.
+    #[arg(long, value_name = "MS")]
+    pub link_rtt_ms: Option<f64>,
+    /// The emulated link's rate each way, Mbit/s (unlimited without it); alone, it implies
+    /// `--link-rtt-ms 0`.
+    #[arg(long, value_name = "MBIT")]
+    pub link_mbit: Option<f64>,
 }
 
 /// An English paragraph the prompt is cut from (repeated as needed).
@@ -173,6 +188,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let client_cpus = cpus.as_ref().map(|c| &c.client);
     let addr = server.addr.to_string();
+    // The decode modes reach the server through the emulated link when one is asked for. Its
+    // threads are this driver's, not pinned: they only sleep and copy.
+    let link = match (args.link_rtt_ms, args.link_mbit) {
+        (None, None) => None,
+        (rtt, mbit) => {
+            let params = LinkParams::new(rtt.unwrap_or(0.0), mbit)?;
+            Some(Link::start(server.addr, params)?)
+        }
+    };
+    let decode_addr = link.as_ref().map_or(server.addr, Link::addr).to_string();
 
     let base = |extra: &[&str]| -> Command {
         let mut c = client_cmd();
@@ -195,14 +220,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     modes.insert("reference".into(), v);
     tokens.push(("reference", t));
 
-    // One measured mode: its stats go into `modes`, its tokens into `tokens`.
+    // One measured mode: its stats go into `modes`, its tokens into `tokens`; with a link, what
+    // crossed it during the mode (handshake and prefill included) too.
     let mut record = |name: &'static str, extra: &[&str]| -> anyhow::Result<()> {
-        let (v, t, _) = pinned(client_cpus, || run_mode(name, base(extra), &server))?;
+        let before = link.as_ref().map(Link::stats);
+        let (mut v, t, _) = pinned(client_cpus, || run_mode(name, base(extra), &server))?;
+        if let (Some(l), Some(b), Value::Object(m)) = (&link, before, &mut v) {
+            let a = l.stats();
+            m.insert("link_bytes_up".into(), json!(a.bytes_up - b.bytes_up));
+            m.insert("link_bytes_down".into(), json!(a.bytes_down - b.bytes_down));
+            m.insert(
+                "link_connections".into(),
+                json!(a.connections - b.connections),
+            );
+        }
         modes.insert(name.into(), v);
         tokens.push((name, t));
         Ok(())
     };
-    let online = ["--server", &addr, "--mask-source", "online"];
+    let online = ["--server", &decode_addr, "--mask-source", "online"];
     record("online", &online)?;
     record(
         "online_no_verify",
@@ -223,7 +259,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pool_str = pool_path.to_string_lossy().into_owned();
     let pool = [
         "--server",
-        &addr,
+        &decode_addr,
         "--mask-source",
         "pool",
         "--pool",
@@ -265,7 +301,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "pool_server",
             &[
                 "--server",
-                &addr,
+                &decode_addr,
                 "--mask-source",
                 "pool",
                 "--pool",
@@ -291,6 +327,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     {
         insert_server_precompute(m, run, *server_cpu, report)?;
     }
+    drop(link);
     drop(server);
 
     let identical = tokens.iter().all(|(_, t)| *t == tokens[0].1);
@@ -323,6 +360,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": new_tokens,
         "prompt": prompt,
+        "link": match (args.link_rtt_ms, args.link_mbit) {
+            (None, None) => Value::Null,
+            (rtt, mbit) => json!({
+                "rtt_ms": rtt.unwrap_or(0.0),
+                "mbit": mbit,
+                "decode_modes_through_link": true,
+                "offline_phase_through_link": false,
+            }),
+        },
+        // The figures to compare across links, per mode, per decoded token (each generated
+        // token after the first); the same numbers as in `modes`, gathered.
+        "decode_per_token": decode_summary(&modes),
         "modes": modes,
         "tokens_identical": identical,
         "generated_text": text,
@@ -365,6 +414,35 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!(msg);
     }
     Ok(())
+}
+
+/// Per mode: decode wall time, round trips and bytes each way per decoded token (the client's
+/// figures), and the whole run's round trips and bytes (hello and prefill included) per
+/// generated token.
+fn decode_summary(modes: &Map<String, Value>) -> Value {
+    let keys = [
+        ("decode_ms", "decode_ms_per_token"),
+        ("round_trips", "round_trips_per_token"),
+        ("bytes_up", "bytes_up_per_token"),
+        ("bytes_down", "bytes_down_per_token"),
+    ];
+    Value::Object(
+        modes
+            .iter()
+            .map(|(name, m)| {
+                let mut row: Map<String, Value> = keys
+                    .iter()
+                    .map(|(short, long)| ((*short).into(), m[*long].clone()))
+                    .collect();
+                let generated = m["generated_tokens"].as_f64().filter(|&n| n > 0.0);
+                for k in ["round_trips", "bytes_up", "bytes_down"] {
+                    let per = m[k].as_f64().zip(generated).map(|(x, n)| x / n);
+                    row.insert(format!("{k}_per_generated_token"), json!(per));
+                }
+                (name.clone(), Value::Object(row))
+            })
+            .collect(),
+    )
 }
 
 /// Finds a prompt text that the tokenizer encodes to exactly `n` tokens: the paragraph (repeated)

@@ -7,11 +7,13 @@
 //! - [`pool`]: the mask pool file (precomputed unmasking terms, slots marked used durably).
 //! - [`transport`]: one request/reply exchange per linear layer over a byte stream.
 //! - [`generate`]: the generation loop shared by the private and the local reference paths.
+//! - [`link`]: a link emulator (a loopback TCP proxy with a round-trip time and a rate).
 //! - [`bench`]: `veil-client bench`, an end-to-end benchmark over separate processes.
 
 pub mod bench;
 pub mod files;
 pub mod generate;
+pub mod link;
 pub mod offline;
 pub mod pool;
 pub mod speculate;

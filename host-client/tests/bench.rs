@@ -1,6 +1,8 @@
 //! `veil-client bench` end to end, over real processes: a quantized golden-tiny model, a
 //! `veil-server` child, the client as a child in every mode; all modes generate the same tokens,
-//! the private modes make 4 round trips per block + 1 per decoded token, and peak RSS is measured.
+//! the private modes make 4 round trips per block + 1 per decoded token, and peak RSS is measured;
+//! through the link emulator (`--link-rtt-ms`, `--link-mbit`) every decoded token waits its round
+//! trips and the traffic the link carried matches the client's.
 //! The `pool_server` mode (a pool the server fills blind, about a minute here) is skipped by the
 //! default test and checked by an ignored one; `tests/offline.rs` runs `precompute --server
 //! --json` itself on a small random model.
@@ -134,6 +136,49 @@ fn bench_golden_tiny_all_modes_agree() {
     assert_eq!(
         v["output_terms_per_slot"],
         2 * (384 + 128 + 512 + 128) + 50257
+    );
+}
+
+#[test]
+fn bench_through_an_emulated_link_is_delayed_and_agrees() {
+    const RTT_MS: f64 = 5.0;
+    let v = bench_golden_tiny(&[
+        "--no-server-precompute",
+        "--link-rtt-ms",
+        "5",
+        "--link-mbit",
+        "200",
+    ]);
+    assert_eq!(v["link"]["rtt_ms"], RTT_MS, "{v:#}");
+    assert_eq!(v["link"]["mbit"], 200.0, "{v:#}");
+    for mode in ["online", "online_no_verify", "pool", "pool_no_verify"] {
+        let m = &v["modes"][mode];
+        let d = &v["decode_per_token"][mode];
+        // Each decoded token's round trips wait one RTT each through the link.
+        let trips = d["round_trips"].as_f64().unwrap();
+        assert!(
+            d["decode_ms"].as_f64().unwrap() >= trips * RTT_MS,
+            "{mode}: {d:#}"
+        );
+        assert_eq!(d["bytes_up"], m["bytes_up_per_token"], "{mode}");
+        assert!(
+            d["round_trips_per_generated_token"].as_f64().unwrap() > trips,
+            "{mode}: {d:#}"
+        );
+        // One connection, all of it through the link: the client's figures stop before its
+        // bye, which the link may or may not have delivered when the process exits.
+        assert_eq!(m["link_connections"], 1, "{mode}: {m:#}");
+        let client_up = m["bytes_up"].as_u64().unwrap();
+        let link_up = m["link_bytes_up"].as_u64().unwrap();
+        assert!(
+            (client_up..=client_up + 64).contains(&link_up),
+            "{mode}: {m:#}"
+        );
+        assert_eq!(m["link_bytes_down"], m["bytes_down"], "{mode}: {m:#}");
+    }
+    assert!(
+        v["modes"]["reference"].get("link_bytes_up").is_none(),
+        "{v:#}"
     );
 }
 
