@@ -81,6 +81,15 @@ pub struct BenchArgs {
     /// `--link-rtt-ms 0`.
     #[arg(long, value_name = "MBIT")]
     pub link_mbit: Option<f64>,
+    /// Cut the prompt from this text file (e.g. WikiText-2's test set) instead of the built-in
+    /// English paragraph.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// Also run the online and pool modes with speculative decoding (`--speculate
+    /// prompt-lookup --draft-tokens K`): modes `online_speculative` and `pool_speculative`, and
+    /// their decode time per token against the plain modes' on the same link.
+    #[arg(long, value_name = "K")]
+    pub speculate: Option<usize>,
 }
 
 /// An English paragraph the prompt is cut from (repeated as needed).
@@ -151,7 +160,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let prompt = build_prompt(&dir.join("tokenizer.json"), args.prompt_tokens)?;
+    let source_text = match &args.prompt_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the prompt file {}", p.display()))?,
+        None => PARAGRAPH.to_owned(),
+    };
+    let prompt = build_prompt(
+        &dir.join("tokenizer.json"),
+        &source_text,
+        args.prompt_tokens,
+    )?;
     let terms = model_terms(dir)?;
 
     // The pool directory: the user's (kept) or a temporary one (removed by its guard).
@@ -245,8 +263,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         &[&online[..], &["--no-verify"]].concat(),
     )?;
 
-    // Two pool runs (with and without verification), each prompt + new tokens slots.
-    let slots = (2 * (args.prompt_tokens + new_tokens) + 8) as u64;
+    let k = args.speculate.map(|k| k.to_string());
+    let speculate: Vec<&str> = match &k {
+        Some(k) => vec!["--speculate", "prompt-lookup", "--draft-tokens", k],
+        None => vec![],
+    };
+    if args.speculate.is_some() {
+        record("online_speculative", &[&online[..], &speculate].concat())?;
+    }
+
+    // Two pool runs (with and without verification), each prompt + new tokens slots, and the
+    // speculative run's: every row of a step takes a slot, rejected drafts' too.
+    let speculative_slots = args
+        .speculate
+        .map_or(0, |k| args.prompt_tokens + new_tokens * (k + 1));
+    let slots = (2 * (args.prompt_tokens + new_tokens) + speculative_slots + 8) as u64;
     let mut pre = client_cmd();
     pre.arg("precompute")
         .arg("--weights")
@@ -267,6 +298,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     ];
     record("pool", &pool)?;
     record("pool_no_verify", &[&pool[..], &["--no-verify"]].concat())?;
+    if args.speculate.is_some() {
+        record("pool_speculative", &[&pool[..], &speculate].concat())?;
+    }
 
     // The pool filled by the server's blind offline phase instead, then one generation from it.
     let server_slots = (args.prompt_tokens + new_tokens + 8) as u64;
@@ -388,6 +422,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }),
             ),
         },
+        // Speculative decoding against plain decoding on the same link: decode wall time per
+        // token (what a user waits), with prompt lookup.
+        "speculative_decode_vs_plain": if args.speculate.is_some() {
+            json!({
+                "online": f("online_speculative", "decode_ms_per_token") / f("online", "decode_ms_per_token"),
+                "pool": f("pool_speculative", "decode_ms_per_token") / f("pool", "decode_ms_per_token"),
+            })
+        } else {
+            Value::Null
+        },
         "verification_cost_cpu_ms_per_token": {
             "online": f("online", "client_cpu_ms_per_token") - f("online_no_verify", "client_cpu_ms_per_token"),
             "pool": f("pool", "client_cpu_ms_per_token") - f("pool_no_verify", "client_cpu_ms_per_token"),
@@ -425,6 +469,7 @@ fn decode_summary(modes: &Map<String, Value>) -> Value {
         ("round_trips", "round_trips_per_token"),
         ("bytes_up", "bytes_up_per_token"),
         ("bytes_down", "bytes_down_per_token"),
+        ("tokens_per_step", "tokens_per_step"),
     ];
     Value::Object(
         modes
@@ -448,7 +493,7 @@ fn decode_summary(modes: &Map<String, Value>) -> Value {
 /// Finds a prompt text that the tokenizer encodes to exactly `n` tokens: the paragraph (repeated)
 /// cut after `n` tokens, decoded; if that text re-encodes differently (a cut inside a word can
 /// merge differently), nearby cuts are tried until one re-encodes to exactly `n` tokens, stably.
-fn build_prompt(tokenizer: &Path, n: usize) -> anyhow::Result<String> {
+fn build_prompt(tokenizer: &Path, text: &str, n: usize) -> anyhow::Result<String> {
     let tok = tokenizers::Tokenizer::from_file(tokenizer)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", tokenizer.display()))?;
     let encode = |s: &str| -> anyhow::Result<Vec<u32>> {
@@ -463,13 +508,16 @@ fn build_prompt(tokenizer: &Path, n: usize) -> anyhow::Result<String> {
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))
     };
     let slack = 16;
-    let mut para = String::from(PARAGRAPH);
+    // Enough of the text (whole, repeated as needed) for n tokens and the slack, at about four
+    // bytes per token at most.
+    let want_chars = (n + slack) * 8;
+    let mut para: String = text.chars().take(want_chars).collect();
     let mut ids = encode(&para)?;
     if ids.is_empty() {
-        bail!("the tokenizer encodes the benchmark paragraph to no tokens");
+        bail!("the tokenizer encodes the benchmark prompt text to no tokens");
     }
     while ids.len() < n + slack {
-        para.push_str(PARAGRAPH);
+        para.push_str(text);
         ids = encode(&para)?;
     }
     // Cuts n, n-1, n+1, n-2, n+2, ...

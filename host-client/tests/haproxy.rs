@@ -268,6 +268,7 @@ fn sixteen_clients_through_haproxy_use_both_servers_and_equal_the_reference() {
         seed: 0,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     };
     let started = Instant::now();
     let results: Vec<(Vec<u32>, Vec<u32>)> = std::thread::scope(|s| {

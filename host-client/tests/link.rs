@@ -30,6 +30,7 @@ fn every_round_trip_through_the_link_takes_its_rtt_and_tokens_equal_the_referenc
         seed: 0,
         eos: None,
         prefill_rows: 64,
+        speculation: None,
     };
     let prompt = [464, 3298, 4258, 1487, 318];
 
