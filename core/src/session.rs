@@ -310,6 +310,12 @@ impl<'w, 'a> PrivateForward<'w, 'a> {
         self.local_lm_head = Some(weights);
     }
 
+    /// Offloads the LM head again (between steps; see [`PrivateForward::set_local_lm_head`]).
+    /// Both placements give the same logits, bit for bit, so a host may switch at any step.
+    pub fn offload_lm_head(&mut self) {
+        self.local_lm_head = None;
+    }
+
     /// Whether the LM head runs here.
     pub fn lm_head_is_local(&self) -> bool {
         self.local_lm_head.is_some()

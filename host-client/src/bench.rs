@@ -272,12 +272,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         record("online_speculative", &[&online[..], &speculate].concat())?;
     }
 
-    // Two pool runs (with and without verification), each prompt + new tokens slots, and the
-    // speculative run's: every row of a step takes a slot, rejected drafts' too.
+    // Three pool runs (with and without verification, LM head placed by measurement), each prompt
+    // + new tokens slots, and the speculative run's: every row of a step takes a slot, rejected drafts' too.
     let speculative_slots = args
         .speculate
         .map_or(0, |k| args.prompt_tokens + new_tokens * (k + 1));
-    let slots = (2 * (args.prompt_tokens + new_tokens) + speculative_slots + 8) as u64;
+    let slots = (3 * (args.prompt_tokens + new_tokens) + speculative_slots + 8) as u64;
     let mut pre = client_cmd();
     pre.arg("precompute")
         .arg("--weights")
@@ -288,6 +288,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .arg(slots.to_string());
     let pre = pinned(client_cpus, || run_child(pre)).context("veil-client precompute")?;
     let pool_str = pool_path.to_string_lossy().into_owned();
+    // The pool modes offload the LM head (the figures memory.md compares); `pool_head_auto` lets
+    // the client measure both placements on the link and use the cheaper (the default).
     let pool = [
         "--server",
         &decode_addr,
@@ -295,12 +297,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "pool",
         "--pool",
         &pool_str,
+        "--lm-head",
+        "offload",
     ];
     record("pool", &pool)?;
     record("pool_no_verify", &[&pool[..], &["--no-verify"]].concat())?;
     if args.speculate.is_some() {
         record("pool_speculative", &[&pool[..], &speculate].concat())?;
     }
+    let pool_auto = [&pool[..pool.len() - 1], &["auto"]].concat();
+    record("pool_head_auto", &pool_auto)?;
 
     // The pool filled by the server's blind offline phase instead, then one generation from it.
     let server_slots = (args.prompt_tokens + new_tokens + 8) as u64;

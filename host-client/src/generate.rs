@@ -8,8 +8,8 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use veil_core::mask::MaskKey;
 use veil_core::model::{
-    sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearId, LinearWeights,
-    LogitRows, SampleError, SamplingParams, StepState, Workspace, WorkspaceSizes,
+    sample, ClientWeights, Forward, ForwardError, KvCache, KvSizes, LinearId, LinearKind,
+    LinearWeights, LogitRows, SampleError, SamplingParams, StepState, Workspace, WorkspaceSizes,
 };
 use veil_core::session::{PrivateForward, SessionError, SessionSizes, UnmaskSource, Verifier};
 
@@ -65,6 +65,8 @@ pub struct GenStats {
     pub tokens_per_step: f64,
     /// Drafted tokens kept, of those the model examined (speculation only).
     pub draft_acceptance: f64,
+    /// With the LM head placed by measurement: steps that ran it here, of all steps.
+    pub lm_head_local_steps: Option<(usize, usize)>,
 }
 
 /// Why generation stopped early.
@@ -486,6 +488,74 @@ struct PrivateStepper<'w, 'a, 'l, 'r, 's, R: Read, W: Write, S> {
     pf: PrivateForward<'w, 'a>,
     link: &'l mut Link<'r, R, W>,
     source: &'s mut S,
+    head: HeadPlacement<'w>,
+}
+
+/// Where the LM head runs, step by step.
+#[derive(Debug, Clone)]
+enum HeadPlacement<'w> {
+    /// Always the same (offloaded, or local from the start).
+    Fixed,
+    /// Measured on this link: the LM head's cost offloaded (its round trip, the server's product,
+    /// the vocabulary-wide reply, the unmasking) against its cost here (the multiply-adds), per
+    /// logit row, each an average over its recent steps; the cheaper one runs, and the other is
+    /// tried again every [`HEAD_PROBE`] steps since the link may change. Both give the same logits.
+    Measured {
+        weights: LinearWeights<'w>,
+        /// Seconds per logit row: offloaded, local.
+        offload: Option<f64>,
+        local: Option<f64>,
+        steps: usize,
+        local_steps: usize,
+    },
+}
+
+/// Steps between two tries of the LM head's other placement.
+const HEAD_PROBE: usize = 32;
+
+impl HeadPlacement<'_> {
+    /// Whether the next step computes the LM head here (`None`: fixed, leave it).
+    fn choose(&self) -> Option<bool> {
+        let HeadPlacement::Measured {
+            offload,
+            local,
+            steps,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(match (offload, local) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(o), Some(l)) => {
+                let best_local = l < o;
+                if steps % HEAD_PROBE == HEAD_PROBE - 1 {
+                    !best_local
+                } else {
+                    best_local
+                }
+            }
+        })
+    }
+
+    /// Records that a step's LM head took `secs` for `rows` logit rows, here or offloaded.
+    fn record(&mut self, local_head: bool, secs: f64, rows: usize) {
+        if let HeadPlacement::Measured {
+            offload,
+            local,
+            steps,
+            local_steps,
+            ..
+        } = self
+        {
+            let per_row = secs / rows.max(1) as f64;
+            let est = if local_head { local } else { offload };
+            *est = Some(est.map_or(per_row, |e| 0.7 * e + 0.3 * per_row));
+            *steps += 1;
+            *local_steps += local_head as usize;
+        }
+    }
 }
 
 impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, '_, '_, R, W, S> {
@@ -498,10 +568,31 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
         generated: usize,
     ) -> Result<(), GenError<S::Error>> {
         let session = |e: SessionError<S::Error>| GenError::from_session(e, generated);
+        match (self.head.choose(), &self.head) {
+            (Some(true), HeadPlacement::Measured { weights, .. }) => {
+                self.pf.set_local_lm_head(weights.clone())
+            }
+            (Some(false), _) => self.pf.offload_lm_head(),
+            _ => {}
+        }
+        let local_head = self.pf.lm_head_is_local();
         self.pf
             .begin_scoring(tokens, logit_rows, self.source)
             .map_err(session)?;
+        // The LM head's time: its exchange when offloaded; when local, the completion of the last
+        // block's MLP, which runs it (the rest of that completion is a residual add and a norm).
+        let mut head_secs = 0.0;
         loop {
+            let timed = match self.pf.pending() {
+                Some(l) if l.kind == LinearKind::LmHead => true,
+                Some(l) => {
+                    local_head
+                        && l.kind == LinearKind::MlpDown
+                        && u32::from(l.layer) + 1 == self.pf.forward().config().n_layer
+                }
+                None => false,
+            };
+            let t0 = Instant::now();
             let exchanged = {
                 let out = self.pf.outgoing(self.source).map_err(session)?;
                 let (linear, rows, in_dim, out_dim) =
@@ -529,7 +620,18 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
                     .map_err(session)?;
                 continue;
             }
-            if self.pf.complete(self.source).map_err(session)? == StepState::Done {
+            let t1 = Instant::now();
+            let state = self.pf.complete(self.source).map_err(session)?;
+            if timed {
+                head_secs += if local_head {
+                    t1.elapsed()
+                } else {
+                    t0.elapsed()
+                }
+                .as_secs_f64();
+            }
+            if state == StepState::Done {
+                self.head.record(local_head, head_secs, logit_rows);
                 return Ok(());
             }
         }
@@ -560,6 +662,8 @@ pub struct PrivateGenerator<'w, 'r, R: Read, W: Write> {
     link: Link<'r, R, W>,
     verification: Option<Verification>,
     local_lm_head: Option<LinearWeights<'w>>,
+    /// Measure both LM head placements on this link and use the cheaper.
+    measure_lm_head: bool,
     bufs: Option<Buffers>,
 }
 
@@ -588,6 +692,7 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
             },
             verification: None,
             local_lm_head: None,
+            measure_lm_head: false,
             bufs: None,
         }
     }
@@ -601,6 +706,15 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
     /// Computes the LM head on the client with `weights` instead of offloading it.
     pub fn local_lm_head(mut self, weights: LinearWeights<'w>) -> Self {
         self.local_lm_head = Some(weights);
+        self.measure_lm_head = false;
+        self
+    }
+
+    /// Runs the LM head where it costs less on this link, measured step by step: offloaded (a
+    /// round trip and a vocabulary-wide reply) or here with `weights` (its multiply-adds).
+    pub fn measured_lm_head(mut self, weights: LinearWeights<'w>) -> Self {
+        self.local_lm_head = Some(weights);
+        self.measure_lm_head = true;
         self
     }
 
@@ -648,17 +762,35 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
             pf.set_verifier::<S::Error>(Verifier { s: &v.s, w: &v.w })
                 .map_err(session)?;
         }
-        if let Some(w) = &self.local_lm_head {
-            pf.set_local_lm_head(w.clone());
-        }
+        let head = match &self.local_lm_head {
+            Some(w) if self.measure_lm_head => HeadPlacement::Measured {
+                weights: w.clone(),
+                offload: None,
+                local: None,
+                steps: 0,
+                local_steps: 0,
+            },
+            Some(w) => {
+                pf.set_local_lm_head(w.clone());
+                HeadPlacement::Fixed
+            }
+            None => HeadPlacement::Fixed,
+        };
         let reconnects = self.link.reconnects;
         let mut stepper = PrivateStepper {
             pf,
             link: &mut self.link,
             source,
+            head,
         };
         let (tokens, mut stats) =
             token_loop(&mut stepper, prompt, opts, capacity, scratch, on_token)?;
+        if let HeadPlacement::Measured {
+            steps, local_steps, ..
+        } = stepper.head
+        {
+            stats.lm_head_local_steps = Some((local_steps, steps));
+        }
         stats.reconnects = self.link.reconnects - reconnects;
         Ok((tokens, stats))
     }

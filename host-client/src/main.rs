@@ -51,7 +51,8 @@ enum MaskSourceKind {
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum LmHeadPlacement {
-    /// Local with the online mask source, offloaded with a pool (the faster of the two, measured).
+    /// Local with the online mask source; with a pool, measured on the link step by step and
+    /// the cheaper used when linear.veil is at hand, else offloaded.
     Auto,
     /// Compute the LM head on the client (needs linear.veil; its 38 MB int8 matrix is mapped).
     Local,
@@ -194,6 +195,8 @@ fn stats_json(s: &GenStats) -> serde_json::Value {
         "decode_steps": s.decode_steps,
         "tokens_per_step": s.tokens_per_step,
         "draft_acceptance": s.draft_acceptance,
+        "lm_head_local_steps": s.lm_head_local_steps.map(|(l, _)| l),
+        "lm_head_measured_steps": s.lm_head_local_steps.map(|(_, n)| n),
     })
 }
 
@@ -206,11 +209,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Where the LM head runs: offloading it saves nothing with the online source (the client
     // computes r·W for it anyway, as costly as the product itself, then also downloads 196 KiB),
-    // while with a pool the client only reads and subtracts precomputed terms (see memory.md).
-    let local_lm_head = match args.lm_head {
-        LmHeadPlacement::Auto => args.mask_source == MaskSourceKind::Online,
-        LmHeadPlacement::Local => true,
-        LmHeadPlacement::Offload => false,
+    // while with a pool the client only reads and subtracts precomputed terms (see memory.md) but
+    // the vocabulary-wide reply crosses the link: with the weights at hand the client measures
+    // both on this link and uses the cheaper; without them it offloads.
+    let has_linear = dir.join("linear.veil").is_file();
+    let (local_lm_head, measure_lm_head) = match args.lm_head {
+        LmHeadPlacement::Auto if args.mask_source == MaskSourceKind::Online => (true, false),
+        LmHeadPlacement::Auto => (has_linear && !args.reference, has_linear && !args.reference),
+        LmHeadPlacement::Local => (true, false),
+        LmHeadPlacement::Offload => (false, false),
     };
     let need_linear = args.reference || args.mask_source == MaskSourceKind::Online || local_lm_head;
     let files = ModelFiles::open(dir, need_linear)?;
@@ -328,7 +335,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             let w = linear.clone().context(
                 "linear.veil is needed to compute the LM head locally (--lm-head local)",
             )?;
-            generator = generator.local_lm_head(w);
+            generator = if measure_lm_head {
+                generator.measured_lm_head(w)
+            } else {
+                generator.local_lm_head(w)
+            };
         }
         let context = || format!("private generation with the server at {addr}");
         let out = match args.mask_source {
