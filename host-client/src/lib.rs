@@ -11,6 +11,7 @@
 //! - [`bench`]: `veil-client bench`, an end-to-end benchmark over separate processes.
 
 pub mod bench;
+pub mod chat;
 pub mod files;
 pub mod generate;
 pub mod link;
