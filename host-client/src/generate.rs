@@ -28,8 +28,8 @@ pub struct GenOptions {
     pub sampling: SamplingParams,
     /// Seed of the sampling RNG (ChaCha20; one `u32` per generated token).
     pub seed: u64,
-    /// Stop at this token (end of text).
-    pub eos: Option<u32>,
+    /// Stop at any of these tokens (end of text, end of a chat turn).
+    pub eos: Vec<u32>,
     /// Rows per prefill step.
     pub prefill_rows: usize,
     /// Speculative decoding (off: one token per step).
@@ -67,6 +67,8 @@ pub struct GenStats {
     pub draft_acceptance: f64,
     /// With the LM head placed by measurement: steps that ran it here, of all steps.
     pub lm_head_local_steps: Option<(usize, usize)>,
+    /// Prompt tokens already in the cache from the previous generation (not fed again).
+    pub cached_tokens: usize,
 }
 
 /// Why generation stopped early.
@@ -143,6 +145,7 @@ pub struct Buffers {
     scratch: Vec<u32>,
     sizes: WorkspaceSizes,
     capacity: usize,
+    logit_rows: usize,
 }
 
 impl Buffers {
@@ -173,7 +176,14 @@ impl Buffers {
             scratch: vec![0; cfg.vocab_size as usize],
             sizes,
             capacity,
+            logit_rows,
         }
+    }
+
+    /// Whether these buffers serve steps of `rows` rows, `logit_rows` logit rows and `capacity`
+    /// positions (so a cached sequence in them can be continued).
+    fn fits(&self, rows: usize, logit_rows: usize, capacity: usize) -> bool {
+        self.sizes.max_rows >= rows && self.logit_rows >= logit_rows && self.capacity >= capacity
     }
 
     fn forward<'w, 'a>(&'a mut self, cw: ClientWeights<'w>) -> Result<Lent<'w, 'a>, ForwardError> {
@@ -231,6 +241,7 @@ trait Stepper {
 /// model agrees with (see [`crate::speculate`]): the tokens are the same as without.
 fn token_loop<S: Stepper>(
     stepper: &mut S,
+    cached: &[u32],
     prompt: &[u32],
     opts: &GenOptions,
     capacity: usize,
@@ -253,7 +264,7 @@ fn token_loop<S: Stepper>(
     let mut length = opts
         .speculation
         .map(|s| DraftLength::new(s.max_draft, s.adaptive));
-    let (mut context, mut fed) = (prompt.to_vec(), Vec::new());
+    let (mut context, mut fed) = ([cached, prompt].concat(), Vec::new());
     let vocab = scratch.len();
     // The next token's distribution is row `row` of the last step's logits; that step fed
     // `fed` (a token and its drafts), took `step_secs` and drafted `step_drafts`.
@@ -271,8 +282,8 @@ fn token_loop<S: Stepper>(
         context.push(t);
         on_token(t);
         if out.len() >= opts.max_new_tokens
-            || Some(t) == opts.eos
-            || prompt.len() + out.len() >= capacity
+            || opts.eos.contains(&t)
+            || cached.len() + prompt.len() + out.len() >= capacity
         {
             break;
         }
@@ -405,7 +416,15 @@ pub fn generate_reference(
     let mut bufs = Buffers::new(&cfg, rows, logit_rows, capacity);
     let (fwd, _, scratch) = bufs.forward(client).map_err(GenError::Forward)?;
     let mut stepper = LocalStepper { fwd, linear };
-    token_loop(&mut stepper, prompt, &opts, capacity, scratch, on_token)
+    token_loop(
+        &mut stepper,
+        &[],
+        prompt,
+        &opts,
+        capacity,
+        scratch,
+        on_token,
+    )
 }
 
 /// Freivalds check data for every layer (see `veil_core::integrity`): the secret check vectors,
@@ -665,6 +684,10 @@ pub struct PrivateGenerator<'w, 'r, R: Read, W: Write> {
     /// Measure both LM head placements on this link and use the cheaper.
     measure_lm_head: bool,
     bufs: Option<Buffers>,
+    /// The tokens whose positions `bufs`' cache holds from the last generation (kept with
+    /// [`PrivateGenerator::keep_cache`]).
+    cached: Vec<u32>,
+    keep_cache: bool,
 }
 
 impl<R: Read, W: Write> std::fmt::Debug for PrivateGenerator<'_, '_, R, W> {
@@ -694,6 +717,8 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
             local_lm_head: None,
             measure_lm_head: false,
             bufs: None,
+            cached: Vec::new(),
+            keep_cache: false,
         }
     }
 
@@ -707,6 +732,15 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
     pub fn local_lm_head(mut self, weights: LinearWeights<'w>) -> Self {
         self.local_lm_head = Some(weights);
         self.measure_lm_head = false;
+        self
+    }
+
+    /// Keeps the KV cache between generations: a prompt that begins with the last generation's
+    /// prompt and output (a conversation's next turn, re-rendered whole) feeds only what is new.
+    /// The tokens are the same as without (each position's numbers do not depend on the step
+    /// that fed it). The cache is then sized for the model's whole context.
+    pub fn keep_cache(mut self) -> Self {
+        self.keep_cache = true;
         self
     }
 
@@ -747,15 +781,49 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
         on_token: &mut dyn FnMut(u32),
     ) -> Result<(Vec<u32>, GenStats), GenError<S::Error>> {
         let cfg = *self.client.config();
-        let capacity = kv_capacity(&cfg, prompt, opts);
-        let (rows, logit_rows, opts) = step_shape(prompt, opts, self.link.conn.max_rows());
+        // A conversation's cache is sized for the model's whole context once.
+        let capacity = if self.keep_cache {
+            cfg.n_positions as usize
+        } else {
+            kv_capacity(&cfg, prompt, opts)
+        };
+        let limit = self.link.conn.max_rows();
+        let (rows, logit_rows, opts) = step_shape(prompt, opts, limit);
         let opts = &opts;
-        let bufs = self
-            .bufs
-            .insert(Buffers::new(&cfg, rows, logit_rows, capacity));
-        let (fwd, [m, r, y, u], scratch) = bufs
+        // Buffers for a conversation take whole prefill chunks, whatever this turn's length.
+        let new_rows = if self.keep_cache {
+            opts.prefill_rows.max(logit_rows).min(limit).max(1)
+        } else {
+            rows
+        };
+        // What the cache may keep: the common start of the cached tokens and the prompt, less at
+        // least one token to feed (its logits pick the first new token).
+        let reuse = self.keep_cache
+            && self
+                .bufs
+                .as_ref()
+                .is_some_and(|b| b.fits(rows, logit_rows, capacity));
+        let kept = if reuse {
+            let common = self
+                .cached
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.min(prompt.len().saturating_sub(1))
+        } else {
+            self.bufs = Some(Buffers::new(&cfg, new_rows, logit_rows, capacity));
+            0
+        };
+        // Until this generation completes, the cache holds nothing to continue.
+        self.cached.clear();
+        let Some(bufs) = self.bufs.as_mut() else {
+            return Err(GenError::Forward(ForwardError::BufferTooSmall));
+        };
+        let (mut fwd, [m, r, y, u], scratch) = bufs
             .forward(self.client.clone())
             .map_err(GenError::Forward)?;
+        fwd.resume(kept).map_err(GenError::Forward)?;
         let session = |e: SessionError<S::Error>| GenError::from_session(e, 0);
         let mut pf = PrivateForward::new::<S::Error>(fwd, m, r, y, u).map_err(session)?;
         if let Some(v) = &self.verification {
@@ -783,8 +851,25 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
             source,
             head,
         };
-        let (tokens, mut stats) =
-            token_loop(&mut stepper, prompt, opts, capacity, scratch, on_token)?;
+        let (cached, fresh) = prompt.split_at(kept);
+        let (tokens, mut stats) = token_loop(
+            &mut stepper,
+            cached,
+            fresh,
+            opts,
+            capacity,
+            scratch,
+            on_token,
+        )?;
+        if self.keep_cache {
+            // The cache holds the prompt and every generated token but the last (not fed).
+            let mut held = prompt.to_vec();
+            held.extend_from_slice(&tokens[..tokens.len().saturating_sub(1)]);
+            if held.len() == stepper.position() {
+                self.cached = held;
+            }
+        }
+        stats.cached_tokens = kept;
         if let HeadPlacement::Measured {
             steps, local_steps, ..
         } = stepper.head

@@ -256,7 +256,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens.max(1),
         sampling,
         seed: args.seed,
-        eos: Some(client.header().eos_token_id),
+        eos: vec![client.header().eos_token_id],
         prefill_rows: args.prefill_rows.max(1),
         speculation: match args.speculate {
             SpeculateKind::None => None,

@@ -22,7 +22,7 @@ fn opts(n: usize) -> GenOptions {
         max_new_tokens: n,
         sampling: SamplingParams::GREEDY,
         seed: 7,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     }

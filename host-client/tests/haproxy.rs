@@ -266,7 +266,7 @@ fn sixteen_clients_through_haproxy_use_both_servers_and_equal_the_reference() {
         max_new_tokens: TOKENS,
         sampling: SamplingParams::GREEDY,
         seed: 0,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     };

@@ -28,7 +28,7 @@ fn every_round_trip_through_the_link_takes_its_rtt_and_tokens_equal_the_referenc
         max_new_tokens: 4,
         sampling: SamplingParams::GREEDY,
         seed: 0,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     };

@@ -52,7 +52,7 @@ fn opts() -> GenOptions {
         max_new_tokens: TOKENS,
         sampling: SamplingParams::GREEDY,
         seed: 0,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     }

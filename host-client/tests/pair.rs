@@ -63,7 +63,7 @@ fn generate_over_pipe(dir: &Path, prompt: &[u32], key: u8, n: usize) -> (Vec<u32
         max_new_tokens: n,
         sampling: SamplingParams::GREEDY,
         seed: 0,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     };

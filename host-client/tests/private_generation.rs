@@ -26,7 +26,7 @@ fn opts(sampling: SamplingParams, n: usize) -> GenOptions {
         max_new_tokens: n,
         sampling,
         seed: 42,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     }
@@ -513,4 +513,37 @@ fn local_lm_head_gives_identical_tokens_with_one_round_trip_less() {
         assert_eq!(tokens, want);
         assert_eq!(stats.round_trips_per_token, 8.0);
     }
+}
+
+/// A conversation's next turn with the cache kept feeds only the new tokens and gives the tokens
+/// a fresh generation of the whole prompt gives; a prompt that departs from the cached tokens
+/// midway keeps only the common start.
+#[test]
+fn a_kept_cache_continues_a_conversation_with_the_same_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden_model(tmp.path());
+    let server = start_server(&dir, ServerConfig::default());
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let linear = files.linear().unwrap().unwrap();
+    let o = opts(SamplingParams::GREEDY, 6);
+    let mut g =
+        PrivateGenerator::new(files.client().unwrap(), connect(server.addr, &files)).keep_cache();
+    let mut src = OnlineUnmask::new(linear.clone(), MaskKey::from_bytes([8; 32]));
+    let turn1 = [464u32, 3290, 286];
+    let (out1, s1) = g.generate(&mut src, &turn1, &o, &mut |_| {}).unwrap();
+    assert_eq!(s1.cached_tokens, 0);
+    assert_eq!(out1, reference(&files, &turn1, &o));
+    // The next turn: the whole conversation so far, then new text.
+    let mut turn2 = turn1.to_vec();
+    turn2.extend_from_slice(&out1);
+    turn2.extend_from_slice(&[13, 318, 257]);
+    let (out2, s2) = g.generate(&mut src, &turn2, &o, &mut |_| {}).unwrap();
+    assert_eq!(s2.cached_tokens, turn1.len() + out1.len() - 1);
+    assert_eq!(out2, reference(&files, &turn2, &o));
+    // A prompt that shares only its first two tokens with the cache.
+    let turn3 = [464u32, 3290, 1110, 318];
+    let (out3, s3) = g.generate(&mut src, &turn3, &o, &mut |_| {}).unwrap();
+    assert_eq!(s3.cached_tokens, 2);
+    assert_eq!(out3, reference(&files, &turn3, &o));
+    g.into_connection().bye();
 }

@@ -68,7 +68,7 @@ fn same_key_on_both_sides_generates_like_the_reference() {
         max_new_tokens: 4,
         sampling: SamplingParams::GREEDY,
         seed: 7,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: None,
     };

@@ -28,7 +28,7 @@ fn opts(sampling: SamplingParams, n: usize, seed: u64, k: Option<usize>) -> GenO
         max_new_tokens: n,
         sampling,
         seed,
-        eos: None,
+        eos: vec![],
         prefill_rows: 64,
         speculation: k.map(|k| Speculation {
             drafter: DrafterKind::PromptLookup,

@@ -141,7 +141,7 @@ fn reference_of(dir: &std::path::Path, n: usize) -> Vec<u32> {
         max_new_tokens: n,
         sampling: SamplingParams::GREEDY,
         seed: 0,
-        eos: Some(files.client().unwrap().header().eos_token_id),
+        eos: vec![files.client().unwrap().header().eos_token_id],
         prefill_rows: 64,
         speculation: None,
     };

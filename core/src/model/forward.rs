@@ -316,6 +316,22 @@ impl<'w, 'a> Forward<'w, 'a> {
         self.stage = Stage::Idle;
     }
 
+    /// Continues a sequence whose first `len` positions this cache's buffers hold from an earlier
+    /// forward pass over the same buffers and weights (a conversation's earlier turns): the next
+    /// step feeds position `len`. What the buffers hold is the host's to vouch for; a `len` that
+    /// does not fit is refused.
+    pub fn resume(&mut self, len: usize) -> Result<(), ForwardError> {
+        if matches!(self.stage, Stage::Linear(_)) {
+            return Err(ForwardError::StepInProgress);
+        }
+        if len > self.kv.capacity() {
+            return Err(ForwardError::ContextFull);
+        }
+        self.kv.set_len(len);
+        self.stage = Stage::Idle;
+        Ok(())
+    }
+
     /// Forgets the positions from `len` on (tokens a rejected speculation fed), so the next step
     /// continues from there. Between steps only; a `len` beyond the position changes nothing.
     pub fn truncate(&mut self, len: usize) -> Result<(), ForwardError> {
