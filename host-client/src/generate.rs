@@ -233,6 +233,11 @@ trait Stepper {
     fn truncate(&mut self, len: usize) -> Result<(), GenError<Self::Error>>;
     /// Traffic so far (zero for the local reference).
     fn wire(&self) -> WireStats;
+    /// What the last step, which took `secs`, would have cost with the placements the next steps
+    /// will use (the LM head's may change between steps): what the draft length is chosen by.
+    fn step_cost(&self, secs: f64) -> f64 {
+        secs
+    }
 }
 
 /// Prefill in chunks, then pick a token and decode it until the limit, end of text or a full
@@ -320,7 +325,7 @@ fn token_loop<S: Stepper>(
         }
         let ts = Instant::now();
         stepper.step(&fed, fed.len(), out.len())?;
-        step_secs = ts.elapsed().as_secs_f64();
+        step_secs = stepper.step_cost(ts.elapsed().as_secs_f64());
         stats.decode_steps += 1;
         row = 0;
     }
@@ -508,6 +513,8 @@ struct PrivateStepper<'w, 'a, 'l, 'r, 's, R: Read, W: Write, S> {
     link: &'l mut Link<'r, R, W>,
     source: &'s mut S,
     head: HeadPlacement<'w>,
+    /// The last step's LM head: seconds, and its logit rows.
+    last_head: (f64, usize),
 }
 
 /// Where the LM head runs, step by step.
@@ -651,6 +658,7 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
             }
             if state == StepState::Done {
                 self.head.record(local_head, head_secs, logit_rows);
+                self.last_head = (head_secs, logit_rows);
                 return Ok(());
             }
         }
@@ -670,6 +678,20 @@ impl<R: Read, W: Write, S: UnmaskSource> Stepper for PrivateStepper<'_, '_, '_, 
 
     fn wire(&self) -> WireStats {
         self.link.carried + self.link.conn.stats()
+    }
+
+    fn step_cost(&self, secs: f64) -> f64 {
+        match &self.head {
+            HeadPlacement::Measured {
+                offload: Some(o),
+                local: Some(l),
+                ..
+            } => {
+                let (head, rows) = self.last_head;
+                (secs - head).max(0.0) + o.min(*l) * rows as f64
+            }
+            _ => secs,
+        }
     }
 }
 
@@ -850,6 +872,7 @@ impl<'w, 'r, R: Read, W: Write> PrivateGenerator<'w, 'r, R, W> {
             link: &mut self.link,
             source,
             head,
+            last_head: (0.0, 0),
         };
         let (cached, fresh) = prompt.split_at(kept);
         let (tokens, mut stats) = token_loop(
