@@ -1,6 +1,7 @@
 //! `veil-client`: private GPT-2 generation on a small device with a blind server.
 
 use std::io::Write;
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,7 +16,7 @@ use veil_client::speculate::{DrafterKind, Speculation};
 use veil_client::transport::{read_psk_file, ConnectOptions, Connection};
 use veil_core::mask::MaskKey;
 use veil_core::model::SamplingParams;
-use veil_core::session::OnlineUnmask;
+use veil_core::session::{OnlineUnmask, UnmaskSource};
 use veil_core::wire::ClientSettings;
 
 /// Private text generation: the prompt never leaves this device unmasked.
@@ -39,6 +40,21 @@ enum Command {
     /// End-to-end benchmark: starts a veil-server child, runs this client as separate processes
     /// in the reference, online and pool modes, prints one JSON object (stats, peak RSS, ratios).
     Bench(veil_client::bench::BenchArgs),
+    /// Chat privately with an instruct model: each line on standard input is a user message;
+    /// the reply streams back, rendered with the model's own chat template, and the KV cache is
+    /// kept across turns (only the new part of the conversation is fed). Takes the same options
+    /// as a generation (server, mask source, sampling, speculation); `--max-new-tokens` bounds
+    /// each reply.
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// A system message that opens the conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -200,6 +216,214 @@ fn stats_json(s: &GenStats) -> serde_json::Value {
     })
 }
 
+/// Sampling, limits and speculation from the command line; `eos`: the tokens that end the text.
+fn gen_options(args: &RunArgs, eos: Vec<u32>) -> GenOptions {
+    let sampling = if args.temperature <= 0.0 {
+        SamplingParams::GREEDY
+    } else {
+        SamplingParams {
+            temperature_q16: q16(args.temperature).max(1),
+            top_k: args.top_k,
+            top_p_q16: if args.top_p >= 1.0 {
+                0
+            } else {
+                q16(args.top_p)
+            },
+        }
+    };
+    GenOptions {
+        max_new_tokens: args.max_new_tokens.max(1),
+        sampling,
+        seed: args.seed,
+        eos,
+        prefill_rows: args.prefill_rows.max(1),
+        speculation: match args.speculate {
+            SpeculateKind::None => None,
+            SpeculateKind::PromptLookup => Some(Speculation {
+                drafter: DrafterKind::PromptLookup,
+                max_draft: args.draft_tokens,
+                adaptive: !args.fixed_draft,
+            }),
+        },
+    }
+}
+
+/// The mask source chosen on the command line.
+enum Source<'w> {
+    Online(OnlineUnmask<'w>),
+    Pool(PoolSource),
+}
+
+impl UnmaskSource for Source<'_> {
+    type Error = veil_client::pool::PoolError;
+
+    fn reserve(&mut self, rows: u64) -> Result<u64, Self::Error> {
+        match self {
+            Source::Online(s) => s.reserve(rows).map_err(|e| match e {}),
+            Source::Pool(p) => p.reserve(rows),
+        }
+    }
+
+    fn mask_key(&mut self, slot: u64) -> Result<MaskKey, Self::Error> {
+        match self {
+            Source::Online(s) => s.mask_key(slot).map_err(|e| match e {}),
+            Source::Pool(p) => p.mask_key(slot),
+        }
+    }
+
+    fn unmask_terms(
+        &mut self,
+        linear: veil_core::model::LinearId,
+        first_slot: u64,
+        rows: usize,
+        r: veil_core::mask::MaskWords<'_>,
+        out: veil_core::mask::UnmaskTerms<'_>,
+    ) -> Result<(), Self::Error> {
+        match self {
+            Source::Online(s) => s
+                .unmask_terms(linear, first_slot, rows, r, out)
+                .map_err(|e| match e {}),
+            Source::Pool(p) => p.unmask_terms(linear, first_slot, rows, r, out),
+        }
+    }
+}
+
+/// A private generation set up from the command line: the server connection (with its resume
+/// policy), the check data, the LM head's placement and the mask source.
+struct Private<'w> {
+    generator: PrivateGenerator<'w, 'static, TcpStream, TcpStream>,
+    source: Source<'w>,
+    addr: String,
+}
+
+impl<'w> Private<'w> {
+    /// Connects (retrying as `--retries` says) and prepares the source. `keep_cache`: keep the
+    /// KV cache between generations (a conversation).
+    fn open(
+        args: &RunArgs,
+        files: &'w ModelFiles,
+        client: veil_core::model::ClientWeights<'w>,
+        keep_cache: bool,
+    ) -> anyhow::Result<Self> {
+        let cfg = *client.config();
+        let (local_lm_head, measure_lm_head) = lm_head_placement(args);
+        let addr = args
+            .server
+            .clone()
+            .context("--server ADDR is required (or --reference)")?;
+        let options = connect_options(
+            files.fingerprint()?,
+            args.psk_file.as_deref(),
+            args.timeout_secs,
+        )?;
+        let target = addr.clone();
+        let open = move || Connection::connect(&target, &options);
+        // The first connection is retried like a lost one (a server that is restarting, or that
+        // accepted and stalled); what a new connection cannot cure (wrong weights, key,
+        // version) fails at once.
+        let mut retries = args.retries;
+        let conn = loop {
+            match open() {
+                Ok(c) => break c,
+                Err(e) if e.is_transient() && retries > 0 => {
+                    retries -= 1;
+                    eprintln!("\nveil-client: {e}; trying again");
+                }
+                Err(e) => return Err(e).context(format!("connecting to the server at {addr}")),
+            }
+        };
+        let reconnect: veil_client::generate::Reconnect<'static, _, _> = Box::new(open);
+        let need_linear = args.mask_source == MaskSourceKind::Online || local_lm_head;
+        let linear = if need_linear { files.linear()? } else { None };
+        let mut generator = PrivateGenerator::new(client, conn).resume_with(retries, reconnect);
+        if keep_cache {
+            generator = generator.keep_cache();
+        }
+        if local_lm_head {
+            let w = linear.clone().context(
+                "linear.veil is needed to compute the LM head locally (--lm-head local)",
+            )?;
+            generator = if measure_lm_head {
+                generator.measured_lm_head(w)
+            } else {
+                generator.local_lm_head(w)
+            };
+        }
+        let source = match args.mask_source {
+            MaskSourceKind::Online => {
+                let linear = linear.context("linear.veil is needed for --mask-source online")?;
+                // The online source's key: fresh for this session, in memory only.
+                let mut bytes = [0u8; 32];
+                rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut bytes)
+                    .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
+                let key = MaskKey::from_bytes(bytes);
+                zeroize::Zeroize::zeroize(&mut bytes);
+                if !args.no_verify {
+                    generator = generator.verify_with(Verification::compute(&key, &linear));
+                }
+                Source::Online(OnlineUnmask::new(linear, key))
+            }
+            MaskSourceKind::Pool => {
+                let path = args
+                    .pool
+                    .as_deref()
+                    .context("--pool FILE is needed with --mask-source pool")?;
+                let pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
+                if !args.no_verify {
+                    generator = generator.verify_with(pool.verification()?);
+                }
+                Source::Pool(pool)
+            }
+        };
+        Ok(Private {
+            generator,
+            source,
+            addr,
+        })
+    }
+
+    fn generate(
+        &mut self,
+        ids: &[u32],
+        opts: &GenOptions,
+        on_token: &mut dyn FnMut(u32),
+    ) -> anyhow::Result<(Vec<u32>, GenStats)> {
+        let addr = &self.addr;
+        self.generator
+            .generate(&mut self.source, ids, opts, on_token)
+            .with_context(|| format!("private generation with the server at {addr}"))
+    }
+
+    /// Gives the pool's claimed-ahead slots back (and erases the used ones) and says goodbye.
+    fn finish(self) {
+        if let Source::Pool(pool) = self.source {
+            // If that fails they are only skipped.
+            if let Err(e) = pool.close() {
+                eprintln!("warning: {e} (a few unused pool slots will be skipped)");
+            }
+        }
+        self.generator.into_connection().bye();
+    }
+}
+
+/// Where the LM head runs (local, measured): offloading it saves nothing with the online source
+/// (the client computes r·W for it anyway, as costly as the product itself, then also downloads
+/// 196 KiB), while with a pool the client only reads and subtracts precomputed terms (see
+/// memory.md) but the vocabulary-wide reply crosses the link: with the weights at hand the client
+/// measures both on this link and uses the cheaper; without them it offloads.
+fn lm_head_placement(args: &RunArgs) -> (bool, bool) {
+    let has_linear = args
+        .weights
+        .as_deref()
+        .is_some_and(|d| d.join("linear.veil").is_file());
+    match args.lm_head {
+        LmHeadPlacement::Auto if args.mask_source == MaskSourceKind::Online => (true, false),
+        LmHeadPlacement::Auto => (has_linear && !args.reference, has_linear && !args.reference),
+        LmHeadPlacement::Local => (true, false),
+        LmHeadPlacement::Offload => (false, false),
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let Some(dir) = args.weights.as_deref() else {
         bail!("--weights DIR is required")
@@ -207,18 +431,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let Some(prompt) = args.prompt.as_deref() else {
         bail!("--prompt TEXT is required")
     };
-    // Where the LM head runs: offloading it saves nothing with the online source (the client
-    // computes r·W for it anyway, as costly as the product itself, then also downloads 196 KiB),
-    // while with a pool the client only reads and subtracts precomputed terms (see memory.md) but
-    // the vocabulary-wide reply crosses the link: with the weights at hand the client measures
-    // both on this link and uses the cheaper; without them it offloads.
-    let has_linear = dir.join("linear.veil").is_file();
-    let (local_lm_head, measure_lm_head) = match args.lm_head {
-        LmHeadPlacement::Auto if args.mask_source == MaskSourceKind::Online => (true, false),
-        LmHeadPlacement::Auto => (has_linear && !args.reference, has_linear && !args.reference),
-        LmHeadPlacement::Local => (true, false),
-        LmHeadPlacement::Offload => (false, false),
-    };
+    let (local_lm_head, _) = lm_head_placement(&args);
     let need_linear = args.reference || args.mask_source == MaskSourceKind::Online || local_lm_head;
     let files = ModelFiles::open(dir, need_linear)?;
     let client = files.client()?;
@@ -239,34 +452,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             cfg.n_positions
         );
     }
-    let sampling = if args.temperature <= 0.0 {
-        SamplingParams::GREEDY
-    } else {
-        SamplingParams {
-            temperature_q16: q16(args.temperature).max(1),
-            top_k: args.top_k,
-            top_p_q16: if args.top_p >= 1.0 {
-                0
-            } else {
-                q16(args.top_p)
-            },
-        }
-    };
-    let opts = GenOptions {
-        max_new_tokens: args.max_new_tokens.max(1),
-        sampling,
-        seed: args.seed,
-        eos: vec![client.header().eos_token_id],
-        prefill_rows: args.prefill_rows.max(1),
-        speculation: match args.speculate {
-            SpeculateKind::None => None,
-            SpeculateKind::PromptLookup => Some(Speculation {
-                drafter: DrafterKind::PromptLookup,
-                max_draft: args.draft_tokens,
-                adaptive: !args.fixed_draft,
-            }),
-        },
-    };
+    let opts = gen_options(&args, vec![client.header().eos_token_id]);
     // Streams text as tokens arrive: decode everything so far and print what is new, holding back
     // an incomplete UTF-8 sequence (shown as U+FFFD by the decoder).
     let mut generated: Vec<u32> = Vec::new();
@@ -295,84 +481,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("linear.veil is needed for --reference")?;
         generate_reference(client, &linear, &ids, &opts, &mut on_token)?
     } else {
-        let addr = args
-            .server
-            .as_deref()
-            .context("--server ADDR is required (or --reference)")?;
-        let options = connect_options(
-            files.fingerprint()?,
-            args.psk_file.as_deref(),
-            args.timeout_secs,
-        )?;
-        let open = move || Connection::connect(addr, &options);
-        // The first connection is retried like a lost one (a server that is restarting, or that
-        // accepted and stalled); what a new connection cannot cure (wrong weights, key,
-        // version) fails at once.
-        let mut retries = args.retries;
-        let conn = loop {
-            match open() {
-                Ok(c) => break c,
-                Err(e) if e.is_transient() && retries > 0 => {
-                    retries -= 1;
-                    eprintln!("\nveil-client: {e}; trying again");
-                }
-                Err(e) => return Err(e).context(format!("connecting to the server at {addr}")),
-            }
-        };
-        let reconnect: veil_client::generate::Reconnect<'_, _, _> = Box::new(open);
-        let linear = if need_linear { files.linear()? } else { None };
-        // The online source's key: fresh for this session, in memory only.
-        let session_key = || -> anyhow::Result<MaskKey> {
-            let mut key = [0u8; 32];
-            rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut key)
-                .map_err(|e| anyhow::anyhow!("OS random numbers: {e}"))?;
-            let k = MaskKey::from_bytes(key);
-            zeroize::Zeroize::zeroize(&mut key);
-            Ok(k)
-        };
-        let mut generator = PrivateGenerator::new(client, conn).resume_with(retries, reconnect);
-        if local_lm_head {
-            let w = linear.clone().context(
-                "linear.veil is needed to compute the LM head locally (--lm-head local)",
-            )?;
-            generator = if measure_lm_head {
-                generator.measured_lm_head(w)
-            } else {
-                generator.local_lm_head(w)
-            };
-        }
-        let context = || format!("private generation with the server at {addr}");
-        let out = match args.mask_source {
-            MaskSourceKind::Online => {
-                let linear = linear.context("linear.veil is needed for --mask-source online")?;
-                let key = session_key()?;
-                if !args.no_verify {
-                    generator = generator.verify_with(Verification::compute(&key, &linear));
-                }
-                let mut source = OnlineUnmask::new(linear, key);
-                generator
-                    .generate(&mut source, &ids, &opts, &mut on_token)
-                    .with_context(context)?
-            }
-            MaskSourceKind::Pool => {
-                let path = args
-                    .pool
-                    .as_deref()
-                    .context("--pool FILE is needed with --mask-source pool")?;
-                let mut pool = PoolSource::open(path, &cfg, &files.fingerprint()?)?;
-                if !args.no_verify {
-                    generator = generator.verify_with(pool.verification()?);
-                }
-                let generated = generator.generate(&mut pool, &ids, &opts, &mut on_token);
-                // Slots claimed ahead go back to the pool; if that fails they are only skipped.
-                if let Err(e) = pool.close() {
-                    eprintln!("warning: {e} (a few unused pool slots will be skipped)");
-                }
-                generated.with_context(context)?
-            }
-        };
-        generator.into_connection().bye();
-        out
+        let mut private = Private::open(&args, &files, client, false)?;
+        let out = private.generate(&ids, &opts, &mut on_token);
+        private.finish();
+        out?
     };
     let text = tok
         .decode(&tokens, false)
@@ -556,11 +668,126 @@ fn precompute_through_server(
     Ok(())
 }
 
+/// `veil-client chat`: a conversation, one user message per input line.
+fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    use veil_client::chat::{stop_tokens, ChatTemplate, Message};
+    let run = &args.run;
+    let Some(dir) = run.weights.as_deref() else {
+        bail!("--weights DIR is required")
+    };
+    if run.prompt.is_some() {
+        bail!("chat reads its messages from standard input; --prompt is for one-off generations");
+    }
+    let template = ChatTemplate::from_model_dir(dir)?;
+    let (local_lm_head, _) = lm_head_placement(run);
+    let need_linear = run.reference || run.mask_source == MaskSourceKind::Online || local_lm_head;
+    let files = ModelFiles::open(dir, need_linear)?;
+    let client = files.client()?;
+    let cfg = *client.config();
+    let tok = files.tokenizer()?;
+    let mut stops = stop_tokens(dir, &template, &tok);
+    if stops.is_empty() {
+        stops.push(client.header().eos_token_id);
+    }
+    let opts = gen_options(run, stops.clone());
+    let linear = if run.reference { files.linear()? } else { None };
+    let mut private = if run.reference {
+        None
+    } else {
+        Some(Private::open(run, &files, client.clone(), true)?)
+    };
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message::new("system", system));
+    }
+    let interactive = std::io::stdin().is_terminal() && !run.json;
+    let mut lines = std::io::stdin().lock().lines();
+    let outcome = (|| -> anyhow::Result<()> {
+        loop {
+            if interactive {
+                eprint!("> ");
+            }
+            let Some(line) = lines.next() else {
+                return Ok(());
+            };
+            let line = line.context("reading standard input")?;
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            messages.push(Message::new("user", line));
+            let rendered = template.render(&messages, true)?;
+            let ids = tok
+                .encode(rendered, false)
+                .map_err(|e| anyhow::anyhow!("tokenizing the conversation: {e}"))?
+                .get_ids()
+                .to_vec();
+            if ids.len() >= cfg.n_positions as usize {
+                bail!(
+                    "the conversation has {} tokens; this model's context is {}: start a new one",
+                    ids.len(),
+                    cfg.n_positions
+                );
+            }
+            // Streams the reply as tokens arrive (special tokens, the stop token among them,
+            // are not shown), holding back an incomplete UTF-8 sequence.
+            let mut reply: Vec<u32> = Vec::new();
+            let mut shown = 0usize;
+            let json = run.json;
+            let mut on_token = |t: u32| {
+                reply.push(t);
+                if json {
+                    return;
+                }
+                if let Ok(text) = tok.decode(&reply, true) {
+                    if !text.ends_with('\u{FFFD}') && text.len() > shown {
+                        print!("{}", &text[shown..]);
+                        let _ = std::io::stdout().flush();
+                        shown = text.len();
+                    }
+                }
+            };
+            let (tokens, stats) = match (&mut private, &linear) {
+                (Some(p), _) => p.generate(&ids, &opts, &mut on_token)?,
+                (None, Some(linear)) => {
+                    generate_reference(client.clone(), linear, &ids, &opts, &mut on_token)?
+                }
+                (None, None) => bail!("linear.veil is needed for --reference"),
+            };
+            let kept = tokens
+                .iter()
+                .position(|t| stops.contains(t))
+                .map_or(&tokens[..], |i| &tokens[..i]);
+            let text = tok
+                .decode(kept, true)
+                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            if json {
+                let v = serde_json::json!({
+                    "tokens": tokens,
+                    "text": text,
+                    "stats": stats_json(&stats),
+                    "cached_tokens": stats.cached_tokens,
+                });
+                println!("{v}");
+            } else {
+                println!();
+            }
+            messages.push(Message::new("assistant", &text));
+        }
+    })();
+    if let Some(p) = private {
+        p.finish();
+    }
+    outcome
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Precompute(a)) => precompute(a),
         Some(Command::Bench(a)) => veil_client::bench::run(a),
+        Some(Command::Chat(a)) => chat(a),
         None => run(cli.run),
     };
     match result {

@@ -52,3 +52,83 @@ fn a_model_without_a_template_and_a_template_that_refuses_say_so() {
     let err = t.render(&[Message::new("tool", "x")], true).unwrap_err();
     assert!(err.to_string().contains("no tools here"), "{err}");
 }
+
+/// Runs `veil-client chat ARGS` with `input` on standard input; one JSON object per turn.
+fn chat_turns(args: &[&str], input: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_veil-client"))
+        .arg("chat")
+        .args(args)
+        .arg("--json")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A two-turn conversation through `veil-client chat` with a real server: each reply equals the
+/// local reference's for the same rendered conversation, the second turn feeds only what is new
+/// (the cache is kept), and sampling with a seed agrees too. The model is golden tiny (GPT-2)
+/// with a chat template of our own, since GPT-2 ships none.
+#[test]
+fn chat_keeps_the_cache_across_turns_and_equals_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::golden_model(tmp.path());
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}", "eos_token": "<|endoftext|>", "bos_token": ""}"#,
+    )
+    .unwrap();
+    let server = common::start_server(&dir, veil_server::ServerConfig::default());
+    let addr = server.addr.to_string();
+    let w = dir.to_str().unwrap();
+    let input = "The history of the city\nWhat happened after the war ?\n";
+    for sampling in [
+        &["--temperature", "0"][..],
+        &["--temperature", "0.9", "--seed", "5"],
+    ] {
+        let common_args = [
+            &[
+                "--weights",
+                w,
+                "--max-new-tokens",
+                "12",
+                "--system",
+                "Be brief .",
+            ][..],
+            sampling,
+        ]
+        .concat();
+        let private = chat_turns(&[&common_args[..], &["--server", &addr]].concat(), input);
+        let local = chat_turns(&[&common_args[..], &["--reference"]].concat(), input);
+        assert_eq!(private.len(), 2);
+        for (p, l) in private.iter().zip(&local) {
+            assert_eq!(p["tokens"], l["tokens"], "{sampling:?}");
+            assert_eq!(p["text"], l["text"]);
+        }
+        assert_eq!(private[0]["cached_tokens"], 0);
+        assert!(
+            private[1]["cached_tokens"].as_u64().unwrap() > 10,
+            "the second turn fed the whole conversation again: {}",
+            private[1]
+        );
+    }
+}
