@@ -17,5 +17,6 @@ pub mod generate;
 pub mod link;
 pub mod offline;
 pub mod pool;
+pub mod serve;
 pub mod speculate;
 pub mod transport;

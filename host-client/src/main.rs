@@ -46,6 +46,27 @@ enum Command {
     /// as a generation (server, mask source, sampling, speculation); `--max-new-tokens` bounds
     /// each reply.
     Chat(ChatArgs),
+    /// An OpenAI-compatible HTTP endpoint on this device (`/v1/chat/completions`,
+    /// `/v1/completions`, streaming with server-sent events, `/v1/models`): point an OpenAI
+    /// client at http://LISTEN/v1 and its prompts go through the private path. One generation at
+    /// a time; takes the same options as a generation (server, mask source, speculation...),
+    /// whose sampling settings are only defaults for what a request leaves out.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Where to listen (localhost by default: the prompts this receives are the private ones).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Requests that may wait while one is generated; more get HTTP 429.
+    #[arg(long, default_value_t = 8)]
+    queue: usize,
+    /// The model's name in the API (default: the weights directory's name).
+    #[arg(long)]
+    model_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -782,12 +803,108 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// `veil-client serve`: the OpenAI-compatible endpoint, its worker owning the private session.
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use veil_client::chat::{stop_tokens, ChatError, ChatTemplate};
+    use veil_client::serve::{Job, JobEvent, ServeConfig};
+    let run = args.run;
+    let Some(dir) = run.weights.clone() else {
+        bail!("--weights DIR is required")
+    };
+    if run.reference {
+        bail!("serve answers through the private path; --reference is for one-off generations");
+    }
+    let template = match ChatTemplate::from_model_dir(&dir) {
+        Ok(t) => Some(t),
+        Err(ChatError::NoTemplate(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let (local_lm_head, _) = lm_head_placement(&run);
+    let need_linear = run.mask_source == MaskSourceKind::Online || local_lm_head;
+    // Opened here to fail early and to read the tokenizer and limits; the worker opens its own.
+    let files = ModelFiles::open(&dir, need_linear)?;
+    let client = files.client()?;
+    let tokenizer = files.tokenizer()?;
+    let mut stops = match &template {
+        Some(t) => stop_tokens(&dir, t, &tokenizer),
+        None => Vec::new(),
+    };
+    stops.push(client.header().eos_token_id);
+    stops.sort_unstable();
+    stops.dedup();
+    let config = ServeConfig {
+        listen: args.listen,
+        model: args.model_name.clone().unwrap_or_else(|| {
+            dir.file_name()
+                .map_or("veil".into(), |n| n.to_string_lossy().into_owned())
+        }),
+        template,
+        tokenizer,
+        stops: stops.clone(),
+        defaults: gen_options(&run, stops),
+        context: client.config().n_positions as usize,
+        queue: args.queue,
+    };
+    drop(files);
+    let worker = move |jobs: std::sync::mpsc::Receiver<Job>| {
+        let files = match ModelFiles::open(&dir, need_linear) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("veil-client: error: {e}");
+                return;
+            }
+        };
+        let mut private: Option<Private<'_>> = None;
+        for job in jobs {
+            let fail = |e: anyhow::Error| {
+                let _ = job.events.send(JobEvent::Failed(format!("{e:#}")));
+            };
+            if private.is_none() {
+                match files
+                    .client()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| Private::open(&run, &files, c, true))
+                {
+                    Ok(p) => private = Some(p),
+                    Err(e) => {
+                        eprintln!("veil-client: {e:#}");
+                        fail(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(p) = private.as_mut() else { continue };
+            let events = job.events.clone();
+            match p.generate(&job.ids, &job.opts, &mut |t| {
+                let _ = events.send(JobEvent::Token(t));
+            }) {
+                Ok((tokens, stats)) => {
+                    let _ = job.events.send(JobEvent::Done(tokens, stats));
+                }
+                Err(e) => {
+                    eprintln!("veil-client: {e:#}");
+                    fail(e);
+                    // A new session for the next request (a new connection, a fresh cache).
+                    if let Some(p) = private.take() {
+                        p.finish();
+                    }
+                }
+            }
+        }
+        if let Some(p) = private {
+            p.finish();
+        }
+    };
+    veil_client::serve::run(config, worker)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Precompute(a)) => precompute(a),
         Some(Command::Bench(a)) => veil_client::bench::run(a),
         Some(Command::Chat(a)) => chat(a),
+        Some(Command::Serve(a)) => serve(a),
         None => run(cli.run),
     };
     match result {
