@@ -86,8 +86,9 @@ impl Speculation {
 /// rows (a least-squares fit with exponential forgetting). With `k` drafts a step yields
 /// `1 + α + … + α^k` tokens on average, so the length picked maximises that over `a + b (k+1)`:
 /// long drafts where round trips dominate and guesses land, none where rows cost as much as steps
-/// or guesses fail. The first step is plain and the second uses the longest draft, so both ends of
-/// the fit are measured; every 32nd step is plain again, to keep `a` current.
+/// or guesses fail, and none unless that promises at least [`MIN_GAIN`]. The first
+/// [`WARM_UP`] steps alternate plain and longest drafts, so both ends of the fit are measured (the
+/// very first, on cold caches, is left out); every 16th step is plain again, to keep `a` current.
 #[derive(Debug, Clone)]
 pub struct DraftLength {
     max: usize,
@@ -99,6 +100,12 @@ pub struct DraftLength {
     kept: f64,
     examined: f64,
 }
+
+/// Steps that alternate plain and longest drafts before the fit chooses.
+const WARM_UP: u64 = 6;
+
+/// The predicted speed-up below which a step is plain.
+const MIN_GAIN: f64 = 1.15;
 
 /// Forgetting factor per step of the fits (an effective memory of about 20 steps).
 const FORGET: f64 = 0.95;
@@ -131,9 +138,9 @@ impl DraftLength {
             return self.max;
         }
         match self.steps {
-            0 => return 0,
-            1 => return self.max,
-            n if n % 32 == 0 => return 0,
+            // Plain and longest in turn at first, so both ends of the fit are measured.
+            n if n < WARM_UP => return if n % 2 == 0 { 0 } else { self.max },
+            n if n % 16 == 0 => return 0,
             _ => {}
         }
         let [w, sr, st, srr, srt] = self.s;
@@ -155,6 +162,12 @@ impl DraftLength {
                 best = (k, rate);
             }
         }
+        // Drafting only when the fit promises a clear gain: where it promises little (rows as
+        // dear as round trips, on loopback) the fit's noise could make speculation slower.
+        let plain = 1.0 / (a + b);
+        if best.1 < plain * MIN_GAIN {
+            return 0;
+        }
         best.0
     }
 
@@ -163,8 +176,11 @@ impl DraftLength {
     pub fn record(&mut self, rows: usize, secs: f64, drafted: usize, kept: usize) {
         self.steps += 1;
         let r = rows as f64;
-        for (s, v) in self.s.iter_mut().zip([1.0, r, secs, r * r, r * secs]) {
-            *s = *s * FORGET + v;
+        // The first step runs on cold caches (and a first LM head placement): not in the fit.
+        if self.steps > 1 {
+            for (s, v) in self.s.iter_mut().zip([1.0, r, secs, r * r, r * secs]) {
+                *s = *s * FORGET + v;
+            }
         }
         // Drafts after the first rejected one were never examined.
         let examined = (kept + 1).min(drafted);
