@@ -19,4 +19,5 @@ pub mod offline;
 pub mod pool;
 pub mod serve;
 pub mod speculate;
+pub mod text;
 pub mod transport;

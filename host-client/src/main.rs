@@ -474,22 +474,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let opts = gen_options(&args, vec![client.header().eos_token_id]);
-    // Streams text as tokens arrive: decode everything so far and print what is new, holding back
-    // an incomplete UTF-8 sequence (shown as U+FFFD by the decoder).
-    let mut generated: Vec<u32> = Vec::new();
-    let mut shown = 0usize;
+    // Streams text as tokens arrive.
     let json = args.json;
+    let mut text_stream = veil_client::text::TextStream::new(&tok, false);
     let mut on_token = |t: u32| {
-        generated.push(t);
         if json {
             return;
         }
-        if let Ok(text) = tok.decode(&generated, false) {
-            if !text.ends_with('\u{FFFD}') && text.len() > shown {
-                print!("{}", &text[shown..]);
-                let _ = std::io::stdout().flush();
-                shown = text.len();
-            }
+        if let Some(new) = text_stream.push(t) {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
         }
     };
     if !json {
@@ -752,21 +746,16 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
                 );
             }
             // Streams the reply as tokens arrive (special tokens, the stop token among them,
-            // are not shown), holding back an incomplete UTF-8 sequence.
-            let mut reply: Vec<u32> = Vec::new();
-            let mut shown = 0usize;
+            // are not shown).
             let json = run.json;
+            let mut text_stream = veil_client::text::TextStream::new(&tok, true);
             let mut on_token = |t: u32| {
-                reply.push(t);
                 if json {
                     return;
                 }
-                if let Ok(text) = tok.decode(&reply, true) {
-                    if !text.ends_with('\u{FFFD}') && text.len() > shown {
-                        print!("{}", &text[shown..]);
-                        let _ = std::io::stdout().flush();
-                        shown = text.len();
-                    }
+                if let Some(new) = text_stream.push(t) {
+                    print!("{new}");
+                    let _ = std::io::stdout().flush();
                 }
             };
             let (tokens, stats) = match (&mut private, &linear) {

@@ -92,11 +92,7 @@ fn chat_turns(args: &[&str], input: &str) -> Vec<serde_json::Value> {
 fn chat_keeps_the_cache_across_turns_and_equals_the_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::golden_model(tmp.path());
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}", "eos_token": "<|endoftext|>", "bos_token": ""}"#,
-    )
-    .unwrap();
+    common::add_test_chat_template(&dir);
     let server = common::start_server(&dir, veil_server::ServerConfig::default());
     let addr = server.addr.to_string();
     let w = dir.to_str().unwrap();

@@ -179,17 +179,7 @@ fn private_equals_reference_on_golden_tiny() {
 #[test]
 fn private_equals_reference_on_synthetic_distilgpt2() {
     let tmp = tempfile::tempdir().unwrap();
-    let hf = tmp.path().join("hf");
-    let opts = veil_tools::synth::SynthOptions {
-        preset: veil_tools::synth::Preset::Distilgpt2,
-        seed: 7,
-        outliers: false,
-        tokenizer_from: Some(shared().join("golden/tiny")),
-        progress: false,
-    };
-    veil_tools::synth::write_checkpoint(&hf, &opts).unwrap();
-    let dir = tmp.path().join("q");
-    quantize_dir(&hf, &dir);
+    let dir = common::synth_distilgpt2(tmp.path());
     check_model(&dir, &[464, 3290, 286, 262, 7993, 8065, 373, 9], 6);
 }
 

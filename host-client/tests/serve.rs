@@ -44,11 +44,7 @@ fn a_streamed_chat_completion_through_serve_equals_veil_client_chat() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::golden_model(tmp.path());
     // GPT-2 ships no chat template: a small one of our own.
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}", "eos_token": "<|endoftext|>", "bos_token": ""}"#,
-    )
-    .unwrap();
+    common::add_test_chat_template(&dir);
     let server = common::start_server(&dir, veil_server::ServerConfig::default());
     let addr = server.addr.to_string();
     let w = dir.to_str().unwrap();

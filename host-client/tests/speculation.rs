@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{connect, golden_model, quantize_dir, reference, shared, start_server, Recording};
+use common::{connect, golden_model, reference, shared, start_server, Recording};
 use veil_client::files::ModelFiles;
 use veil_client::generate::{generate_reference, GenOptions, GenStats, PrivateGenerator};
 use veil_client::pool::PoolSource;
@@ -134,17 +134,7 @@ fn speculative_decoding_equals_plain_decoding_on_golden_tiny() {
 #[test]
 fn speculative_decoding_equals_plain_decoding_on_synthetic_distilgpt2() {
     let tmp = tempfile::tempdir().unwrap();
-    let hf = tmp.path().join("hf");
-    let opts = veil_tools::synth::SynthOptions {
-        preset: veil_tools::synth::Preset::Distilgpt2,
-        seed: 7,
-        outliers: false,
-        tokenizer_from: Some(shared().join("golden/tiny")),
-        progress: false,
-    };
-    veil_tools::synth::write_checkpoint(&hf, &opts).unwrap();
-    let dir = tmp.path().join("q");
-    quantize_dir(&hf, &dir);
+    let dir = common::synth_distilgpt2(tmp.path());
     check(&dir, &[464, 3290, 286, 262, 7993, 8065, 373, 9], 12);
 }
 

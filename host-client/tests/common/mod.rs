@@ -52,6 +52,35 @@ pub fn golden_model(parent: &Path) -> PathBuf {
     out
 }
 
+/// A distilgpt2-size synthetic checkpoint (random weights, golden tiny's tokenizer) quantized
+/// into `parent/q`; returns that directory.
+#[allow(dead_code)]
+pub fn synth_distilgpt2(parent: &Path) -> PathBuf {
+    let hf = parent.join("hf");
+    let opts = veil_tools::synth::SynthOptions {
+        preset: veil_tools::synth::Preset::Distilgpt2,
+        seed: 7,
+        outliers: false,
+        tokenizer_from: Some(shared().join("golden/tiny")),
+        progress: false,
+    };
+    veil_tools::synth::write_checkpoint(&hf, &opts).unwrap();
+    let dir = parent.join("q");
+    quantize_dir(&hf, &dir);
+    dir
+}
+
+/// Gives golden tiny (GPT-2, which ships no chat template) a small one of our own, for the chat
+/// and endpoint tests.
+#[allow(dead_code)]
+pub fn add_test_chat_template(dir: &Path) {
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}", "eos_token": "<|endoftext|>", "bos_token": ""}"#,
+    )
+    .unwrap();
+}
+
 /// A `veil-server` serving in this process on 127.0.0.1 (an OS-chosen port), on a runtime of its
 /// own; it serves until this is dropped.
 pub struct Server {
