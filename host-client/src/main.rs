@@ -40,17 +40,20 @@ enum Command {
     /// End-to-end benchmark: starts a veil-server child, runs this client as separate processes
     /// in the reference, online and pool modes, prints one JSON object (stats, peak RSS, ratios).
     Bench(veil_client::bench::BenchArgs),
-    /// Chat privately with an instruct model: each line on standard input is a user message;
-    /// the reply streams back, rendered with the model's own chat template, and the KV cache is
-    /// kept across turns (only the new part of the conversation is fed). Takes the same options
-    /// as a generation (server, mask source, sampling, speculation); `--max-new-tokens` bounds
-    /// each reply.
+    /// Chat privately with an instruct model, one user message per input line.
+    ///
+    /// The conversation is rendered with the model's own chat template and the reply streams
+    /// back; the KV cache is kept across turns (only the new part of the conversation is fed).
+    /// Takes the same options as a generation (server, mask source, sampling, speculation);
+    /// `--max-new-tokens` bounds each reply.
     Chat(ChatArgs),
-    /// An OpenAI-compatible HTTP endpoint on this device (`/v1/chat/completions`,
-    /// `/v1/completions`, streaming with server-sent events, `/v1/models`): point an OpenAI
-    /// client at http://LISTEN/v1 and its prompts go through the private path. One generation at
-    /// a time; takes the same options as a generation (server, mask source, speculation...),
-    /// whose sampling settings are only defaults for what a request leaves out.
+    /// An OpenAI-compatible HTTP endpoint on this device, for existing applications.
+    ///
+    /// `/v1/chat/completions`, `/v1/completions` (streamed with server-sent events) and
+    /// `/v1/models`: point an OpenAI client at http://LISTEN/v1 and its prompts go through the
+    /// private path. One generation at a time; takes the same options as a generation (server,
+    /// mask source, speculation...), whose sampling settings are only defaults for what a request
+    /// leaves out.
     Serve(ServeArgs),
 }
 
