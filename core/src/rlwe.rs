@@ -108,6 +108,10 @@ pub mod layer;
 pub mod noise;
 pub mod ntt;
 pub mod server;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+// `#[target_feature]` builds of the portable passes: each `unsafe` has its SAFETY.
+mod x86;
 
 pub use noise::{log2_failure_bound, max_column_norm2};
 pub use server::{gemm_i8_u64, mod_switch};
@@ -195,27 +199,75 @@ const LIMB_BITS: u32 = 16;
 /// Most limbs of a word.
 const LIMBS: usize = (64 / LIMB_BITS) as usize;
 
-/// `limbs[k] ← limb k of (src · s)` for the `count` low 16-bit limbs of every `src` word: each
-/// limb split off, transformed, multiplied by the key and transformed back, leaving residues in
-/// `[0, P)` whose [`ntt::centred`] values are the exact integer products (`|·| < 2^28`). The
-/// buffers then hold key-dependent values (the [`Workspace`] zeroizes them on drop).
+/// `limbs[k] ← limb k of (src · s)` for the `count` low 16-bit limbs of every `src` word: the
+/// limbs split off (one pass over `src`), each transformed, multiplied by the key and transformed
+/// back, leaving residues in `[0, P)` whose [`ntt::centred`] values are the exact integer products
+/// (`|·| < 2^28`). The buffers then hold key-dependent values (the [`Workspace`] zeroizes them on
+/// drop).
 fn limb_products(key: &SecretKey<'_>, src: &[u64], count: usize, limbs: &mut [u32]) {
     debug_assert!(src.len() == N && count <= LIMBS && limbs.len() == LIMBS * N);
-    for (k, limb) in limbs.chunks_exact_mut(N).enumerate().take(count) {
+    split_limbs(src, count, limbs);
+    for limb in limbs.chunks_exact_mut(N).take(count) {
         let limb: &mut [u32; N] = limb.try_into().expect("N words per limb");
-        let shift = LIMB_BITS * k as u32;
-        for (l, &x) in limb.iter_mut().zip(src) {
-            *l = (x >> shift) as u32 & 0xffff;
-        }
         ntt::forward(limb);
         ntt::mul_montgomery(limb, key.ntt);
         ntt::inverse(limb);
     }
 }
 
-/// `Σ_k centred(limbs[k][i]) · 2^(16k) (mod 2^64)`: coefficient `i` of the product
-/// [`limb_products`] split.
+/// `limbs[k][i] ← bits 16k..16k + 16 of src[i]` for `k < count`, on the best kernel for this CPU.
+fn split_limbs(src: &[u64], count: usize, limbs: &mut [u32]) {
+    assert!(src.len() == N && count <= LIMBS && limbs.len() == LIMBS * N);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::split_limbs(t, src, count, limbs);
+    }
+    split_limbs_portable(src, count, limbs)
+}
+
+/// Coefficients per block of the passes that recombine limbs: a block's accumulators stay in
+/// registers or L1 while every limb's words of that block are added in.
+const BLOCK: usize = 64;
+
+/// The portable [`split_limbs`] (shapes checked there); blocks of [`BLOCK`] words, each read once
+/// per limb while it is in L1, in fixed-width loops that LLVM vectorises.
+#[inline(always)] // so that the AVX2 build in `x86` compiles its own copy
+fn split_limbs_portable(src: &[u64], count: usize, limbs: &mut [u32]) {
+    for (i0, block) in (0..N).step_by(BLOCK).zip(src.chunks_exact(BLOCK)) {
+        let block: &[u64; BLOCK] = block.try_into().expect("a block");
+        for (k, limb) in limbs.chunks_exact_mut(N).enumerate().take(count) {
+            let shift = LIMB_BITS * k as u32;
+            let out: &mut [u32; BLOCK] = (&mut limb[i0..i0 + BLOCK]).try_into().expect("a block");
+            for (o, &x) in out.iter_mut().zip(block) {
+                *o = (x >> shift) as u32 & 0xffff;
+            }
+        }
+    }
+}
+
+/// `acc[t] += Σ_k centred(limbs[k][i0 + t]) · 2^(16k + shift) (mod 2^64)` for `k < count`: the
+/// product [`limb_products`] split, for one block of coefficients, shifted up by `shift` bits.
 #[inline(always)]
+fn add_products(acc: &mut [u64; BLOCK], limbs: &[u32], count: usize, i0: usize, shift: u32) {
+    for (k, limb) in limbs.chunks_exact(N).enumerate().take(count) {
+        let s = LIMB_BITS * k as u32 + shift;
+        let words: &[u32; BLOCK] = limb[i0..i0 + BLOCK].try_into().expect("a block");
+        for (a, &x) in acc.iter_mut().zip(words) {
+            *a = a.wrapping_add(centred(x) << s);
+        }
+    }
+}
+
+/// [`ntt::centred`], written on 32-bit lanes (the residue is below `2^30`) so that it vectorises.
+#[inline(always)]
+fn centred(x: u32) -> u64 {
+    let neg = (((ntt::P / 2).wrapping_sub(x) as i32) >> 31) as u32;
+    (x as i32).wrapping_sub((ntt::P & neg) as i32) as i64 as u64
+}
+
+/// `Σ_k centred(limbs[k][i]) · 2^(16k) (mod 2^64)`: coefficient `i` of the product
+/// [`limb_products`] split (the tests' reading of the limbs).
+#[cfg(test)]
 fn recombine(limbs: &[u32], count: usize, i: usize) -> u64 {
     let mut v = 0u64;
     for k in 0..count {
@@ -278,16 +330,68 @@ pub fn encrypt(
     // `b` holds `a` until its limbs are split off.
     expand_a(seed, index, 0, b);
     limb_products(key, b, LIMBS, ws.limbs);
-    for (i, (out, &m)) in b.iter_mut().zip(msg).enumerate() {
-        *out = ((m as u64) << DELTA_BITS).wrapping_sub(recombine(ws.limbs, LIMBS, i));
+    let mut bits = [0u8; NOISE_BYTES];
+    for (i0, (out, m)) in (0..N)
+        .step_by(BLOCK)
+        .zip(b.chunks_exact_mut(BLOCK).zip(msg.chunks_exact(BLOCK)))
+    {
+        // Three errors per 128 random bits: 2·21 bits each, chunks of three coefficients from
+        // coefficient 0 on (so a block's last chunk may reach into the next block).
+        let (c0, c1) = (i0 / 3, (i0 + BLOCK).div_ceil(3));
+        let bits = &mut bits[..(c1 - c0) * 16];
+        rng.fill_bytes(bits);
+        finish_encryption(ws.limbs, i0, c0, bits, m, out);
     }
-    // Three errors per 128 random bits: 2·21 bits each.
-    for chunk in b.chunks_mut(3) {
-        let x = rng.next_u64() as u128 | (rng.next_u64() as u128) << 64;
-        for (k, out) in chunk.iter_mut().enumerate() {
-            *out = out.wrapping_add(centred_binomial(x >> (2 * ETA as usize * k)));
+    bits.zeroize();
+}
+
+/// Random bytes one block of [`encrypt`]'s errors draws at most: the chunks of three
+/// coefficients that meet a block of [`BLOCK`] (22 of 16 bytes, whatever the block's offset).
+const NOISE_BYTES: usize = (BLOCK + 2).div_ceil(3) * 16;
+
+/// `out[t] ← 2^32·m[t] - (a·s)[i0 + t] + e[i0 + t]` for one block of coefficients, `e` from the
+/// random `bits` of chunks `c0..` (chunk `c` gives the errors of coefficients `3c..3c + 3`), on
+/// the best kernel for this CPU. The temporaries holding errors are zeroized.
+fn finish_encryption(limbs: &[u32], i0: usize, c0: usize, bits: &[u8], m: &[u32], out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::finish_encryption(t, limbs, i0, c0, bits, m, out);
+    }
+    finish_encryption_portable(limbs, i0, c0, bits, m, out)
+}
+
+/// The portable [`finish_encryption`].
+#[inline(always)]
+fn finish_encryption_portable(
+    limbs: &[u32],
+    i0: usize,
+    c0: usize,
+    bits: &[u8],
+    m: &[u32],
+    out: &mut [u64],
+) {
+    let (m, out): (&[u32; BLOCK], &mut [u64; BLOCK]) = (
+        m.try_into().expect("a block"),
+        out.try_into().expect("a block"),
+    );
+    // The 42 random bits of every coefficient of the chunks (coefficient `3·c0 + t` in `t`).
+    let mut fields = [0u64; NOISE_BYTES / 16 * 3];
+    for (f, x) in fields.chunks_exact_mut(3).zip(bits.chunks_exact(16)) {
+        let x = u128::from_le_bytes(x.try_into().expect("16 bytes"));
+        for (k, f) in f.iter_mut().enumerate() {
+            *f = (x >> (2 * ETA as usize * k)) as u64;
         }
     }
+    let at = i0 - 3 * c0;
+    let mut acc = [0u64; BLOCK];
+    add_products(&mut acc, limbs, LIMBS, i0, 0);
+    let block_fields = &fields[at..at + BLOCK];
+    for ((o, (&a, &f)), &m) in out.iter_mut().zip(acc.iter().zip(block_fields)).zip(m) {
+        *o = ((m as u64) << DELTA_BITS)
+            .wrapping_sub(a)
+            .wrapping_add(centred_binomial(f as u128));
+    }
+    fields.zeroize();
 }
 
 /// `popcount(bits 0..η) - popcount(bits η..2η)` of `x` as a two's-complement word.
@@ -417,7 +521,18 @@ fn pack_bits(values: &[u64], width: u32, out: &mut [u32]) {
     }
 }
 
+/// Reads [`pack_bits`]'s stream back, on the best kernel for this CPU.
 fn unpack_bits(words: &[u32], width: u32, values: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::unpack_bits(t, words, width, values);
+    }
+    unpack_bits_portable(words, width, values)
+}
+
+/// The portable [`unpack_bits`].
+#[inline(always)]
+fn unpack_bits_portable(words: &[u32], width: u32, values: &mut [u64]) {
     let mask = if width == 64 {
         u64::MAX
     } else {
@@ -469,10 +584,40 @@ pub fn decrypt(
     // above them in the top limb add multiples of `2^(64 - drop_a)`, which the shift discards.
     let count = (64 - switch.drop_a).div_ceil(LIMB_BITS) as usize;
     limb_products(key, a, count, ws.limbs);
-    for (i, (o, &y)) in out.iter_mut().zip(b).enumerate() {
-        let p = recombine(ws.limbs, count, i);
-        let v = (y << switch.drop_b).wrapping_add(p << switch.drop_a);
-        *o = (v.wrapping_add(1 << (DELTA_BITS - 1)) >> DELTA_BITS) as u32;
+    finish_decryption(ws.limbs, count, b, switch, out);
+}
+
+/// `out[i] ← round((b[i]·2^drop_b + (a·s)[i]·2^drop_a) / 2^32)` from the `count` limbs of `a·s`,
+/// on the best kernel for this CPU.
+fn finish_decryption(limbs: &[u32], count: usize, b: &[u64], switch: ModSwitch, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::finish_decryption(t, limbs, count, b, switch, out);
+    }
+    finish_decryption_portable(limbs, count, b, switch, out)
+}
+
+/// The portable [`finish_decryption`], a block of [`BLOCK`] coefficients at a time.
+#[inline(always)]
+fn finish_decryption_portable(
+    limbs: &[u32],
+    count: usize,
+    b: &[u64],
+    switch: ModSwitch,
+    out: &mut [u32],
+) {
+    for (i0, (o, y)) in (0..N)
+        .step_by(BLOCK)
+        .zip(out.chunks_exact_mut(BLOCK).zip(b.chunks_exact(BLOCK)))
+    {
+        let mut acc = [0u64; BLOCK];
+        for (a, &y) in acc.iter_mut().zip(y) {
+            *a = (y << switch.drop_b).wrapping_add(1 << (DELTA_BITS - 1));
+        }
+        add_products(&mut acc, limbs, count, i0, switch.drop_a);
+        for (o, &v) in o.iter_mut().zip(&acc) {
+            *o = (v >> DELTA_BITS) as u32;
+        }
     }
 }
 
@@ -619,6 +764,81 @@ mod tests {
             let key = key_from(&s, &mut words);
             let a = vec![u64::MAX; N];
             assert_eq!(product(&key, &a, 64, &mut ws), schoolbook_mod_2_64(&a, &s));
+        }
+    }
+
+    /// The passes around the transforms, on this CPU's kernel (AVX2 on x86_64) and portably,
+    /// give the same words, and the portable ones give what their definitions say.
+    #[test]
+    fn the_vector_passes_equal_the_portable_ones_and_their_definitions() {
+        let mut g = rng(13);
+        let src: Vec<u64> = (0..N).map(|_| g.next_u64()).collect();
+        for count in 1..=LIMBS {
+            let (mut fast, mut slow) = (vec![7u32; Workspace::WORDS], vec![7u32; Workspace::WORDS]);
+            split_limbs(&src, count, &mut fast);
+            split_limbs_portable(&src, count, &mut slow);
+            assert_eq!(fast, slow, "split {count}");
+            for (i, &x) in src.iter().enumerate() {
+                for k in 0..count {
+                    assert_eq!(slow[k * N + i], (x >> (16 * k)) as u32 & 0xffff);
+                }
+            }
+        }
+        // Limbs as the inverse transform leaves them: residues in [0, P), edges included.
+        let mut limbs: Vec<u32> = (0..Workspace::WORDS)
+            .map(|_| g.next_u32() % ntt::P)
+            .collect();
+        (limbs[0], limbs[1], limbs[2]) = (0, ntt::P / 2, ntt::P / 2 + 1);
+        limbs[3] = ntt::P - 1;
+        let msg: Vec<u32> = (0..N).map(|_| g.next_u32()).collect();
+        let bits: Vec<u8> = (0..N.div_ceil(3) * 16)
+            .map(|_| g.next_u32() as u8)
+            .collect();
+        for i0 in (0..N).step_by(BLOCK) {
+            let (c0, c1) = (i0 / 3, (i0 + BLOCK).div_ceil(3));
+            let bits = &bits[16 * c0..16 * c1];
+            let (mut fast, mut slow) = (vec![0u64; BLOCK], vec![0u64; BLOCK]);
+            let m = &msg[i0..i0 + BLOCK];
+            finish_encryption(&limbs, i0, c0, bits, m, &mut fast);
+            finish_encryption_portable(&limbs, i0, c0, bits, m, &mut slow);
+            assert_eq!(fast, slow, "encryption block {i0}");
+            for (t, &o) in slow.iter().enumerate() {
+                let i = i0 + t;
+                let x = u128::from_le_bytes(bits[16 * (i / 3 - c0)..][..16].try_into().unwrap());
+                let e = centred_binomial(x >> (42 * (i % 3)));
+                let want = ((msg[i] as u64) << 32)
+                    .wrapping_sub(recombine(&limbs, LIMBS, i))
+                    .wrapping_add(e);
+                assert_eq!(o, want, "coefficient {i}");
+            }
+        }
+        for switch in [
+            ModSwitch::NONE,
+            ModSwitch::RECOMMENDED,
+            ModSwitch {
+                drop_a: 40,
+                drop_b: 3,
+            },
+        ] {
+            let count = (64 - switch.drop_a).div_ceil(LIMB_BITS) as usize;
+            let (mut fast, mut slow) = (vec![0u32; N], vec![0u32; N]);
+            finish_decryption(&limbs, count, &src, switch, &mut fast);
+            finish_decryption_portable(&limbs, count, &src, switch, &mut slow);
+            assert_eq!(fast, slow, "{switch:?}");
+            for (i, &o) in slow.iter().enumerate() {
+                let v = (src[i] << switch.drop_b)
+                    .wrapping_add(recombine(&limbs, count, i) << switch.drop_a);
+                assert_eq!(o, (v.wrapping_add(1 << 31) >> 32) as u32, "{switch:?} {i}");
+            }
+        }
+        for width in [1, 20, 36, 41, 57, 63, 64] {
+            let words: Vec<u32> = (0..(N * width as usize).div_ceil(32))
+                .map(|_| g.next_u32())
+                .collect();
+            let (mut fast, mut slow) = (vec![0u64; N], vec![0u64; N]);
+            unpack_bits(&words, width, &mut fast);
+            unpack_bits_portable(&words, width, &mut slow);
+            assert_eq!(fast, slow, "width {width}");
         }
     }
 
