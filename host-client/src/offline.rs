@@ -24,7 +24,8 @@ use std::io::{Read, Write};
 use std::ops::Range;
 
 use crate::generate::cpu_ms;
-use rand_core::{CryptoRng, OsRng, RngCore};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{CryptoRng, OsRng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use veil_core::mask::MaskKey;
 use veil_core::model::format::LinearLayout;
@@ -306,8 +307,7 @@ pub fn precompute_through<R: Read, W: Write>(
         let slot0 = pool.filled();
         let mut key_words = vec![0u32; SecretKey::WORDS];
         {
-            // The batch's randomness (key, seeds, errors): the OS's, fetched 64 KiB at a time
-            // rather than one system call per word, and zeroized when the batch is done.
+            // The batch's randomness (key, seeds, errors), from the OS once per batch.
             let mut rng = OsRandom::new();
             let key = SecretKey::generate(&mut rng, &mut key_words);
             for linear in cfg.linears() {
@@ -338,65 +338,54 @@ pub fn precompute_through<R: Read, W: Write>(
     Ok(stats)
 }
 
-/// The operating system's random numbers, read in 64 KiB blocks; the unread rest is zeroized when
-/// dropped (it holds future key and error bits).
+/// The batch's random numbers (key, seeds, errors): ChaCha20 keyed once per batch with 32 bytes
+/// from the operating system's CSPRNG, the standard way to draw much randomness from it (the
+/// errors alone are 22 KB per ciphertext; reading them from the OS cost the kernel's own ChaCha20
+/// and a system call per 64 KiB). Its state (key and buffered output) is overwritten when dropped.
 struct OsRandom {
-    buf: Box<[u8]>,
-    at: usize,
+    rng: ChaCha20Rng,
 }
 
 impl OsRandom {
-    const BLOCK: usize = 1 << 16;
-
     fn new() -> Self {
-        OsRandom {
-            buf: vec![0u8; Self::BLOCK].into_boxed_slice(),
-            at: Self::BLOCK,
-        }
+        let mut seed = [0u8; 32];
+        // OsRng panics only if the OS has no random numbers at all.
+        OsRng.fill_bytes(&mut seed);
+        let rng = ChaCha20Rng::from_seed(seed);
+        seed.zeroize();
+        OsRandom { rng }
     }
 }
 
 impl RngCore for OsRandom {
     fn next_u32(&mut self) -> u32 {
-        let mut b = [0u8; 4];
-        self.fill_bytes(&mut b);
-        u32::from_le_bytes(b)
+        self.rng.next_u32()
     }
 
     fn next_u64(&mut self) -> u64 {
-        let mut b = [0u8; 8];
-        self.fill_bytes(&mut b);
-        u64::from_le_bytes(b)
+        self.rng.next_u64()
     }
 
-    fn fill_bytes(&mut self, mut dest: &mut [u8]) {
-        while !dest.is_empty() {
-            if self.at == Self::BLOCK {
-                // OsRng panics only if the OS has no random numbers at all.
-                OsRng.fill_bytes(&mut self.buf);
-                self.at = 0;
-            }
-            let n = dest.len().min(Self::BLOCK - self.at);
-            let src = &mut self.buf[self.at..self.at + n];
-            dest[..n].copy_from_slice(src);
-            src.zeroize();
-            self.at += n;
-            dest = &mut dest[n..];
-        }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.rng.fill_bytes(dest)
     }
 
     fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
+        self.rng.try_fill_bytes(dest)
     }
 }
 
-// The bytes are the operating system's CSPRNG output, each handed out once.
+// ChaCha20 keyed from the OS's CSPRNG.
 impl CryptoRng for OsRandom {}
 
 impl Drop for OsRandom {
     fn drop(&mut self) {
-        self.buf.zeroize();
+        // ChaCha20Rng has no zeroize: its key and buffered output are overwritten in place by a
+        // zero-keyed state.
+        // SAFETY: `&mut self.rng` is valid and aligned for a `ChaCha20Rng`, which has no drop
+        // glue, so overwriting it without dropping the old value leaks nothing; the volatile
+        // write cannot be elided as dead.
+        unsafe { std::ptr::write_volatile(&mut self.rng, ChaCha20Rng::from_seed([0; 32])) };
     }
 }
 
