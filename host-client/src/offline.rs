@@ -9,7 +9,7 @@
 //! few hundred outputs at a time), so the online phase still reads one record per token.
 //!
 //! Memory is bounded and independent of the model's size but for its widest layer: a tile of
-//! [`COLUMNS`] mask columns (1 MiB), [`GROUP`] decrypted columns (4 MiB), one ciphertext each
+//! [`COLUMNS`] mask columns (1 MiB), [`GROUP`] decrypted columns (16 MiB), one ciphertext each
 //! way, the key and scratch (about 100 KiB).
 //!
 //! Integrity: every decrypted term is checked ([`veil_core::rlwe::check`]: 40 secret vectors
@@ -42,8 +42,15 @@ use zeroize::Zeroize;
 use crate::pool::{PoolError, PoolSource, ProjectionSink, ProjectionStream};
 use crate::transport::{Connection, TransportError};
 
-/// Decrypted output columns gathered before they are written into the slots' records.
-pub const GROUP: usize = 256;
+/// Decrypted output columns gathered before they are written into the slots' records (the
+/// words each slot's record gets per positioned write: 4 KiB, a page).
+pub const GROUP: usize = 1024;
+
+/// Decrypted columns added into the check sums at a time, while they are in cache (1 MiB).
+const CHECK_COLUMNS: usize = 64;
+
+/// Slots transposed at a time from the gathered columns into records: one cache line of each.
+const TILE: usize = 16;
 
 /// Why the offline phase failed.
 #[derive(Debug, thiserror::Error)]
@@ -422,7 +429,7 @@ impl Buffers {
             reply: vec![0; widest],
             col: vec![0; N],
             group: vec![0; GROUP * N],
-            row: vec![0; GROUP],
+            row: vec![0; GROUP * TILE],
             ws: vec![0; Workspace::WORDS],
             check_s: vec![0; cfg.widest_linear().1 * OFFLINE_CHECKS],
             check_p: vec![0; cfg.widest_linear().0 * OFFLINE_CHECKS],
@@ -512,20 +519,33 @@ fn offline_layer<R: Read, W: Write>(
                 });
             }
             unpack_result(reply, switch, &mut buf.a, &mut buf.b);
-            decrypt(key, &buf.a, &buf.b, switch, &mut ws, &mut buf.col);
-            buf.group[jj * N..(jj + 1) * N].copy_from_slice(&buf.col);
-        }
-        accumulate(
-            &mut buf.from_terms,
-            &buf.group[..g * N],
-            &s[j0 * OFFLINE_CHECKS..(j0 + g) * OFFLINE_CHECKS],
-        );
-        // Transpose into each slot's record: `g` consecutive words per slot.
-        for k in 0..slots as usize {
-            for (jj, r) in buf.row[..g].iter_mut().enumerate() {
-                *r = buf.group[jj * N + k];
+            let col = &mut buf.group[jj * N..(jj + 1) * N];
+            decrypt(key, &buf.a, &buf.b, switch, &mut ws, col);
+            // Into the check sums while the last columns are still in cache.
+            if (jj + 1) % CHECK_COLUMNS == 0 || jj + 1 == g {
+                let c0 = jj / CHECK_COLUMNS * CHECK_COLUMNS;
+                let (j1, j2) = (j0 + c0, j0 + jj + 1);
+                accumulate(
+                    &mut buf.from_terms,
+                    &buf.group[c0 * N..(jj + 1) * N],
+                    &s[j1 * OFFLINE_CHECKS..j2 * OFFLINE_CHECKS],
+                );
             }
-            pool.write_terms(slot0 + k as u64, base + j0, &buf.row[..g])?;
+        }
+        // Transpose into each slot's record: `g` consecutive words per slot, for a block of
+        // `TILE` slots at a time (one cache line of every column, read once, instead of one
+        // word of `g` lines 16 KiB apart per slot).
+        for k0 in (0..slots as usize).step_by(TILE) {
+            let tile = &mut buf.row[..g * TILE];
+            for (jj, t) in tile.chunks_exact_mut(TILE).enumerate() {
+                t.copy_from_slice(&buf.group[jj * N + k0..jj * N + k0 + TILE]);
+            }
+            for k in k0..(k0 + TILE).min(slots as usize) {
+                for (jj, r) in buf.col[..g].iter_mut().enumerate() {
+                    *r = tile[jj * TILE + k - k0];
+                }
+                pool.write_terms(slot0 + k as u64, base + j0, &buf.col[..g])?;
+            }
         }
     }
     // Written beyond `filled`, the terms are not usable until the batch is committed.
