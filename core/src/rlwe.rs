@@ -147,6 +147,15 @@ impl Seed {
 /// `l` being the `l`-th `u64` of the keystream (`next_u64`: two little-endian 32-bit words). The
 /// server can expand any coefficient range, e.g. one column tile of its product.
 pub fn expand_a(seed: &Seed, index: u64, first: usize, out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::expand_a(t, &seed.0, index, first, out);
+    }
+    expand_a_portable(seed, index, first, out)
+}
+
+/// The portable [`expand_a`]: rand_chacha's `ChaCha20Rng` itself.
+fn expand_a_portable(seed: &Seed, index: u64, first: usize, out: &mut [u64]) {
     let mut rng = ChaCha20Rng::from_seed(seed.0);
     rng.set_stream(index);
     rng.set_word_pos(2 * first as u128);
@@ -887,6 +896,32 @@ mod tests {
         // Uniform-looking: about half of all bits set.
         let ones: u32 = a.iter().map(|x| x.count_ones()).sum();
         assert!((ones as f64 / (64 * N) as f64 - 0.5).abs() < 0.01);
+    }
+
+    /// The vector expansion (AVX2 on x86_64) gives rand_chacha's words from any start, over any
+    /// length, for any stream, across the 32-bit half of the block counter.
+    #[test]
+    fn the_vector_expansion_equals_rand_chacha_from_any_position() {
+        let mut g = rng(17);
+        let carry = ((1usize << 32) - 3) * 8; // three blocks below 2^32: the counter's high word
+        for (first, len) in [
+            (0, N),
+            (1, 1),
+            (3, 77),
+            (7, 64),
+            (8, 65),
+            (1000, 100),
+            (carry, 60),
+        ] {
+            for _ in 0..3 {
+                let seed = Seed::random(&mut g);
+                let index = g.next_u64();
+                let (mut fast, mut slow) = (vec![0u64; len], vec![0u64; len]);
+                expand_a(&seed, index, first, &mut fast);
+                expand_a_portable(&seed, index, first, &mut slow);
+                assert_eq!(fast, slow, "first {first} len {len}");
+            }
+        }
     }
 
     #[test]
