@@ -41,6 +41,8 @@ fn bench_client(c: &mut Criterion) {
         bch.iter(|| drop(SecretKey::generate(&mut rng, &mut words)))
     });
     let mut index = 0;
+    // The errors from the stream the client draws them from.
+    let mut errors = rlwe::ErrorRng::from_key(&[9; 32]);
     g.bench_function("encrypt_per_input_term", |bch| {
         bch.iter(|| {
             index += 1;
@@ -49,7 +51,7 @@ fn bench_client(c: &mut Criterion) {
                 &seed,
                 index,
                 black_box(&msg),
-                &mut rng,
+                &mut errors,
                 &mut ws,
                 &mut b,
             )

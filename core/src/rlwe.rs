@@ -164,6 +164,111 @@ fn expand_a_portable(seed: &Seed, index: u64, first: usize, out: &mut [u64]) {
     }
 }
 
+/// A ChaCha20 keystream (stream 0 of a 32-byte key, as rand_chacha's `ChaCha20Rng`) for a batch's
+/// secret randomness, above all the errors of [`encrypt`] (22 KB per ciphertext): keyed once, e.g.
+/// from the operating system's CSPRNG, generated eight blocks at a time (AVX2 on x86_64), its key
+/// and buffered output zeroized on drop. Its `Debug` shows no contents.
+pub struct ErrorRng {
+    key: [u8; 32],
+    /// The next block to generate.
+    block: u64,
+    /// Eight blocks of output, `at` the first unused word.
+    buf: [u32; 128],
+    at: usize,
+}
+
+impl ErrorRng {
+    /// The stream of `key` (which the caller then zeroizes).
+    pub fn from_key(key: &[u8; 32]) -> Self {
+        ErrorRng {
+            key: *key,
+            block: 0,
+            buf: [0; 128],
+            at: 128,
+        }
+    }
+
+    fn refill(&mut self) {
+        chacha20_eight_blocks(&self.key, 0, self.block, &mut self.buf);
+        self.block = self.block.wrapping_add(8);
+        self.at = 0;
+    }
+}
+
+/// ChaCha20 blocks `block..block + 8` of `(key, stream)` into `out`, block after block: on AVX2,
+/// else rand_chacha's words (the same words, as the tests check).
+fn chacha20_eight_blocks(key: &[u8; 32], stream: u64, block: u64, out: &mut [u32; 128]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::chacha20_eight_blocks(t, key, stream, block, out);
+    }
+    let mut rng = ChaCha20Rng::from_seed(*key);
+    rng.set_stream(stream);
+    rng.set_word_pos(16 * block as u128);
+    for o in out.iter_mut() {
+        *o = rng.next_u32();
+    }
+}
+
+impl RngCore for ErrorRng {
+    fn next_u32(&mut self) -> u32 {
+        if self.at == self.buf.len() {
+            self.refill();
+        }
+        self.at += 1;
+        self.buf[self.at - 1]
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let lo = self.next_u32() as u64;
+        lo | (self.next_u32() as u64) << 32
+    }
+
+    /// Whole words, little-endian; a last partial word's unused bytes are discarded.
+    fn fill_bytes(&mut self, mut dest: &mut [u8]) {
+        while !dest.is_empty() {
+            if self.at == self.buf.len() {
+                self.refill();
+            }
+            let words = (self.buf.len() - self.at).min(dest.len().div_ceil(4));
+            let bytes = dest.len().min(4 * words);
+            let (head, rest) = dest.split_at_mut(bytes);
+            let src = &self.buf[self.at..self.at + words];
+            let mut whole = head.chunks_exact_mut(4);
+            for (d, w) in (&mut whole).zip(src) {
+                d.copy_from_slice(&w.to_le_bytes());
+            }
+            let tail = whole.into_remainder();
+            if let Some(w) = src.get(bytes / 4) {
+                tail.copy_from_slice(&w.to_le_bytes()[..tail.len()]);
+            }
+            self.at += words;
+            dest = rest;
+        }
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_chacha::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+// ChaCha20 under a key the caller draws from a CSPRNG.
+impl CryptoRng for ErrorRng {}
+
+impl Drop for ErrorRng {
+    fn drop(&mut self) {
+        self.key.zeroize();
+        self.buf.zeroize();
+    }
+}
+
+impl core::fmt::Debug for ErrorRng {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("ErrorRng(<secret>)")
+    }
+}
+
 /// The secret key `s`, held as `NTT(s) mod P` in Montgomery form ([`ntt`]) in a caller-provided
 /// buffer of [`SecretKey::WORDS`] words, which is zeroized when the key is dropped. Its `Debug`
 /// shows no contents.
@@ -922,6 +1027,43 @@ mod tests {
                 assert_eq!(fast, slow, "first {first} len {len}");
             }
         }
+    }
+
+    /// The error stream is rand_chacha's ChaCha20 stream 0 of its key, word for word, whatever
+    /// the sizes it is read in.
+    #[test]
+    fn the_error_stream_is_rand_chachas_stream() {
+        let key = [0x5a; 32];
+        let mut reference = ChaCha20Rng::from_seed(key);
+        let want: Vec<u8> = (0..3000)
+            .flat_map(|_| reference.next_u32().to_le_bytes())
+            .collect();
+        let mut r = ErrorRng::from_key(&key);
+        let mut got = Vec::new();
+        for n in [1usize, 3, 4, 7, 16, 500, 513, 1024, 2000] {
+            let mut b = vec![0u8; n];
+            r.fill_bytes(&mut b);
+            got.extend_from_slice(&b[..n / 4 * 4]);
+            if n % 4 != 0 {
+                // The partial word's bytes are its first ones; the rest of that word is skipped.
+                let at = got.len();
+                got.extend_from_slice(&want[at..at + 4]);
+                assert_eq!(b[n / 4 * 4..], want[at..at + n % 4]);
+            }
+        }
+        let at = got.len() / 4;
+        assert_eq!(got, want[..got.len()]);
+        let x = r.next_u64();
+        let w = |i: usize| u32::from_le_bytes(want[4 * i..4 * i + 4].try_into().unwrap()) as u64;
+        assert_eq!(x, w(at) | w(at + 1) << 32);
+        // The vector blocks equal rand_chacha's for another stream and block too.
+        let mut out = [0u32; 128];
+        chacha20_eight_blocks(&key, 9, 1 << 32, &mut out);
+        let mut reference = ChaCha20Rng::from_seed(key);
+        reference.set_stream(9);
+        reference.set_word_pos(16 << 32);
+        assert!(out.iter().all(|&x| x == reference.next_u32()));
+        assert_eq!(std::format!("{r:?}"), "ErrorRng(<secret>)");
     }
 
     #[test]
