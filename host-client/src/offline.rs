@@ -24,8 +24,7 @@ use std::io::{Read, Write};
 use std::ops::Range;
 
 use crate::generate::cpu_ms;
-use rand_chacha::ChaCha20Rng;
-use rand_core::{CryptoRng, OsRng, RngCore, SeedableRng};
+use rand_core::{CryptoRng, OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use veil_core::mask::MaskKey;
 use veil_core::model::format::LinearLayout;
@@ -33,7 +32,7 @@ use veil_core::model::{LinearId, ModelConfig};
 use veil_core::rlwe::check::{accumulate, check_vectors, first_mismatch, OFFLINE_CHECKS};
 use veil_core::rlwe::layer::{mask_columns, COLUMNS};
 use veil_core::rlwe::{
-    decrypt, encrypt, input_words, unpack_result, ModSwitch, SecretKey, Seed, Workspace,
+    decrypt, encrypt, input_words, unpack_result, ErrorRng, ModSwitch, SecretKey, Seed, Workspace,
     INPUT_WORDS, N,
 };
 use veil_core::session::pool_record_offset;
@@ -345,12 +344,12 @@ pub fn precompute_through<R: Read, W: Write>(
     Ok(stats)
 }
 
-/// The batch's random numbers (key, seeds, errors): ChaCha20 keyed once per batch with 32 bytes
-/// from the operating system's CSPRNG, the standard way to draw much randomness from it (the
-/// errors alone are 22 KB per ciphertext; reading them from the OS cost the kernel's own ChaCha20
-/// and a system call per 64 KiB). Its state (key and buffered output) is overwritten when dropped.
+/// The batch's random numbers (key, seeds, errors): ChaCha20 ([`ErrorRng`]) keyed once per batch
+/// with 32 bytes from the operating system's CSPRNG, the standard way to draw much randomness from
+/// it (the errors alone are 22 KB per ciphertext; reading them from the OS cost the kernel's own
+/// ChaCha20 and a system call per 64 KiB). Its key and buffered output are zeroized when dropped.
 struct OsRandom {
-    rng: ChaCha20Rng,
+    rng: ErrorRng,
 }
 
 impl OsRandom {
@@ -358,7 +357,7 @@ impl OsRandom {
         let mut seed = [0u8; 32];
         // OsRng panics only if the OS has no random numbers at all.
         OsRng.fill_bytes(&mut seed);
-        let rng = ChaCha20Rng::from_seed(seed);
+        let rng = ErrorRng::from_key(&seed);
         seed.zeroize();
         OsRandom { rng }
     }
@@ -384,17 +383,6 @@ impl RngCore for OsRandom {
 
 // ChaCha20 keyed from the OS's CSPRNG.
 impl CryptoRng for OsRandom {}
-
-impl Drop for OsRandom {
-    fn drop(&mut self) {
-        // ChaCha20Rng has no zeroize: its key and buffered output are overwritten in place by a
-        // zero-keyed state.
-        // SAFETY: `&mut self.rng` is valid and aligned for a `ChaCha20Rng`, which has no drop
-        // glue, so overwriting it without dropping the old value leaks nothing; the volatile
-        // write cannot be elided as dead.
-        unsafe { std::ptr::write_volatile(&mut self.rng, ChaCha20Rng::from_seed([0; 32])) };
-    }
-}
 
 /// The client's scratch, allocated once per run.
 struct Buffers {
