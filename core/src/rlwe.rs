@@ -210,6 +210,31 @@ fn chacha20_eight_blocks(key: &[u8; 32], stream: u64, block: u64, out: &mut [u32
     }
 }
 
+/// Block `block` of ChaCha20 under eight (key, stream) pairs at once: `out[w][l]` is word `w` of
+/// that block of `(keys[l], streams[l])` (rand_chacha's `ChaCha20Rng` words `16·block + w` after
+/// `set_stream(streams[l])`). Word-major, so that eight slots' words land next to each other,
+/// e.g. mask words of eight slots (one stream each) for a column of [`layer::mask_columns`]'s
+/// output. On AVX2 one block per lane; else rand_chacha.
+pub fn chacha20_lanes(
+    keys: &[[u8; 32]; 8],
+    streams: &[u64; 8],
+    block: u64,
+    out: &mut [[u32; 8]; 16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::chacha20_lanes(t, keys, streams, block, out);
+    }
+    for (l, (key, &stream)) in keys.iter().zip(streams).enumerate() {
+        let mut rng = ChaCha20Rng::from_seed(*key);
+        rng.set_stream(stream);
+        rng.set_word_pos(16 * block as u128);
+        for w in out.iter_mut() {
+            w[l] = rng.next_u32();
+        }
+    }
+}
+
 impl RngCore for ErrorRng {
     fn next_u32(&mut self) -> u32 {
         if self.at == self.buf.len() {
@@ -1064,6 +1089,32 @@ mod tests {
         reference.set_word_pos(16 << 32);
         assert!(out.iter().all(|&x| x == reference.next_u32()));
         assert_eq!(std::format!("{r:?}"), "ErrorRng(<secret>)");
+    }
+
+    /// Eight lanes of keys and streams give each pair's rand_chacha words, at any block (the
+    /// mask streams' blocks are beyond 2^52).
+    #[test]
+    fn the_lanes_give_each_key_and_streams_words() {
+        let mut g = rng(19);
+        for block in [0u64, 5, (2 << 52) | (7 << 28), u64::MAX - 1] {
+            let mut keys = [[0u8; 32]; 8];
+            for k in keys.iter_mut() {
+                g.fill_bytes(k);
+            }
+            keys[3] = keys[2]; // a shared key, other streams
+            let streams: [u64; 8] = core::array::from_fn(|l| g.next_u64() >> (8 * (l % 3)));
+            let mut out = [[0u32; 8]; 16];
+            chacha20_lanes(&keys, &streams, block, &mut out);
+            for l in 0..8 {
+                let mut r = ChaCha20Rng::from_seed(keys[l]);
+                r.set_stream(streams[l]);
+                r.set_word_pos(16 * block as u128);
+                assert!(
+                    out.iter().all(|w| w[l] == r.next_u32()),
+                    "lane {l} block {block}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -132,10 +132,7 @@ unsafe fn unpack_bits_avx2(words: &[u32], width: u32, values: &mut [u64]) {
 /// ([`chacha20_blocks`]), the same keystream as rand_chacha's `ChaCha20Rng` (state words 0-3 the
 /// constants, 4-11 the key, 12-13 the 64-bit block counter, 14-15 the 64-bit stream).
 pub(super) fn expand_a(_: Avx2, key: &[u8; 32], stream: u64, first: usize, out: &mut [u64]) {
-    let mut k = [0u32; 8];
-    for (w, b) in k.iter_mut().zip(key.chunks_exact(4)) {
-        *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    }
+    let k = key_words(key);
     let word = 2 * first as u64;
     let (mut block, mut skip) = (word / 16, (word % 16) as usize);
     let mut buf = [0u32; 8 * 16];
@@ -154,6 +151,30 @@ pub(super) fn expand_a(_: Avx2, key: &[u8; 32], stream: u64, first: usize, out: 
     }
 }
 
+/// The key's eight little-endian words.
+fn key_words(key: &[u8; 32]) -> [u32; 8] {
+    let mut k = [0u32; 8];
+    for (w, b) in k.iter_mut().zip(key.chunks_exact(4)) {
+        *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    }
+    k
+}
+
+/// ChaCha20 blocks `block..block + 8` of `(key, stream)` into `out` on AVX2 (see
+/// [`chacha20_blocks`]). The key's words on the stack are zeroized.
+pub(super) fn chacha20_eight_blocks(
+    _: Avx2,
+    key: &[u8; 32],
+    stream: u64,
+    block: u64,
+    out: &mut [u32; 128],
+) {
+    let mut k = key_words(key);
+    // SAFETY: the `Avx2` token proves the CPU supports AVX2.
+    unsafe { chacha20_blocks(&k, stream, block, out) };
+    zeroize::Zeroize::zeroize(&mut k);
+}
+
 /// `x <<< r` in every 32-bit lane (for the rotations that are not whole bytes).
 #[inline(always)]
 fn rotl<const L: i32, const R: i32>(x: __m256i) -> __m256i {
@@ -168,38 +189,82 @@ fn rotl<const L: i32, const R: i32>(x: __m256i) -> __m256i {
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 unsafe fn chacha20_blocks(key: &[u32; 8], stream: u64, block: u64, out: &mut [u32; 128]) {
-    const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
     let (mut lo, mut hi) = ([0u32; 8], [0u32; 8]);
     for (l, (lo, hi)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
         let b = block.wrapping_add(l as u64);
         (*lo, *hi) = (b as u32, (b >> 32) as u32);
     }
     let splat = |x: u32| _mm256_set1_epi32(x as i32);
+    let mut init = [splat(0); 16];
+    for (i, &k) in key.iter().enumerate() {
+        init[4 + i] = splat(k);
+    }
     // SAFETY: `lo` and `hi` are 8 readable u32 each; loadu needs no alignment.
-    let (clo, chi) = unsafe {
+    (init[12], init[13]) = unsafe {
         (
             _mm256_loadu_si256(lo.as_ptr().cast()),
             _mm256_loadu_si256(hi.as_ptr().cast()),
         )
     };
-    let init: [__m256i; 16] = [
-        splat(SIGMA[0]),
-        splat(SIGMA[1]),
-        splat(SIGMA[2]),
-        splat(SIGMA[3]),
-        splat(key[0]),
-        splat(key[1]),
-        splat(key[2]),
-        splat(key[3]),
-        splat(key[4]),
-        splat(key[5]),
-        splat(key[6]),
-        splat(key[7]),
-        clo,
-        chi,
-        splat(stream as u32),
-        splat((stream >> 32) as u32),
-    ];
+    (init[14], init[15]) = (splat(stream as u32), splat((stream >> 32) as u32));
+    // SAFETY: this function is compiled for AVX2 (its caller's contract).
+    let x = unsafe { chacha20_lanes_state(init) };
+    store_blocks(&x, out);
+}
+
+/// [`super::chacha20_lanes`] on AVX2: lane `l` runs block `block` of `(keys[l], streams[l])`, so
+/// `out[w]` holds word `w` of the eight blocks, slot-major already.
+pub(super) fn chacha20_lanes(
+    _: Avx2,
+    keys: &[[u8; 32]; 8],
+    streams: &[u64; 8],
+    block: u64,
+    out: &mut [[u32; 8]; 16],
+) {
+    let mut words = [[0u32; 8]; 16];
+    for (l, key) in keys.iter().enumerate() {
+        for (i, k) in key_words(key).iter().enumerate() {
+            words[4 + i][l] = *k;
+        }
+        words[12][l] = block as u32;
+        words[13][l] = (block >> 32) as u32;
+        words[14][l] = streams[l] as u32;
+        words[15][l] = (streams[l] >> 32) as u32;
+    }
+    // SAFETY: the `Avx2` token proves the CPU supports AVX2.
+    unsafe { chacha20_lanes_avx2(&words, out) };
+    zeroize::Zeroize::zeroize(&mut words);
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn chacha20_lanes_avx2(words: &[[u32; 8]; 16], out: &mut [[u32; 8]; 16]) {
+    let mut init = [_mm256_set1_epi32(0); 16];
+    for (v, w) in init.iter_mut().zip(words).skip(4) {
+        // SAFETY: `w` is 8 readable u32; loadu needs no alignment.
+        *v = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
+    }
+    // SAFETY: this function is compiled for AVX2 (its caller's contract).
+    let x = unsafe { chacha20_lanes_state(init) };
+    for (o, v) in out.iter_mut().zip(x) {
+        // SAFETY: `o` is 8 writable u32; storeu needs no alignment.
+        unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), v) };
+    }
+}
+
+/// The 20 rounds and the final addition for eight independent blocks, one per lane: `init`
+/// holds state words 4-15 per lane (the constants, words 0-3, are set here).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn chacha20_lanes_state(mut init: [__m256i; 16]) -> [__m256i; 16] {
+    const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
+    for (v, &c) in init.iter_mut().zip(&SIGMA) {
+        *v = _mm256_set1_epi32(c as i32);
+    }
     let rot16 = _mm256_setr_epi8(
         2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9,
         14, 15, 12, 13,
@@ -232,6 +297,13 @@ unsafe fn chacha20_blocks(key: &[u32; 8], stream: u64, block: u64, out: &mut [u3
     for (v, &i) in x.iter_mut().zip(&init) {
         *v = _mm256_add_epi32(*v, i);
     }
+    x
+}
+
+/// Stores eight blocks computed lane by lane ([`chacha20_lanes_state`]) block after block.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn store_blocks(x: &[__m256i; 16], out: &mut [u32; 128]) {
     // Lane `l` of register `w` is word `w` of block `l`: transpose each half (words 0-7, 8-15).
     for (half, rows) in x.chunks_exact(8).enumerate() {
         let t: [__m256i; 8] = core::array::from_fn(|i| {
