@@ -94,6 +94,15 @@ const R2_MOD_P: u32 = {
 const N_INV: u32 = pow_mod(N as u64, P as u64 - 2) as u32;
 const N_INV_SHOUP: u32 = shoup(N_INV as u64);
 
+/// The inverse transform's last twiddle `ψ^-bitrev(1) = ψ^-(N/2)` times `N^-1`, and its Shoup
+/// quotient: the vector inverse folds the final scaling by `N^-1` into its last stage.
+const LAST_INV_N: u32 = {
+    let psi = pow_mod(GENERATOR, (P as u64 - 1) / (2 * N as u64));
+    let psi_inv = pow_mod(psi, 2 * N as u64 - 1);
+    mul_mod(pow_mod(psi_inv, N as u64 / 2), N_INV as u64) as u32
+};
+const LAST_INV_N_SHOUP: u32 = shoup(LAST_INV_N as u64);
+
 struct Tables {
     /// `ψ^bitrev(k)` and Shoup quotients: the forward transform's twiddles.
     fwd: [u32; N],
@@ -376,6 +385,11 @@ mod tests {
         assert_eq!(pow_mod(psi, 2 * N as u64), 1);
         assert!(P < 1 << 30 && P > 1 << 29 && P as u64 % (2 * N as u64) == 1);
         assert_eq!(mul_mod(N as u64, N_INV as u64), 1);
+        assert_eq!(
+            LAST_INV_N as u64,
+            mul_mod(TABLES.inv[1] as u64, N_INV as u64),
+            "the folded last twiddle"
+        );
     }
 
     #[test]

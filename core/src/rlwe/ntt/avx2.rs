@@ -18,7 +18,9 @@ use core::arch::x86_64::{
     _mm256_unpackhi_epi32, _mm256_unpackhi_epi64, _mm256_unpacklo_epi32, _mm256_unpacklo_epi64,
 };
 
-use super::{BLOCK, N, N_INV, N_INV_SHOUP, P, P_NEG_INV, TABLES, TAIL, TWO_P};
+use super::{
+    BLOCK, LAST_INV_N, LAST_INV_N_SHOUP, N, N_INV, N_INV_SHOUP, P, P_NEG_INV, TABLES, TAIL, TWO_P,
+};
 use crate::kernels::Avx2;
 
 #[inline]
@@ -217,9 +219,10 @@ fn inverse_avx2(a: &mut [u32; N]) {
             store(dst, x);
         }
     }
-    // Stages with partners t ≥ 8 apart, from m = N/16 blocks of 16 values down to one block.
+    // Stages with partners t ≥ 8 apart, from m = N/16 blocks of 16 values down to two blocks;
+    // the last stage (one block) below, with the scaling by N^-1.
     let (mut t, mut m) = (8, N / 8);
-    while m > 1 {
+    while m > 2 {
         let h = m >> 1;
         for (b, block) in a.chunks_exact_mut(2 * t).enumerate() {
             let (w, ws) = (splat(tw.inv[h + b]), splat(tw.inv_shoup[h + b]));
@@ -233,9 +236,18 @@ fn inverse_avx2(a: &mut [u32; N]) {
         t <<= 1;
         m = h;
     }
+    // The last stage with N^-1 folded in: (x + y)·N^-1 and (x - y)·(w·N^-1), each reduced to
+    // [0, P) (the lazy product is below 2P for any 32-bit input, and x + y < 4P).
     let (ni, nis) = (splat(N_INV), splat(N_INV_SHOUP));
-    for x in a.chunks_exact_mut(8) {
-        store(x, sub_if_ge(mul_shoup(load(x), ni, nis), splat(P)));
+    let (wn, wns) = (splat(LAST_INV_N), splat(LAST_INV_N_SHOUP));
+    let (pv, two_p) = (splat(P), splat(TWO_P));
+    let (lo, hi) = a.split_at_mut(N / 2);
+    for (x, y) in lo.chunks_exact_mut(8).zip(hi.chunks_exact_mut(8)) {
+        let (u, v) = (load(x), load(y));
+        let sum = _mm256_add_epi32(u, v);
+        let diff = _mm256_sub_epi32(_mm256_add_epi32(u, two_p), v);
+        store(x, sub_if_ge(mul_shoup(sum, ni, nis), pv));
+        store(y, sub_if_ge(mul_shoup(diff, wn, wns), pv));
     }
 }
 
