@@ -348,8 +348,7 @@ fn limb_products(key: &SecretKey<'_>, src: &[u64], count: usize, limbs: &mut [u3
     split_limbs(src, count, limbs);
     for limb in limbs.chunks_exact_mut(N).take(count) {
         let limb: &mut [u32; N] = limb.try_into().expect("N words per limb");
-        ntt::forward(limb);
-        ntt::mul_montgomery(limb, key.ntt);
+        ntt::forward_mul_montgomery(limb, key.ntt);
         ntt::inverse(limb);
     }
 }

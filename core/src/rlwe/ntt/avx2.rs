@@ -144,8 +144,22 @@ pub(super) fn mul_montgomery(_: Avx2, a: &mut [u32; N], b: &[u32; N]) {
     unsafe { mul_montgomery_avx2(a, b) }
 }
 
+/// [`super::forward_mul_montgomery`] on AVX2.
+pub(super) fn forward_mul_montgomery(_: Avx2, a: &mut [u32; N], b: &[u32; N]) {
+    // SAFETY: the `Avx2` token proves the CPU supports AVX2.
+    unsafe { forward_mul_avx2(a, Some(b)) }
+}
+
 #[target_feature(enable = "avx2")]
 fn forward_avx2(a: &mut [u32; N]) {
+    forward_mul_avx2(a, None)
+}
+
+/// The forward transform, and if `b` is given the Montgomery product with it in the same last
+/// pass (the values are in registers there).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn forward_mul_avx2(a: &mut [u32; N], b: Option<&[u32; N]>) {
     let tw = &TABLES;
     // Stages with partners t ≥ 8 apart: m blocks of 2t values, t/8 registers per half.
     let (mut t, mut m) = (N, 1);
@@ -166,7 +180,7 @@ fn forward_avx2(a: &mut [u32; N]) {
         .fwd_tail
         .chunks_exact(TAIL)
         .zip(tw.fwd_tail_shoup.chunks_exact(TAIL));
-    for (block, (wt, wst)) in a.chunks_exact_mut(BLOCK).zip(tails) {
+    for (i, (block, (wt, wst))) in a.chunks_exact_mut(BLOCK).zip(tails).enumerate() {
         let mut v = load_block(block);
         transpose(&mut v);
         let lane = |k: usize| (load(&wt[8 * k..8 * k + 8]), load(&wst[8 * k..8 * k + 8]));
@@ -184,10 +198,34 @@ fn forward_avx2(a: &mut [u32; N]) {
             let (w, ws) = lane(3 + k);
             (v[2 * k], v[2 * k + 1]) = ct(v[2 * k], v[2 * k + 1], w, ws);
         }
-        for (dst, x) in block.chunks_exact_mut(8).zip(v) {
-            store(dst, sub_if_ge(sub_if_ge(x, splat(TWO_P)), splat(P)));
+        for (k, (dst, x)) in block.chunks_exact_mut(8).zip(v).enumerate() {
+            let x = sub_if_ge(sub_if_ge(x, splat(TWO_P)), splat(P));
+            match b {
+                Some(b) => {
+                    let at = BLOCK * i + 8 * k;
+                    store(dst, montgomery(x, load(&b[at..at + 8])));
+                }
+                None => store(dst, x),
+            }
         }
     }
+}
+
+/// `x · y · 2^-32 mod P` in `[0, 2P)` per lane (Montgomery reduction of each product).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn montgomery(xv: __m256i, yv: __m256i) -> __m256i {
+    let (pv, pinv) = (splat(P), splat(P_NEG_INV));
+    // Per 64-bit lane: z = x·y, m = (z mod 2^32)·(-1/P), (z + m·P) / 2^32 (`vpmuludq` reads the
+    // low 32 bits of each 64-bit lane, so the even words go as they are and the odd ones shifted).
+    let redc = |x: __m256i, y: __m256i| {
+        let z = _mm256_mul_epu32(x, y);
+        let m = _mm256_mul_epu32(z, pinv);
+        _mm256_add_epi64(z, _mm256_mul_epu32(m, pv))
+    };
+    let even = _mm256_srli_epi64::<32>(redc(xv, yv));
+    let odd = redc(_mm256_srli_epi64::<32>(xv), _mm256_srli_epi64::<32>(yv));
+    _mm256_blend_epi32::<0b1010_1010>(even, odd)
 }
 
 #[target_feature(enable = "avx2")]
@@ -253,19 +291,7 @@ fn inverse_avx2(a: &mut [u32; N]) {
 
 #[target_feature(enable = "avx2")]
 fn mul_montgomery_avx2(a: &mut [u32; N], b: &[u32; N]) {
-    let (pv, pinv) = (splat(P), splat(P_NEG_INV));
-    let (a8, b8) = (a.chunks_exact_mut(8), b.chunks_exact(8));
-    // Per 64-bit lane: z = x·y, m = (z mod 2^32)·(-1/P), (z + m·P) / 2^32 (`vpmuludq` reads the
-    // low 32 bits of each 64-bit lane, so the even words go as they are and the odd ones shifted).
-    let redc = |x: __m256i, y: __m256i| {
-        let z = _mm256_mul_epu32(x, y);
-        let m = _mm256_mul_epu32(z, pinv);
-        _mm256_add_epi64(z, _mm256_mul_epu32(m, pv))
-    };
-    for (x, y) in a8.zip(b8) {
-        let (xv, yv) = (load(x), load(y));
-        let even = _mm256_srli_epi64::<32>(redc(xv, yv));
-        let odd = redc(_mm256_srli_epi64::<32>(xv), _mm256_srli_epi64::<32>(yv));
-        store(x, _mm256_blend_epi32::<0b1010_1010>(even, odd));
+    for (x, y) in a.chunks_exact_mut(8).zip(b.chunks_exact(8)) {
+        store(x, montgomery(load(x), load(y)));
     }
 }
