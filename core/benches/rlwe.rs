@@ -41,6 +41,8 @@ fn bench_client(c: &mut Criterion) {
         bch.iter(|| drop(SecretKey::generate(&mut rng, &mut words)))
     });
     let mut index = 0;
+    // The errors from the stream the client draws them from.
+    let mut errors = rlwe::ErrorRng::from_key(&[9; 32]);
     g.bench_function("encrypt_per_input_term", |bch| {
         bch.iter(|| {
             index += 1;
@@ -49,7 +51,7 @@ fn bench_client(c: &mut Criterion) {
                 &seed,
                 index,
                 black_box(&msg),
-                &mut rng,
+                &mut errors,
                 &mut ws,
                 &mut b,
             )
@@ -83,6 +85,74 @@ fn bench_client(c: &mut Criterion) {
     let mut acc = vec![0u32; rlwe::check::OFFLINE_CHECKS * N];
     g.bench_function("accumulate_per_term", |bch| {
         bch.iter(|| rlwe::check::accumulate(&mut acc, black_box(&columns), &coeffs))
+    });
+    g.finish();
+}
+
+/// The offline phase's mask columns (64 inputs of all N slots, `rlwe::layer::mask_columns`: one
+/// ChaCha20 setup and 4-block refill per slot, its words scattered 16 KiB apart) against the same
+/// words from `rlwe::chacha20_lanes` (eight slots' streams per call, each word stored for eight
+/// slots at once), checked equal first. Per term = per mask word.
+fn bench_masks(c: &mut Criterion) {
+    use veil_core::mask::{MaskDomain, MaskKey};
+    use veil_core::model::ModelConfig;
+    use veil_core::rlwe::layer::{mask_columns, COLUMNS};
+    let cfg = ModelConfig {
+        n_layer: 6,
+        n_embd: 768,
+        n_head: 12,
+        n_positions: 1024,
+        vocab_size: 50257,
+        n_inner: 3072,
+    };
+    let linear = cfg.linears().nth(3).expect("a layer");
+    let key = MaskKey::from_bytes([4; 32]);
+    let (slot0, first) = (8192u64, 128usize);
+    let mut want = vec![0u32; COLUMNS * N];
+    mask_columns(
+        &key,
+        &cfg,
+        linear,
+        slot0..slot0 + N as u64,
+        first..first + COLUMNS,
+        &mut want,
+    );
+    let lanes = |out: &mut [u32]| {
+        let word = ((MaskDomain::Input as u64) << 56)
+            | ((linear.flat_index(&cfg) as u64) << 32)
+            | first as u64;
+        let keys = [*key.as_bytes(); 8];
+        let mut block = [[0u32; 8]; 16];
+        for k0 in (0..N).step_by(8) {
+            let streams: [u64; 8] = core::array::from_fn(|l| slot0 + (k0 + l) as u64);
+            for b in 0..COLUMNS / 16 {
+                rlwe::chacha20_lanes(&keys, &streams, word / 16 + b as u64, &mut block);
+                for (w, v) in block.iter().enumerate() {
+                    let c = 16 * b + w;
+                    out[c * N + k0..c * N + k0 + 8].copy_from_slice(v);
+                }
+            }
+        }
+    };
+    let mut got = vec![0u32; COLUMNS * N];
+    lanes(&mut got);
+    assert_eq!(got, want, "the lanes give mask_columns' words");
+    let mut g = c.benchmark_group("rlwe_masks");
+    g.throughput(Throughput::Elements((COLUMNS * N) as u64));
+    g.bench_function("mask_columns_per_term", |bch| {
+        bch.iter(|| {
+            mask_columns(
+                &key,
+                &cfg,
+                linear,
+                slot0..slot0 + N as u64,
+                first..first + COLUMNS,
+                black_box(&mut want),
+            )
+        })
+    });
+    g.bench_function("chacha20_lanes_per_term", |bch| {
+        bch.iter(|| lanes(black_box(&mut got)))
     });
     g.finish();
 }
@@ -124,5 +194,5 @@ fn bench_server(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_client, bench_server);
+criterion_group!(benches, bench_client, bench_masks, bench_server);
 criterion_main!(benches);

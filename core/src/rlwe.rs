@@ -108,6 +108,10 @@ pub mod layer;
 pub mod noise;
 pub mod ntt;
 pub mod server;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+// `#[target_feature]` builds of the portable passes: each `unsafe` has its SAFETY.
+mod x86;
 
 pub use noise::{log2_failure_bound, max_column_norm2};
 pub use server::{gemm_i8_u64, mod_switch};
@@ -143,11 +147,150 @@ impl Seed {
 /// `l` being the `l`-th `u64` of the keystream (`next_u64`: two little-endian 32-bit words). The
 /// server can expand any coefficient range, e.g. one column tile of its product.
 pub fn expand_a(seed: &Seed, index: u64, first: usize, out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::expand_a(t, &seed.0, index, first, out);
+    }
+    expand_a_portable(seed, index, first, out)
+}
+
+/// The portable [`expand_a`]: rand_chacha's `ChaCha20Rng` itself.
+fn expand_a_portable(seed: &Seed, index: u64, first: usize, out: &mut [u64]) {
     let mut rng = ChaCha20Rng::from_seed(seed.0);
     rng.set_stream(index);
     rng.set_word_pos(2 * first as u128);
     for x in out.iter_mut() {
         *x = rng.next_u64();
+    }
+}
+
+/// A ChaCha20 keystream (stream 0 of a 32-byte key, as rand_chacha's `ChaCha20Rng`) for a batch's
+/// secret randomness, above all the errors of [`encrypt`] (22 KB per ciphertext): keyed once, e.g.
+/// from the operating system's CSPRNG, generated eight blocks at a time (AVX2 on x86_64), its key
+/// and buffered output zeroized on drop. Its `Debug` shows no contents.
+pub struct ErrorRng {
+    key: [u8; 32],
+    /// The next block to generate.
+    block: u64,
+    /// Eight blocks of output, `at` the first unused word.
+    buf: [u32; 128],
+    at: usize,
+}
+
+impl ErrorRng {
+    /// The stream of `key` (which the caller then zeroizes).
+    pub fn from_key(key: &[u8; 32]) -> Self {
+        ErrorRng {
+            key: *key,
+            block: 0,
+            buf: [0; 128],
+            at: 128,
+        }
+    }
+
+    fn refill(&mut self) {
+        chacha20_eight_blocks(&self.key, 0, self.block, &mut self.buf);
+        self.block = self.block.wrapping_add(8);
+        self.at = 0;
+    }
+}
+
+/// ChaCha20 blocks `block..block + 8` of `(key, stream)` into `out`, block after block: on AVX2,
+/// else rand_chacha's words (the same words, as the tests check).
+fn chacha20_eight_blocks(key: &[u8; 32], stream: u64, block: u64, out: &mut [u32; 128]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::chacha20_eight_blocks(t, key, stream, block, out);
+    }
+    let mut rng = ChaCha20Rng::from_seed(*key);
+    rng.set_stream(stream);
+    rng.set_word_pos(16 * block as u128);
+    for o in out.iter_mut() {
+        *o = rng.next_u32();
+    }
+}
+
+/// Block `block` of ChaCha20 under eight (key, stream) pairs at once: `out[w][l]` is word `w` of
+/// that block of `(keys[l], streams[l])` (rand_chacha's `ChaCha20Rng` words `16·block + w` after
+/// `set_stream(streams[l])`). Word-major, so that eight slots' words land next to each other,
+/// e.g. mask words of eight slots (one stream each) for a column of [`layer::mask_columns`]'s
+/// output. On AVX2 one block per lane; else rand_chacha.
+pub fn chacha20_lanes(
+    keys: &[[u8; 32]; 8],
+    streams: &[u64; 8],
+    block: u64,
+    out: &mut [[u32; 8]; 16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::chacha20_lanes(t, keys, streams, block, out);
+    }
+    for (l, (key, &stream)) in keys.iter().zip(streams).enumerate() {
+        let mut rng = ChaCha20Rng::from_seed(*key);
+        rng.set_stream(stream);
+        rng.set_word_pos(16 * block as u128);
+        for w in out.iter_mut() {
+            w[l] = rng.next_u32();
+        }
+    }
+}
+
+impl RngCore for ErrorRng {
+    fn next_u32(&mut self) -> u32 {
+        if self.at == self.buf.len() {
+            self.refill();
+        }
+        self.at += 1;
+        self.buf[self.at - 1]
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let lo = self.next_u32() as u64;
+        lo | (self.next_u32() as u64) << 32
+    }
+
+    /// Whole words, little-endian; a last partial word's unused bytes are discarded.
+    fn fill_bytes(&mut self, mut dest: &mut [u8]) {
+        while !dest.is_empty() {
+            if self.at == self.buf.len() {
+                self.refill();
+            }
+            let words = (self.buf.len() - self.at).min(dest.len().div_ceil(4));
+            let bytes = dest.len().min(4 * words);
+            let (head, rest) = dest.split_at_mut(bytes);
+            let src = &self.buf[self.at..self.at + words];
+            let mut whole = head.chunks_exact_mut(4);
+            for (d, w) in (&mut whole).zip(src) {
+                d.copy_from_slice(&w.to_le_bytes());
+            }
+            let tail = whole.into_remainder();
+            if let Some(w) = src.get(bytes / 4) {
+                tail.copy_from_slice(&w.to_le_bytes()[..tail.len()]);
+            }
+            self.at += words;
+            dest = rest;
+        }
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_chacha::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+// ChaCha20 under a key the caller draws from a CSPRNG.
+impl CryptoRng for ErrorRng {}
+
+impl Drop for ErrorRng {
+    fn drop(&mut self) {
+        self.key.zeroize();
+        self.buf.zeroize();
+    }
+}
+
+impl core::fmt::Debug for ErrorRng {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("ErrorRng(<secret>)")
     }
 }
 
@@ -195,27 +338,74 @@ const LIMB_BITS: u32 = 16;
 /// Most limbs of a word.
 const LIMBS: usize = (64 / LIMB_BITS) as usize;
 
-/// `limbs[k] ← limb k of (src · s)` for the `count` low 16-bit limbs of every `src` word: each
-/// limb split off, transformed, multiplied by the key and transformed back, leaving residues in
-/// `[0, P)` whose [`ntt::centred`] values are the exact integer products (`|·| < 2^28`). The
-/// buffers then hold key-dependent values (the [`Workspace`] zeroizes them on drop).
+/// `limbs[k] ← limb k of (src · s)` for the `count` low 16-bit limbs of every `src` word: the
+/// limbs split off (one pass over `src`), each transformed, multiplied by the key and transformed
+/// back, leaving residues in `[0, P)` whose [`ntt::centred`] values are the exact integer products
+/// (`|·| < 2^28`). The buffers then hold key-dependent values (the [`Workspace`] zeroizes them on
+/// drop).
 fn limb_products(key: &SecretKey<'_>, src: &[u64], count: usize, limbs: &mut [u32]) {
     debug_assert!(src.len() == N && count <= LIMBS && limbs.len() == LIMBS * N);
-    for (k, limb) in limbs.chunks_exact_mut(N).enumerate().take(count) {
+    split_limbs(src, count, limbs);
+    for limb in limbs.chunks_exact_mut(N).take(count) {
         let limb: &mut [u32; N] = limb.try_into().expect("N words per limb");
-        let shift = LIMB_BITS * k as u32;
-        for (l, &x) in limb.iter_mut().zip(src) {
-            *l = (x >> shift) as u32 & 0xffff;
-        }
-        ntt::forward(limb);
-        ntt::mul_montgomery(limb, key.ntt);
+        ntt::forward_mul_montgomery(limb, key.ntt);
         ntt::inverse(limb);
     }
 }
 
-/// `Σ_k centred(limbs[k][i]) · 2^(16k) (mod 2^64)`: coefficient `i` of the product
-/// [`limb_products`] split.
+/// `limbs[k][i] ← bits 16k..16k + 16 of src[i]` for `k < count`, on the best kernel for this CPU.
+fn split_limbs(src: &[u64], count: usize, limbs: &mut [u32]) {
+    assert!(src.len() == N && count <= LIMBS && limbs.len() == LIMBS * N);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::split_limbs(t, src, count, limbs);
+    }
+    split_limbs_portable(src, count, limbs)
+}
+
+/// Coefficients per block of the passes that recombine limbs: a block's accumulators stay in
+/// registers or L1 while every limb's words of that block are added in.
+const BLOCK: usize = 64;
+
+/// The portable [`split_limbs`] (shapes checked there); blocks of [`BLOCK`] words, each read once
+/// per limb while it is in L1, in fixed-width loops that LLVM vectorises.
+#[inline(always)] // so that the AVX2 build in `x86` compiles its own copy
+fn split_limbs_portable(src: &[u64], count: usize, limbs: &mut [u32]) {
+    for (i0, block) in (0..N).step_by(BLOCK).zip(src.chunks_exact(BLOCK)) {
+        let block: &[u64; BLOCK] = block.try_into().expect("a block");
+        for (k, limb) in limbs.chunks_exact_mut(N).enumerate().take(count) {
+            let shift = LIMB_BITS * k as u32;
+            let out: &mut [u32; BLOCK] = (&mut limb[i0..i0 + BLOCK]).try_into().expect("a block");
+            for (o, &x) in out.iter_mut().zip(block) {
+                *o = (x >> shift) as u32 & 0xffff;
+            }
+        }
+    }
+}
+
+/// `acc[t] += Σ_k centred(limbs[k][i0 + t]) · 2^(16k + shift) (mod 2^64)` for `k < count`: the
+/// product [`limb_products`] split, for one block of coefficients, shifted up by `shift` bits.
 #[inline(always)]
+fn add_products(acc: &mut [u64; BLOCK], limbs: &[u32], count: usize, i0: usize, shift: u32) {
+    for (k, limb) in limbs.chunks_exact(N).enumerate().take(count) {
+        let s = LIMB_BITS * k as u32 + shift;
+        let words: &[u32; BLOCK] = limb[i0..i0 + BLOCK].try_into().expect("a block");
+        for (a, &x) in acc.iter_mut().zip(words) {
+            *a = a.wrapping_add(centred(x) << s);
+        }
+    }
+}
+
+/// [`ntt::centred`], written on 32-bit lanes (the residue is below `2^30`) so that it vectorises.
+#[inline(always)]
+fn centred(x: u32) -> u64 {
+    let neg = (((ntt::P / 2).wrapping_sub(x) as i32) >> 31) as u32;
+    (x as i32).wrapping_sub((ntt::P & neg) as i32) as i64 as u64
+}
+
+/// `Σ_k centred(limbs[k][i]) · 2^(16k) (mod 2^64)`: coefficient `i` of the product
+/// [`limb_products`] split (the tests' reading of the limbs).
+#[cfg(test)]
 fn recombine(limbs: &[u32], count: usize, i: usize) -> u64 {
     let mut v = 0u64;
     for k in 0..count {
@@ -278,16 +468,68 @@ pub fn encrypt(
     // `b` holds `a` until its limbs are split off.
     expand_a(seed, index, 0, b);
     limb_products(key, b, LIMBS, ws.limbs);
-    for (i, (out, &m)) in b.iter_mut().zip(msg).enumerate() {
-        *out = ((m as u64) << DELTA_BITS).wrapping_sub(recombine(ws.limbs, LIMBS, i));
+    let mut bits = [0u8; NOISE_BYTES];
+    for (i0, (out, m)) in (0..N)
+        .step_by(BLOCK)
+        .zip(b.chunks_exact_mut(BLOCK).zip(msg.chunks_exact(BLOCK)))
+    {
+        // Three errors per 128 random bits: 2·21 bits each, chunks of three coefficients from
+        // coefficient 0 on (so a block's last chunk may reach into the next block).
+        let (c0, c1) = (i0 / 3, (i0 + BLOCK).div_ceil(3));
+        let bits = &mut bits[..(c1 - c0) * 16];
+        rng.fill_bytes(bits);
+        finish_encryption(ws.limbs, i0, c0, bits, m, out);
     }
-    // Three errors per 128 random bits: 2·21 bits each.
-    for chunk in b.chunks_mut(3) {
-        let x = rng.next_u64() as u128 | (rng.next_u64() as u128) << 64;
-        for (k, out) in chunk.iter_mut().enumerate() {
-            *out = out.wrapping_add(centred_binomial(x >> (2 * ETA as usize * k)));
+    bits.zeroize();
+}
+
+/// Random bytes one block of [`encrypt`]'s errors draws at most: the chunks of three
+/// coefficients that meet a block of [`BLOCK`] (22 of 16 bytes, whatever the block's offset).
+const NOISE_BYTES: usize = (BLOCK + 2).div_ceil(3) * 16;
+
+/// `out[t] ← 2^32·m[t] - (a·s)[i0 + t] + e[i0 + t]` for one block of coefficients, `e` from the
+/// random `bits` of chunks `c0..` (chunk `c` gives the errors of coefficients `3c..3c + 3`), on
+/// the best kernel for this CPU. The temporaries holding errors are zeroized.
+fn finish_encryption(limbs: &[u32], i0: usize, c0: usize, bits: &[u8], m: &[u32], out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::finish_encryption(t, limbs, i0, c0, bits, m, out);
+    }
+    finish_encryption_portable(limbs, i0, c0, bits, m, out)
+}
+
+/// The portable [`finish_encryption`].
+#[inline(always)]
+fn finish_encryption_portable(
+    limbs: &[u32],
+    i0: usize,
+    c0: usize,
+    bits: &[u8],
+    m: &[u32],
+    out: &mut [u64],
+) {
+    let (m, out): (&[u32; BLOCK], &mut [u64; BLOCK]) = (
+        m.try_into().expect("a block"),
+        out.try_into().expect("a block"),
+    );
+    // The 42 random bits of every coefficient of the chunks (coefficient `3·c0 + t` in `t`).
+    let mut fields = [0u64; NOISE_BYTES / 16 * 3];
+    for (f, x) in fields.chunks_exact_mut(3).zip(bits.chunks_exact(16)) {
+        let x = u128::from_le_bytes(x.try_into().expect("16 bytes"));
+        for (k, f) in f.iter_mut().enumerate() {
+            *f = (x >> (2 * ETA as usize * k)) as u64;
         }
     }
+    let at = i0 - 3 * c0;
+    let mut acc = [0u64; BLOCK];
+    add_products(&mut acc, limbs, LIMBS, i0, 0);
+    let block_fields = &fields[at..at + BLOCK];
+    for ((o, (&a, &f)), &m) in out.iter_mut().zip(acc.iter().zip(block_fields)).zip(m) {
+        *o = ((m as u64) << DELTA_BITS)
+            .wrapping_sub(a)
+            .wrapping_add(centred_binomial(f as u128));
+    }
+    fields.zeroize();
 }
 
 /// `popcount(bits 0..η) - popcount(bits η..2η)` of `x` as a two's-complement word.
@@ -417,7 +659,18 @@ fn pack_bits(values: &[u64], width: u32, out: &mut [u32]) {
     }
 }
 
+/// Reads [`pack_bits`]'s stream back, on the best kernel for this CPU.
 fn unpack_bits(words: &[u32], width: u32, values: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::unpack_bits(t, words, width, values);
+    }
+    unpack_bits_portable(words, width, values)
+}
+
+/// The portable [`unpack_bits`].
+#[inline(always)]
+fn unpack_bits_portable(words: &[u32], width: u32, values: &mut [u64]) {
     let mask = if width == 64 {
         u64::MAX
     } else {
@@ -469,10 +722,40 @@ pub fn decrypt(
     // above them in the top limb add multiples of `2^(64 - drop_a)`, which the shift discards.
     let count = (64 - switch.drop_a).div_ceil(LIMB_BITS) as usize;
     limb_products(key, a, count, ws.limbs);
-    for (i, (o, &y)) in out.iter_mut().zip(b).enumerate() {
-        let p = recombine(ws.limbs, count, i);
-        let v = (y << switch.drop_b).wrapping_add(p << switch.drop_a);
-        *o = (v.wrapping_add(1 << (DELTA_BITS - 1)) >> DELTA_BITS) as u32;
+    finish_decryption(ws.limbs, count, b, switch, out);
+}
+
+/// `out[i] ← round((b[i]·2^drop_b + (a·s)[i]·2^drop_a) / 2^32)` from the `count` limbs of `a·s`,
+/// on the best kernel for this CPU.
+fn finish_decryption(limbs: &[u32], count: usize, b: &[u64], switch: ModSwitch, out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = crate::kernels::Avx2::detect() {
+        return x86::finish_decryption(t, limbs, count, b, switch, out);
+    }
+    finish_decryption_portable(limbs, count, b, switch, out)
+}
+
+/// The portable [`finish_decryption`], a block of [`BLOCK`] coefficients at a time.
+#[inline(always)]
+fn finish_decryption_portable(
+    limbs: &[u32],
+    count: usize,
+    b: &[u64],
+    switch: ModSwitch,
+    out: &mut [u32],
+) {
+    for (i0, (o, y)) in (0..N)
+        .step_by(BLOCK)
+        .zip(out.chunks_exact_mut(BLOCK).zip(b.chunks_exact(BLOCK)))
+    {
+        let mut acc = [0u64; BLOCK];
+        for (a, &y) in acc.iter_mut().zip(y) {
+            *a = (y << switch.drop_b).wrapping_add(1 << (DELTA_BITS - 1));
+        }
+        add_products(&mut acc, limbs, count, i0, switch.drop_a);
+        for (o, &v) in o.iter_mut().zip(&acc) {
+            *o = (v >> DELTA_BITS) as u32;
+        }
     }
 }
 
@@ -622,6 +905,81 @@ mod tests {
         }
     }
 
+    /// The passes around the transforms, on this CPU's kernel (AVX2 on x86_64) and portably,
+    /// give the same words, and the portable ones give what their definitions say.
+    #[test]
+    fn the_vector_passes_equal_the_portable_ones_and_their_definitions() {
+        let mut g = rng(13);
+        let src: Vec<u64> = (0..N).map(|_| g.next_u64()).collect();
+        for count in 1..=LIMBS {
+            let (mut fast, mut slow) = (vec![7u32; Workspace::WORDS], vec![7u32; Workspace::WORDS]);
+            split_limbs(&src, count, &mut fast);
+            split_limbs_portable(&src, count, &mut slow);
+            assert_eq!(fast, slow, "split {count}");
+            for (i, &x) in src.iter().enumerate() {
+                for k in 0..count {
+                    assert_eq!(slow[k * N + i], (x >> (16 * k)) as u32 & 0xffff);
+                }
+            }
+        }
+        // Limbs as the inverse transform leaves them: residues in [0, P), edges included.
+        let mut limbs: Vec<u32> = (0..Workspace::WORDS)
+            .map(|_| g.next_u32() % ntt::P)
+            .collect();
+        (limbs[0], limbs[1], limbs[2]) = (0, ntt::P / 2, ntt::P / 2 + 1);
+        limbs[3] = ntt::P - 1;
+        let msg: Vec<u32> = (0..N).map(|_| g.next_u32()).collect();
+        let bits: Vec<u8> = (0..N.div_ceil(3) * 16)
+            .map(|_| g.next_u32() as u8)
+            .collect();
+        for i0 in (0..N).step_by(BLOCK) {
+            let (c0, c1) = (i0 / 3, (i0 + BLOCK).div_ceil(3));
+            let bits = &bits[16 * c0..16 * c1];
+            let (mut fast, mut slow) = (vec![0u64; BLOCK], vec![0u64; BLOCK]);
+            let m = &msg[i0..i0 + BLOCK];
+            finish_encryption(&limbs, i0, c0, bits, m, &mut fast);
+            finish_encryption_portable(&limbs, i0, c0, bits, m, &mut slow);
+            assert_eq!(fast, slow, "encryption block {i0}");
+            for (t, &o) in slow.iter().enumerate() {
+                let i = i0 + t;
+                let x = u128::from_le_bytes(bits[16 * (i / 3 - c0)..][..16].try_into().unwrap());
+                let e = centred_binomial(x >> (42 * (i % 3)));
+                let want = ((msg[i] as u64) << 32)
+                    .wrapping_sub(recombine(&limbs, LIMBS, i))
+                    .wrapping_add(e);
+                assert_eq!(o, want, "coefficient {i}");
+            }
+        }
+        for switch in [
+            ModSwitch::NONE,
+            ModSwitch::RECOMMENDED,
+            ModSwitch {
+                drop_a: 40,
+                drop_b: 3,
+            },
+        ] {
+            let count = (64 - switch.drop_a).div_ceil(LIMB_BITS) as usize;
+            let (mut fast, mut slow) = (vec![0u32; N], vec![0u32; N]);
+            finish_decryption(&limbs, count, &src, switch, &mut fast);
+            finish_decryption_portable(&limbs, count, &src, switch, &mut slow);
+            assert_eq!(fast, slow, "{switch:?}");
+            for (i, &o) in slow.iter().enumerate() {
+                let v = (src[i] << switch.drop_b)
+                    .wrapping_add(recombine(&limbs, count, i) << switch.drop_a);
+                assert_eq!(o, (v.wrapping_add(1 << 31) >> 32) as u32, "{switch:?} {i}");
+            }
+        }
+        for width in [1, 20, 36, 41, 57, 63, 64] {
+            let words: Vec<u32> = (0..(N * width as usize).div_ceil(32))
+                .map(|_| g.next_u32())
+                .collect();
+            let (mut fast, mut slow) = (vec![0u64; N], vec![0u64; N]);
+            unpack_bits(&words, width, &mut fast);
+            unpack_bits_portable(&words, width, &mut slow);
+            assert_eq!(fast, slow, "width {width}");
+        }
+    }
+
     #[test]
     fn the_sampled_key_is_uniform_ternary_and_errors_are_centred_binomial() {
         let g = rng(3);
@@ -667,6 +1025,95 @@ mod tests {
         // Uniform-looking: about half of all bits set.
         let ones: u32 = a.iter().map(|x| x.count_ones()).sum();
         assert!((ones as f64 / (64 * N) as f64 - 0.5).abs() < 0.01);
+    }
+
+    /// The vector expansion (AVX2 on x86_64) gives rand_chacha's words from any start, over any
+    /// length, for any stream, across the 32-bit half of the block counter.
+    #[test]
+    fn the_vector_expansion_equals_rand_chacha_from_any_position() {
+        let mut g = rng(17);
+        let carry = ((1usize << 32) - 3) * 8; // three blocks below 2^32: the counter's high word
+        for (first, len) in [
+            (0, N),
+            (1, 1),
+            (3, 77),
+            (7, 64),
+            (8, 65),
+            (1000, 100),
+            (carry, 60),
+        ] {
+            for _ in 0..3 {
+                let seed = Seed::random(&mut g);
+                let index = g.next_u64();
+                let (mut fast, mut slow) = (vec![0u64; len], vec![0u64; len]);
+                expand_a(&seed, index, first, &mut fast);
+                expand_a_portable(&seed, index, first, &mut slow);
+                assert_eq!(fast, slow, "first {first} len {len}");
+            }
+        }
+    }
+
+    /// The error stream is rand_chacha's ChaCha20 stream 0 of its key, word for word, whatever
+    /// the sizes it is read in.
+    #[test]
+    fn the_error_stream_is_rand_chachas_stream() {
+        let key = [0x5a; 32];
+        let mut reference = ChaCha20Rng::from_seed(key);
+        let want: Vec<u8> = (0..3000)
+            .flat_map(|_| reference.next_u32().to_le_bytes())
+            .collect();
+        let mut r = ErrorRng::from_key(&key);
+        let mut got = Vec::new();
+        for n in [1usize, 3, 4, 7, 16, 500, 513, 1024, 2000] {
+            let mut b = vec![0u8; n];
+            r.fill_bytes(&mut b);
+            got.extend_from_slice(&b[..n / 4 * 4]);
+            if n % 4 != 0 {
+                // The partial word's bytes are its first ones; the rest of that word is skipped.
+                let at = got.len();
+                got.extend_from_slice(&want[at..at + 4]);
+                assert_eq!(b[n / 4 * 4..], want[at..at + n % 4]);
+            }
+        }
+        let at = got.len() / 4;
+        assert_eq!(got, want[..got.len()]);
+        let x = r.next_u64();
+        let w = |i: usize| u32::from_le_bytes(want[4 * i..4 * i + 4].try_into().unwrap()) as u64;
+        assert_eq!(x, w(at) | w(at + 1) << 32);
+        // The vector blocks equal rand_chacha's for another stream and block too.
+        let mut out = [0u32; 128];
+        chacha20_eight_blocks(&key, 9, 1 << 32, &mut out);
+        let mut reference = ChaCha20Rng::from_seed(key);
+        reference.set_stream(9);
+        reference.set_word_pos(16 << 32);
+        assert!(out.iter().all(|&x| x == reference.next_u32()));
+        assert_eq!(std::format!("{r:?}"), "ErrorRng(<secret>)");
+    }
+
+    /// Eight lanes of keys and streams give each pair's rand_chacha words, at any block (the
+    /// mask streams' blocks are beyond 2^52).
+    #[test]
+    fn the_lanes_give_each_key_and_streams_words() {
+        let mut g = rng(19);
+        for block in [0u64, 5, (2 << 52) | (7 << 28), u64::MAX - 1] {
+            let mut keys = [[0u8; 32]; 8];
+            for k in keys.iter_mut() {
+                g.fill_bytes(k);
+            }
+            keys[3] = keys[2]; // a shared key, other streams
+            let streams: [u64; 8] = core::array::from_fn(|l| g.next_u64() >> (8 * (l % 3)));
+            let mut out = [[0u32; 8]; 16];
+            chacha20_lanes(&keys, &streams, block, &mut out);
+            for l in 0..8 {
+                let mut r = ChaCha20Rng::from_seed(keys[l]);
+                r.set_stream(streams[l]);
+                r.set_word_pos(16 * block as u128);
+                assert!(
+                    out.iter().all(|w| w[l] == r.next_u32()),
+                    "lane {l} block {block}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! few hundred outputs at a time), so the online phase still reads one record per token.
 //!
 //! Memory is bounded and independent of the model's size but for its widest layer: a tile of
-//! [`COLUMNS`] mask columns (1 MiB), [`GROUP`] decrypted columns (4 MiB), one ciphertext each
+//! [`COLUMNS`] mask columns (1 MiB), [`GROUP`] decrypted columns (16 MiB), one ciphertext each
 //! way, the key and scratch (about 100 KiB).
 //!
 //! Integrity: every decrypted term is checked ([`veil_core::rlwe::check`]: 40 secret vectors
@@ -32,7 +32,7 @@ use veil_core::model::{LinearId, ModelConfig};
 use veil_core::rlwe::check::{accumulate, check_vectors, first_mismatch, OFFLINE_CHECKS};
 use veil_core::rlwe::layer::{mask_columns, COLUMNS};
 use veil_core::rlwe::{
-    decrypt, encrypt, input_words, unpack_result, ModSwitch, SecretKey, Seed, Workspace,
+    decrypt, encrypt, input_words, unpack_result, ErrorRng, ModSwitch, SecretKey, Seed, Workspace,
     INPUT_WORDS, N,
 };
 use veil_core::session::pool_record_offset;
@@ -41,8 +41,15 @@ use zeroize::Zeroize;
 use crate::pool::{PoolError, PoolSource, ProjectionSink, ProjectionStream};
 use crate::transport::{Connection, TransportError};
 
-/// Decrypted output columns gathered before they are written into the slots' records.
-pub const GROUP: usize = 256;
+/// Decrypted output columns gathered before they are written into the slots' records (the
+/// words each slot's record gets per positioned write: 4 KiB, a page).
+pub const GROUP: usize = 1024;
+
+/// Decrypted columns added into the check sums at a time, while they are in cache (1 MiB).
+const CHECK_COLUMNS: usize = 64;
+
+/// Slots transposed at a time from the gathered columns into records: one cache line of each.
+const TILE: usize = 16;
 
 /// Why the offline phase failed.
 #[derive(Debug, thiserror::Error)]
@@ -306,8 +313,7 @@ pub fn precompute_through<R: Read, W: Write>(
         let slot0 = pool.filled();
         let mut key_words = vec![0u32; SecretKey::WORDS];
         {
-            // The batch's randomness (key, seeds, errors): the OS's, fetched 64 KiB at a time
-            // rather than one system call per word, and zeroized when the batch is done.
+            // The batch's randomness (key, seeds, errors), from the OS once per batch.
             let mut rng = OsRandom::new();
             let key = SecretKey::generate(&mut rng, &mut key_words);
             // Each slot's mask key, written into its record (the online phase regenerates the
@@ -345,67 +351,45 @@ pub fn precompute_through<R: Read, W: Write>(
     Ok(stats)
 }
 
-/// The operating system's random numbers, read in 64 KiB blocks; the unread rest is zeroized when
-/// dropped (it holds future key and error bits).
+/// The batch's random numbers (key, seeds, errors): ChaCha20 ([`ErrorRng`]) keyed once per batch
+/// with 32 bytes from the operating system's CSPRNG, the standard way to draw much randomness from
+/// it (the errors alone are 22 KB per ciphertext; reading them from the OS cost the kernel's own
+/// ChaCha20 and a system call per 64 KiB). Its key and buffered output are zeroized when dropped.
 struct OsRandom {
-    buf: Box<[u8]>,
-    at: usize,
+    rng: ErrorRng,
 }
 
 impl OsRandom {
-    const BLOCK: usize = 1 << 16;
-
     fn new() -> Self {
-        OsRandom {
-            buf: vec![0u8; Self::BLOCK].into_boxed_slice(),
-            at: Self::BLOCK,
-        }
+        let mut seed = [0u8; 32];
+        // OsRng panics only if the OS has no random numbers at all.
+        OsRng.fill_bytes(&mut seed);
+        let rng = ErrorRng::from_key(&seed);
+        seed.zeroize();
+        OsRandom { rng }
     }
 }
 
 impl RngCore for OsRandom {
     fn next_u32(&mut self) -> u32 {
-        let mut b = [0u8; 4];
-        self.fill_bytes(&mut b);
-        u32::from_le_bytes(b)
+        self.rng.next_u32()
     }
 
     fn next_u64(&mut self) -> u64 {
-        let mut b = [0u8; 8];
-        self.fill_bytes(&mut b);
-        u64::from_le_bytes(b)
+        self.rng.next_u64()
     }
 
-    fn fill_bytes(&mut self, mut dest: &mut [u8]) {
-        while !dest.is_empty() {
-            if self.at == Self::BLOCK {
-                // OsRng panics only if the OS has no random numbers at all.
-                OsRng.fill_bytes(&mut self.buf);
-                self.at = 0;
-            }
-            let n = dest.len().min(Self::BLOCK - self.at);
-            let src = &mut self.buf[self.at..self.at + n];
-            dest[..n].copy_from_slice(src);
-            src.zeroize();
-            self.at += n;
-            dest = &mut dest[n..];
-        }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.rng.fill_bytes(dest)
     }
 
     fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
+        self.rng.try_fill_bytes(dest)
     }
 }
 
-// The bytes are the operating system's CSPRNG output, each handed out once.
+// ChaCha20 keyed from the OS's CSPRNG.
 impl CryptoRng for OsRandom {}
-
-impl Drop for OsRandom {
-    fn drop(&mut self) {
-        self.buf.zeroize();
-    }
-}
 
 /// The client's scratch, allocated once per run.
 struct Buffers {
@@ -440,7 +424,7 @@ impl Buffers {
             reply: vec![0; widest],
             col: vec![0; N],
             group: vec![0; GROUP * N],
-            row: vec![0; GROUP],
+            row: vec![0; GROUP * TILE],
             ws: vec![0; Workspace::WORDS],
             check_s: vec![0; cfg.widest_linear().1 * OFFLINE_CHECKS],
             check_p: vec![0; cfg.widest_linear().0 * OFFLINE_CHECKS],
@@ -535,20 +519,33 @@ fn offline_layer<R: Read, W: Write>(
                 });
             }
             unpack_result(reply, switch, &mut buf.a, &mut buf.b);
-            decrypt(key, &buf.a, &buf.b, switch, &mut ws, &mut buf.col);
-            buf.group[jj * N..(jj + 1) * N].copy_from_slice(&buf.col);
-        }
-        accumulate(
-            &mut buf.from_terms,
-            &buf.group[..g * N],
-            &s[j0 * OFFLINE_CHECKS..(j0 + g) * OFFLINE_CHECKS],
-        );
-        // Transpose into each slot's record: `g` consecutive words per slot.
-        for k in 0..slots as usize {
-            for (jj, r) in buf.row[..g].iter_mut().enumerate() {
-                *r = buf.group[jj * N + k];
+            let col = &mut buf.group[jj * N..(jj + 1) * N];
+            decrypt(key, &buf.a, &buf.b, switch, &mut ws, col);
+            // Into the check sums while the last columns are still in cache.
+            if (jj + 1) % CHECK_COLUMNS == 0 || jj + 1 == g {
+                let c0 = jj / CHECK_COLUMNS * CHECK_COLUMNS;
+                let (j1, j2) = (j0 + c0, j0 + jj + 1);
+                accumulate(
+                    &mut buf.from_terms,
+                    &buf.group[c0 * N..(jj + 1) * N],
+                    &s[j1 * OFFLINE_CHECKS..j2 * OFFLINE_CHECKS],
+                );
             }
-            pool.write_terms(slot0 + k as u64, base + j0, &buf.row[..g])?;
+        }
+        // Transpose into each slot's record: `g` consecutive words per slot, for a block of
+        // `TILE` slots at a time (one cache line of every column, read once, instead of one
+        // word of `g` lines 16 KiB apart per slot).
+        for k0 in (0..slots as usize).step_by(TILE) {
+            let tile = &mut buf.row[..g * TILE];
+            for (jj, t) in tile.chunks_exact_mut(TILE).enumerate() {
+                t.copy_from_slice(&buf.group[jj * N + k0..jj * N + k0 + TILE]);
+            }
+            for k in k0..(k0 + TILE).min(slots as usize) {
+                for (jj, r) in buf.col[..g].iter_mut().enumerate() {
+                    *r = tile[jj * TILE + k - k0];
+                }
+                pool.write_terms(slot0 + k as u64, base + j0, &buf.col[..g])?;
+            }
         }
     }
     // Written beyond `filled`, the terms are not usable until the batch is committed.

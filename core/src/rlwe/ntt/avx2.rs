@@ -18,7 +18,9 @@ use core::arch::x86_64::{
     _mm256_unpackhi_epi32, _mm256_unpackhi_epi64, _mm256_unpacklo_epi32, _mm256_unpacklo_epi64,
 };
 
-use super::{BLOCK, N, N_INV, N_INV_SHOUP, P, P_NEG_INV, TABLES, TAIL, TWO_P};
+use super::{
+    BLOCK, LAST_INV_N, LAST_INV_N_SHOUP, N, N_INV, N_INV_SHOUP, P, P_NEG_INV, TABLES, TAIL, TWO_P,
+};
 use crate::kernels::Avx2;
 
 #[inline]
@@ -142,8 +144,22 @@ pub(super) fn mul_montgomery(_: Avx2, a: &mut [u32; N], b: &[u32; N]) {
     unsafe { mul_montgomery_avx2(a, b) }
 }
 
+/// [`super::forward_mul_montgomery`] on AVX2.
+pub(super) fn forward_mul_montgomery(_: Avx2, a: &mut [u32; N], b: &[u32; N]) {
+    // SAFETY: the `Avx2` token proves the CPU supports AVX2.
+    unsafe { forward_mul_avx2(a, Some(b)) }
+}
+
 #[target_feature(enable = "avx2")]
 fn forward_avx2(a: &mut [u32; N]) {
+    forward_mul_avx2(a, None)
+}
+
+/// The forward transform, and if `b` is given the Montgomery product with it in the same last
+/// pass (the values are in registers there).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn forward_mul_avx2(a: &mut [u32; N], b: Option<&[u32; N]>) {
     let tw = &TABLES;
     // Stages with partners t ≥ 8 apart: m blocks of 2t values, t/8 registers per half.
     let (mut t, mut m) = (N, 1);
@@ -164,7 +180,7 @@ fn forward_avx2(a: &mut [u32; N]) {
         .fwd_tail
         .chunks_exact(TAIL)
         .zip(tw.fwd_tail_shoup.chunks_exact(TAIL));
-    for (block, (wt, wst)) in a.chunks_exact_mut(BLOCK).zip(tails) {
+    for (i, (block, (wt, wst))) in a.chunks_exact_mut(BLOCK).zip(tails).enumerate() {
         let mut v = load_block(block);
         transpose(&mut v);
         let lane = |k: usize| (load(&wt[8 * k..8 * k + 8]), load(&wst[8 * k..8 * k + 8]));
@@ -182,10 +198,34 @@ fn forward_avx2(a: &mut [u32; N]) {
             let (w, ws) = lane(3 + k);
             (v[2 * k], v[2 * k + 1]) = ct(v[2 * k], v[2 * k + 1], w, ws);
         }
-        for (dst, x) in block.chunks_exact_mut(8).zip(v) {
-            store(dst, sub_if_ge(sub_if_ge(x, splat(TWO_P)), splat(P)));
+        for (k, (dst, x)) in block.chunks_exact_mut(8).zip(v).enumerate() {
+            let x = sub_if_ge(sub_if_ge(x, splat(TWO_P)), splat(P));
+            match b {
+                Some(b) => {
+                    let at = BLOCK * i + 8 * k;
+                    store(dst, montgomery(x, load(&b[at..at + 8])));
+                }
+                None => store(dst, x),
+            }
         }
     }
+}
+
+/// `x · y · 2^-32 mod P` in `[0, 2P)` per lane (Montgomery reduction of each product).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn montgomery(xv: __m256i, yv: __m256i) -> __m256i {
+    let (pv, pinv) = (splat(P), splat(P_NEG_INV));
+    // Per 64-bit lane: z = x·y, m = (z mod 2^32)·(-1/P), (z + m·P) / 2^32 (`vpmuludq` reads the
+    // low 32 bits of each 64-bit lane, so the even words go as they are and the odd ones shifted).
+    let redc = |x: __m256i, y: __m256i| {
+        let z = _mm256_mul_epu32(x, y);
+        let m = _mm256_mul_epu32(z, pinv);
+        _mm256_add_epi64(z, _mm256_mul_epu32(m, pv))
+    };
+    let even = _mm256_srli_epi64::<32>(redc(xv, yv));
+    let odd = redc(_mm256_srli_epi64::<32>(xv), _mm256_srli_epi64::<32>(yv));
+    _mm256_blend_epi32::<0b1010_1010>(even, odd)
 }
 
 #[target_feature(enable = "avx2")]
@@ -217,9 +257,10 @@ fn inverse_avx2(a: &mut [u32; N]) {
             store(dst, x);
         }
     }
-    // Stages with partners t ≥ 8 apart, from m = N/16 blocks of 16 values down to one block.
+    // Stages with partners t ≥ 8 apart, from m = N/16 blocks of 16 values down to two blocks;
+    // the last stage (one block) below, with the scaling by N^-1.
     let (mut t, mut m) = (8, N / 8);
-    while m > 1 {
+    while m > 2 {
         let h = m >> 1;
         for (b, block) in a.chunks_exact_mut(2 * t).enumerate() {
             let (w, ws) = (splat(tw.inv[h + b]), splat(tw.inv_shoup[h + b]));
@@ -233,27 +274,24 @@ fn inverse_avx2(a: &mut [u32; N]) {
         t <<= 1;
         m = h;
     }
+    // The last stage with N^-1 folded in: (x + y)·N^-1 and (x - y)·(w·N^-1), each reduced to
+    // [0, P) (the lazy product is below 2P for any 32-bit input, and x + y < 4P).
     let (ni, nis) = (splat(N_INV), splat(N_INV_SHOUP));
-    for x in a.chunks_exact_mut(8) {
-        store(x, sub_if_ge(mul_shoup(load(x), ni, nis), splat(P)));
+    let (wn, wns) = (splat(LAST_INV_N), splat(LAST_INV_N_SHOUP));
+    let (pv, two_p) = (splat(P), splat(TWO_P));
+    let (lo, hi) = a.split_at_mut(N / 2);
+    for (x, y) in lo.chunks_exact_mut(8).zip(hi.chunks_exact_mut(8)) {
+        let (u, v) = (load(x), load(y));
+        let sum = _mm256_add_epi32(u, v);
+        let diff = _mm256_sub_epi32(_mm256_add_epi32(u, two_p), v);
+        store(x, sub_if_ge(mul_shoup(sum, ni, nis), pv));
+        store(y, sub_if_ge(mul_shoup(diff, wn, wns), pv));
     }
 }
 
 #[target_feature(enable = "avx2")]
 fn mul_montgomery_avx2(a: &mut [u32; N], b: &[u32; N]) {
-    let (pv, pinv) = (splat(P), splat(P_NEG_INV));
-    let (a8, b8) = (a.chunks_exact_mut(8), b.chunks_exact(8));
-    // Per 64-bit lane: z = x·y, m = (z mod 2^32)·(-1/P), (z + m·P) / 2^32 (`vpmuludq` reads the
-    // low 32 bits of each 64-bit lane, so the even words go as they are and the odd ones shifted).
-    let redc = |x: __m256i, y: __m256i| {
-        let z = _mm256_mul_epu32(x, y);
-        let m = _mm256_mul_epu32(z, pinv);
-        _mm256_add_epi64(z, _mm256_mul_epu32(m, pv))
-    };
-    for (x, y) in a8.zip(b8) {
-        let (xv, yv) = (load(x), load(y));
-        let even = _mm256_srli_epi64::<32>(redc(xv, yv));
-        let odd = redc(_mm256_srli_epi64::<32>(xv), _mm256_srli_epi64::<32>(yv));
-        store(x, _mm256_blend_epi32::<0b1010_1010>(even, odd));
+    for (x, y) in a.chunks_exact_mut(8).zip(b.chunks_exact(8)) {
+        store(x, montgomery(load(x), load(y)));
     }
 }
