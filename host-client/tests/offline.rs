@@ -27,6 +27,7 @@ const CFG: ModelConfig = ModelConfig {
     n_positions: 16,
     vocab_size: 300,
     n_inner: 128,
+    family: veil_core::model::Family::Gpt2,
 };
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -306,6 +307,8 @@ fn zero_client_file(fingerprint: [u8; 32]) -> Vec<u8> {
         ln_eps_q32: 42950,
         eos_token_id: 0,
         linear_fingerprint: fingerprint,
+        rope: veil_core::rope::RopeConfig::NONE,
+        bos_token_id: None,
     };
     encode_client_header(&header, &mut h);
     bytes[..HEADER_LEN].copy_from_slice(&h);
