@@ -9,7 +9,7 @@ mod sample;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use config::{ConfigError, Family, LinearId, LinearKind, ModelConfig};
+pub use config::{ConfigError, Family, LinearId, LinearKind, ModelConfig, MAX_POSITIONS};
 pub use format::{ClientWeights, FormatError, LinearWeights};
 pub use forward::{
     Forward, ForwardError, LinearRequest, LogitRows, StepState, Workspace, WorkspaceSizes,
