@@ -1,6 +1,6 @@
 //! Private generation over real TCP against a real `veil-server` equals the local reference, bit
-//! for bit: golden model and a distilgpt2-size synthetic model, greedy and seeded sampling, online
-//! and pool mask sources; several clients at once; slots never reused across client restarts.
+//! for bit: golden model, the golden tiny-llama (the LLaMA family) and a distilgpt2-size
+//! synthetic model, greedy and seeded sampling, online and pool mask sources; several clients at once; slots never reused across client restarts.
 
 mod common;
 
@@ -8,8 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 
 use common::{
-    connect, generate_online, golden_model, handshake, quantize_dir, reference, shared,
-    splice_client, start_server,
+    connect, generate_online, golden_llama_model, golden_model, handshake, quantize_dir, reference,
+    shared, splice_client, start_server,
 };
 use common::{generate_with, Recording};
 use veil_client::files::ModelFiles;
@@ -173,6 +173,27 @@ fn private_equals_reference_on_golden_tiny() {
         .unwrap()
         .get_ids()
         .to_vec();
+    check_model(&dir, &prompt, 16);
+}
+
+/// The LLaMA family (RMSNorm, RoPE with llama3 scaling, GQA 4/2, SwiGLU, untied head) through
+/// the same private path: five offloaded layers per pass as for GPT-2, bit-identical tokens.
+#[test]
+fn private_equals_reference_on_golden_tiny_llama() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden_llama_model(tmp.path());
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    // As transformers encodes a prompt: the tokenizer's post-processor adds BOS.
+    let prompt = tok
+        .encode("Global climate change is primarily caused by", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let files = ModelFiles::open(&dir, true).unwrap();
+    assert_eq!(
+        prompt[0],
+        files.client().unwrap().header().bos_token_id.unwrap()
+    );
     check_model(&dir, &prompt, 16);
 }
 
