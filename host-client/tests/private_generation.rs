@@ -197,6 +197,23 @@ fn private_equals_reference_on_golden_tiny_llama() {
     check_model(&dir, &prompt, 16);
 }
 
+/// The family's other variant: q/k/v biases and a tied head (Qwen2-style), plain RoPE.
+#[test]
+fn private_equals_reference_on_synthetic_qwen2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let opts = veil_tools::synth::LlamaSynthOptions {
+        preset: veil_tools::synth::LlamaPreset::TinyQwen2,
+        seed: 9,
+        tokenizer_from: Some(shared().join("golden/tiny-llama")),
+        progress: false,
+    };
+    veil_tools::synth::write_llama_checkpoint(&hf, &opts).unwrap();
+    let dir = tmp.path().join("q");
+    quantize_dir(&hf, &dir);
+    check_model(&dir, &[0, 464, 3290, 286, 262, 7993, 813, 373, 9], 6);
+}
+
 #[test]
 fn private_equals_reference_on_synthetic_distilgpt2() {
     let tmp = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use veil_tools::synth::{self, Preset, SynthOptions};
+use veil_tools::synth::{self, LlamaPreset, Preset, SynthOptions};
 
 /// Veil weight tools: prepare and check GPT-2 models for private inference.
 #[derive(Debug, Parser)]
@@ -286,11 +286,12 @@ fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
 
 #[derive(Debug, Args)]
 struct SynthArgs {
-    /// Model shape: tiny (2 layers, d=128), distilgpt2 (6, 768), gpt2 (12, 768), gpt2-medium
-    /// (24, 1024) or gpt2-xl (48, 1600: 6.2 GB of f32 to write); all use GPT-2's
-    /// 50257-token vocabulary.
-    #[arg(long, value_enum)]
-    preset: Preset,
+    /// Model shape. GPT-2: tiny (2 layers, d=128), distilgpt2 (6, 768), gpt2 (12, 768),
+    /// gpt2-medium (24, 1024) or gpt2-xl (48, 1600: 6.2 GB of f32 to write), all with GPT-2's
+    /// 50257-token vocabulary. LLaMA family: tiny-llama and tiny-qwen2 (the golden tiny-llama's
+    /// shape), smollm2-135m, qwen2.5-0.5b, llama-3.2-1b (about 5 GB of f32).
+    #[arg(long, value_parser = parse_preset)]
+    preset: AnyPreset,
     /// Output directory (created if missing; existing files of the same names are replaced).
     #[arg(long)]
     out: PathBuf,
@@ -307,10 +308,69 @@ struct SynthArgs {
     tokenizer_from: Option<PathBuf>,
 }
 
+/// A preset of either family.
+#[derive(Debug, Clone, Copy)]
+enum AnyPreset {
+    Gpt2(Preset),
+    Llama(LlamaPreset),
+}
+
+fn parse_preset(s: &str) -> Result<AnyPreset, String> {
+    use clap::ValueEnum;
+    if let Ok(p) = Preset::from_str(s, false) {
+        return Ok(AnyPreset::Gpt2(p));
+    }
+    LlamaPreset::from_str(s, false)
+        .map(AnyPreset::Llama)
+        .map_err(|_| {
+            let names: Vec<String> = Preset::value_variants()
+                .iter()
+                .filter_map(|p| p.to_possible_value())
+                .chain(
+                    LlamaPreset::value_variants()
+                        .iter()
+                        .filter_map(|p| p.to_possible_value()),
+                )
+                .map(|v| v.get_name().to_string())
+                .collect();
+            format!("unknown preset {s:?} (one of: {})", names.join(", "))
+        })
+}
+
 impl SynthArgs {
     fn run(self) -> anyhow::Result<()> {
+        let preset = match self.preset {
+            AnyPreset::Gpt2(p) => p,
+            AnyPreset::Llama(p) => {
+                if self.outliers {
+                    anyhow::bail!("--outliers is for the GPT-2 presets only");
+                }
+                let opts = synth::LlamaSynthOptions {
+                    preset: p,
+                    seed: self.seed,
+                    tokenizer_from: self.tokenizer_from,
+                    progress: true,
+                };
+                let bytes = synth::write_llama_checkpoint(&self.out, &opts)
+                    .with_context(|| format!("synthesising into {}", self.out.display()))?;
+                let c = p.config();
+                println!(
+                    "wrote {} ({} {} layers, d={}, {}/{} heads, {} positions, vocab {}; {bytes} \
+                     bytes of weights)",
+                    self.out.display(),
+                    c.model_type,
+                    c.n_layer,
+                    c.d,
+                    c.n_head,
+                    c.n_kv_head,
+                    c.max_positions,
+                    c.vocab_size,
+                );
+                return Ok(());
+            }
+        };
         let opts = SynthOptions {
-            preset: self.preset,
+            preset,
             seed: self.seed,
             outliers: self.outliers,
             tokenizer_from: self.tokenizer_from,
