@@ -890,7 +890,6 @@ mod tests {
     }
 
     fn check_prefill_equals_incremental_decode(m: &RandomModel) {
-        let m = m;
         let lin = LinearWeights::parse(&m.linear).unwrap();
         let tokens = [3u32, 17, 5, 60, 2, 9, 33];
         let (mut b1, ws1) = bufs(&m.cfg, tokens.len(), LogitRows::All);
