@@ -917,13 +917,22 @@ mod tests {
     /// cache that never saw the rejected ones gives (the speculation's rollback).
     #[test]
     fn test_scoring_step_and_rollback_equal_incremental_decode() {
-        let m = RandomModel::new(8);
+        check_scoring_and_rollback(&RandomModel::new(8));
+    }
+
+    /// The same for the LLaMA family: a rolled-back position is rotated afresh when refilled.
+    #[test]
+    fn test_llama_scoring_step_and_rollback_equal_incremental_decode() {
+        check_scoring_and_rollback(&RandomModel::llama(8));
+    }
+
+    fn check_scoring_and_rollback(m: &RandomModel) {
         let lin = LinearWeights::parse(&m.linear).unwrap();
         let vocab = m.cfg.vocab_size as usize;
         let (prefix, draft, other) = ([3u32, 17, 5], [60u32, 2, 9, 33], [41u32, 7]);
         // Reference: one token at a time, prefix then draft[..2] then `other`.
         let (mut b1, ws1) = bufs(&m.cfg, 1, LogitRows::Last);
-        let mut one = forward(&m, &mut b1, ws1);
+        let mut one = forward(m, &mut b1, ws1);
         let mut want = vec![];
         for &t in prefix.iter().chain(&draft) {
             one.step_locally(&lin, &[t]).unwrap();
@@ -937,7 +946,7 @@ mod tests {
         }
         // Speculative: the prefix, then the whole draft scored in one step.
         let (mut b2, ws2) = bufs(&m.cfg, 4, LogitRows::UpTo(4));
-        let mut f = forward(&m, &mut b2, ws2);
+        let mut f = forward(m, &mut b2, ws2);
         f.step_locally(&lin, &prefix).unwrap();
         assert_eq!(
             f.logits().unwrap(),
