@@ -195,6 +195,19 @@ fn private_equals_reference_on_golden_tiny_llama() {
         files.client().unwrap().header().bos_token_id.unwrap()
     );
     check_model(&dir, &prompt, 16);
+    // A prefill long enough that the fused gate|up reply (rows · 2·inner) outgrows both the
+    // q|k|v reply and the logits: the session's buffers must be sized by the family's widths.
+    let long = tok
+        .encode(
+            "The history of the Roman Empire is long . In 1998 , the band released their \
+             first album , and the species is found in the north . He was born in the city",
+            true,
+        )
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(long.len() * 2 * 352 > 8192, "{} tokens", long.len());
+    check_model(&dir, &long, 4);
 }
 
 /// The family's other variant: q/k/v biases and a tied head (Qwen2-style), plain RoPE.
