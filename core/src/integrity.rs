@@ -207,6 +207,7 @@ mod tests {
             n_positions: 8,
             vocab_size: 50,
             n_inner: 64,
+            family: crate::model::Family::Gpt2,
         };
         let mut s = vec![0u64; check_words(&cfg)];
         fill_check_vectors(&MaskKey::from_bytes([3; 32]), &cfg, &mut s);

@@ -9,8 +9,11 @@
 //!   runs for the plaintext reference and for mask precomputation).
 //! - [`mask`]: additive shares in Z_2^32 and the ChaCha20 mask streams addressed by
 //!   (slot, layer, kind).
-//! - [`nonlinear`]: integer LayerNorm, GELU (tanh form) and softmax, each with a stated error bound.
-//! - [`model`]: the model configuration, the on-disk weight format, the sans-IO forward pass (a state
+//! - [`nonlinear`]: integer LayerNorm, RMSNorm, GELU (tanh form), SiLU and softmax, each with a
+//!   stated error bound.
+//! - [`rope`]: rotary position embeddings for the LLaMA family (frequencies from the configuration,
+//!   cosines and sines by the pure-Rust `libm`, the rotation in integers).
+//! - [`model`]: the model configuration (GPT-2 or the LLaMA family, one forward pass for both), the on-disk weight format, the sans-IO forward pass (a state
 //!   machine that asks for linear layers and consumes their exact integer results), the KV cache and
 //!   sampling.
 //!
@@ -32,6 +35,7 @@ pub mod model;
 pub mod nonlinear;
 pub mod quant;
 pub mod rlwe;
+pub mod rope;
 pub mod session;
 pub mod wire;
 

@@ -1,4 +1,5 @@
-//! Integer LayerNorm, GELU and softmax over Q16.16 values.
+//! Integer LayerNorm, RMSNorm, GELU, SiLU (and SwiGLU's gate·up product) and softmax over Q16.16
+//! values.
 //!
 //! Each function states its error bound against the exact real function; the proptests below check
 //! those bounds against an f64 reference over the input range GPT-2 produces.
@@ -61,6 +62,67 @@ pub fn layer_norm(x: &[i32], params: &impl LnParams, eps_q32: u64, out: &mut [i3
         let scaled = round_shift_i64(norm * params.gamma(i) as i64, FRAC_BITS);
         *o = saturate_i32(scaled + params.beta(i) as i64);
     }
+}
+
+/// Integer RMSNorm (the LLaMA family): `y = x / sqrt(mean(x²) + eps) · gamma`, all Q16.16
+/// (`params.beta` is not used).
+///
+/// The same arithmetic as [`layer_norm`] without the mean: the mean square in Q32 plus `eps_q32`,
+/// its root to 2^-24 by an exact integer square root, one rounding of the normalised value and one
+/// after `gamma`. Error bound (tested): `|y − y_exact| ≤ 2^-14 · (1 + |gamma|) + 2^-16` in real
+/// units, for rows whose root mean square is at least 2^-8.
+pub fn rms_norm(x: &[i32], params: &impl LnParams, eps_q32: u64, out: &mut [i32]) {
+    debug_assert_eq!(x.len(), out.len());
+    let d = x.len() as u128;
+    if d == 0 {
+        return;
+    }
+    let sq: u128 = x.iter().map(|&v| (v as i64 * v as i64) as u128).sum();
+    let ms_q32 = sq / d + eps_q32 as u128;
+    let rms_q24 = isqrt_u128(ms_q32 << 16).max(1);
+    let inv = (1u128 << 56) / rms_q24;
+    let max_x = x.iter().map(|&v| v.unsigned_abs()).max().unwrap_or(0) as u128;
+    if max_x * inv < 1 << 62 {
+        // Every x · inv fits i64 (the usual case): the same exact products in 64 bits.
+        let inv = inv as i64;
+        for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+            let norm = round_shift_i64(v as i64 * inv, 32); // Q16
+            *o = saturate_i32(round_shift_i64(norm * params.gamma(i) as i64, FRAC_BITS));
+        }
+        return;
+    }
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let norm = round_shift_i128(v as i128 * inv as i128, 32) as i64; // Q16
+        *o = saturate_i32(round_shift_i64(norm * params.gamma(i) as i64, FRAC_BITS));
+    }
+}
+
+/// SiLU, `x · sigmoid(x)`, in Q16.16.
+///
+/// The sigmoid comes from [`exp_neg_q31`] of `-|x|` and one division in Q31 (`1/(1+e)` for
+/// `x ≥ 0`, `e/(1+e)` below), so no table is needed and the tail below zero, which decays only
+/// like `x·e^x`, is followed exactly rather than clamped. Error bound (tested): within 1e-5 in
+/// real units of the exact SiLU over all inputs (the final rounding is 2^-17 = 7.6e-6; the exp's
+/// relative 2e-6 is multiplied by `|x|·e^-|x| ≤ 1/e`).
+#[inline]
+pub fn silu(x: i32) -> i32 {
+    let e = exp_neg_q31(x.saturating_abs().saturating_neg()) as u64; // e^-|x| in Q31
+    let one = 1u64 << 31;
+    // sigmoid(|x|) = 1 / (1 + e), in Q31 and rounded: at most 2^31.
+    let den = one + e;
+    let sig_pos = ((1u64 << 62) + den / 2) / den;
+    let sig = if x >= 0 { sig_pos } else { one - sig_pos };
+    // |x| < 2^31 and sig ≤ 2^31: the product fits i64.
+    round_shift_i64(x as i64 * sig as i64, 31) as i32
+}
+
+/// SwiGLU's elementwise product `SiLU(gate) · up`, Q16.16 in and out (saturated).
+///
+/// Error bound (tested): `|up| · 1e-5 + 2^-16` in real units (SiLU's bound carried through `up`,
+/// plus the rounding of the product).
+#[inline]
+pub fn swiglu(gate: i32, up: i32) -> i32 {
+    saturate_i32(round_shift_i64(silu(gate) as i64 * up as i64, FRAC_BITS))
 }
 
 const GELU_RANGE_Q16: i32 = 8 << FRAC_BITS;
@@ -260,6 +322,91 @@ mod tests {
                 let norm = round_shift_i128((v as i64 - mean) as i128 * inv as i128, 32) as i64;
                 let scaled = round_shift_i64(norm * params.g[i] as i64, FRAC_BITS);
                 prop_assert_eq!(out[i], saturate_i32(scaled + params.b[i] as i64), "i={}", i);
+            }
+        }
+    }
+
+    fn silu_ref(x: f64) -> f64 {
+        x / (1.0 + libm::exp(-x))
+    }
+
+    #[test]
+    fn test_silu_dense_sweep_within_bound() {
+        // Every 1/4096 across [-40, 40], where SiLU bends and where its negative tail lives.
+        let mut worst = 0.0f64;
+        let mut q = -40 * 65536;
+        while q <= 40 * 65536 {
+            let err = (to_f64(silu(q)) - silu_ref(to_f64(q))).abs();
+            worst = worst.max(err);
+            q += 16;
+        }
+        assert!(worst <= 1e-5, "worst SiLU error {worst}");
+        assert_eq!(silu(0), 0);
+        assert_eq!(silu(i32::MAX), i32::MAX);
+        assert_eq!(silu(i32::MIN), 0);
+    }
+
+    proptest! {
+        /// SiLU within 1e-5 of the f64 SiLU over the whole Q16.16 range.
+        #[test]
+        fn prop_silu_bound(x in any::<i32>()) {
+            let err = (to_f64(silu(x)) - silu_ref(to_f64(x))).abs();
+            prop_assert!(err <= 1e-5, "x={} err={err}", to_f64(x));
+        }
+
+        /// SiLU(gate)·up within |up|·1e-5 + 2^-16 of the f64 product.
+        #[test]
+        fn prop_swiglu_bound(g in -(60i32 << 16)..(60i32 << 16), u in -(60i32 << 16)..(60i32 << 16)) {
+            let (gr, ur) = (to_f64(g), to_f64(u));
+            let err = (to_f64(swiglu(g, u)) - silu_ref(gr) * ur).abs();
+            prop_assert!(err <= ur.abs() * 1e-5 + 1.0 / 65536.0, "g={gr} u={ur} err={err}");
+        }
+
+        /// RMSNorm within 2^-14·(1+|gamma|) + 2^-16 of the f64 RMSNorm.
+        #[test]
+        fn prop_rms_norm_bound(
+            x in proptest::collection::vec(-100.0f64..100.0, 2..200),
+            outlier in proptest::option::of((0usize..200, -3000.0f64..3000.0)),
+            g in proptest::collection::vec(-4.0f64..4.0, 200),
+        ) {
+            let mut x = x;
+            if let Some((i, v)) = outlier { let n = x.len(); x[i % n] = v; }
+            let xq: Vec<i32> = x.iter().map(|&v| from_f64(v)).collect();
+            let xr: Vec<f64> = xq.iter().map(|&v| to_f64(v)).collect();
+            let params = TestLn { g: g.iter().map(|&v| from_f64(v)).collect(), b: std::vec![0; 200] };
+            let ms = xr.iter().map(|v| v * v).sum::<f64>() / xr.len() as f64;
+            prop_assume!(ms.sqrt() >= 1.0 / 256.0);
+            let eps = 1e-6;
+            let mut out = std::vec![0i32; xq.len()];
+            rms_norm(&xq, &params, (eps * 4294967296.0f64).round() as u64, &mut out);
+            for i in 0..xq.len() {
+                let gi = to_f64(params.g[i]);
+                let exact = xr[i] / (ms + eps).sqrt() * gi;
+                let err = (to_f64(out[i]) - exact).abs();
+                let bound = (1.0 + gi.abs()) / 16384.0 + 1.0 / 65536.0;
+                prop_assert!(err <= bound, "i={i} err={err} bound={bound}");
+            }
+        }
+
+        /// RMSNorm's i64 fast path and its i128 path compute the same integers.
+        #[test]
+        fn prop_rms_norm_paths_are_exact(
+            x in proptest::collection::vec(any::<i32>(), 1..100),
+            spread in 0u32..32,
+            g in proptest::collection::vec(any::<i32>(), 100),
+            eps in 0u64..100_000,
+        ) {
+            let x: Vec<i32> = x.iter().map(|&v| v >> spread).collect();
+            let params = TestLn { g: g.clone(), b: g.clone() };
+            let mut out = std::vec![0i32; x.len()];
+            rms_norm(&x, &params, eps, &mut out);
+            let sq: u128 = x.iter().map(|&v| (v as i128 * v as i128) as u128).sum();
+            let rms_q24 = isqrt_u128((sq / x.len() as u128 + eps as u128) << 16).max(1);
+            let inv = (1u128 << 56) / rms_q24;
+            for (i, &v) in x.iter().enumerate() {
+                let norm = round_shift_i128(v as i128 * inv as i128, 32) as i64;
+                let want = saturate_i32(round_shift_i64(norm * params.g[i] as i64, FRAC_BITS));
+                prop_assert_eq!(out[i], want, "i={}", i);
             }
         }
     }

@@ -204,7 +204,9 @@ impl<E: core::fmt::Debug + core::fmt::Display> core::error::Error for SessionErr
 pub struct SessionSizes {
     /// Masked input rows (also the masks themselves): `rows · max(d, inner)`.
     pub input_words: usize,
-    /// Server products (also the unmasking terms): `max(rows · max(3d, inner), vocab)`.
+    /// Server products (also the unmasking terms): `max(rows · widest block output, vocab)`
+    /// (the widest block output is `max(3d, inner)` for GPT-2, `max(q|k|v, 2·inner)` for the
+    /// LLaMA family).
     pub output_words: usize,
 }
 
@@ -219,10 +221,14 @@ impl SessionSizes {
     pub fn scoring(cfg: &ModelConfig, max_rows: usize, logit_rows: usize) -> Self {
         let d = cfg.d();
         let inner = cfg.n_inner as usize;
+        let block_out = LinearKind::BLOCK
+            .iter()
+            .map(|&k| cfg.linear_dims(k).1)
+            .max()
+            .unwrap_or(0);
         SessionSizes {
             input_words: max_rows * d.max(inner),
-            output_words: (max_rows * (3 * d).max(inner))
-                .max(logit_rows.max(1) * cfg.vocab_size as usize),
+            output_words: (max_rows * block_out).max(logit_rows.max(1) * cfg.vocab_size as usize),
         }
     }
 }

@@ -461,8 +461,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = files.client()?;
     let cfg = *client.config();
     let tok = files.tokenizer()?;
+    // With the tokenizer's own special tokens, as transformers encodes a prompt: the LLaMA
+    // family's post-processor adds BOS; GPT-2's adds nothing.
     let ids = tok
-        .encode(prompt, false)
+        .encode(prompt, true)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
         .get_ids()
         .to_vec();

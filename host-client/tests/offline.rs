@@ -27,6 +27,7 @@ const CFG: ModelConfig = ModelConfig {
     n_positions: 16,
     vocab_size: 300,
     n_inner: 128,
+    family: veil_core::model::Family::Gpt2,
 };
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -236,6 +237,23 @@ fn an_altered_result_ciphertext_is_caught_and_its_batch_never_used() {
 fn a_device_without_linear_weights_precomputes_through_the_server_and_generates() {
     let dir = temp_dir("device");
     let full = common::golden_model(&dir);
+    device_precomputes_through_the_server_and_generates(&dir, &full);
+}
+
+/// The same for the LLaMA family (golden tiny-llama): the server-assisted offline phase fills
+/// the pool by the family's layer widths alone, and the private tokens equal the reference's.
+#[test]
+fn a_llama_device_without_linear_weights_precomputes_through_the_server_and_generates() {
+    let dir = temp_dir("device-llama");
+    let full = common::golden_llama_model(&dir);
+    device_precomputes_through_the_server_and_generates(&dir, &full);
+}
+
+fn device_precomputes_through_the_server_and_generates(
+    dir: &std::path::Path,
+    full: &std::path::Path,
+) {
+    let full = full.to_path_buf();
     let device = dir.join("device");
     std::fs::create_dir_all(&device).unwrap();
     for f in ["client.veil", "tokenizer.json", "manifest.json"] {
@@ -293,7 +311,7 @@ fn a_device_without_linear_weights_precomputes_through_the_server_and_generates(
         assert_eq!(got.len(), 16);
         assert_eq!(got, want, "sampling {sampling:?}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `client.veil` for `CFG` paired with `linear.veil` of `fingerprint`: a valid header, zero
@@ -306,6 +324,8 @@ fn zero_client_file(fingerprint: [u8; 32]) -> Vec<u8> {
         ln_eps_q32: 42950,
         eos_token_id: 0,
         linear_fingerprint: fingerprint,
+        rope: veil_core::rope::RopeConfig::NONE,
+        bos_token_id: None,
     };
     encode_client_header(&header, &mut h);
     bytes[..HEADER_LEN].copy_from_slice(&h);

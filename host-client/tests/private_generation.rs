@@ -1,6 +1,6 @@
 //! Private generation over real TCP against a real `veil-server` equals the local reference, bit
-//! for bit: golden model and a distilgpt2-size synthetic model, greedy and seeded sampling, online
-//! and pool mask sources; several clients at once; slots never reused across client restarts.
+//! for bit: golden model, the golden tiny-llama (the LLaMA family) and a distilgpt2-size
+//! synthetic model, greedy and seeded sampling, online and pool mask sources; several clients at once; slots never reused across client restarts.
 
 mod common;
 
@@ -8,8 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 
 use common::{
-    connect, generate_online, golden_model, handshake, quantize_dir, reference, shared,
-    splice_client, start_server,
+    connect, generate_online, golden_llama_model, golden_model, handshake, quantize_dir, reference,
+    shared, splice_client, start_server,
 };
 use common::{generate_with, Recording};
 use veil_client::files::ModelFiles;
@@ -174,6 +174,57 @@ fn private_equals_reference_on_golden_tiny() {
         .get_ids()
         .to_vec();
     check_model(&dir, &prompt, 16);
+}
+
+/// The LLaMA family (RMSNorm, RoPE with llama3 scaling, GQA 4/2, SwiGLU, untied head) through
+/// the same private path: five offloaded layers per pass as for GPT-2, bit-identical tokens.
+#[test]
+fn private_equals_reference_on_golden_tiny_llama() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden_llama_model(tmp.path());
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    // As transformers encodes a prompt: the tokenizer's post-processor adds BOS.
+    let prompt = tok
+        .encode("Global climate change is primarily caused by", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let files = ModelFiles::open(&dir, true).unwrap();
+    assert_eq!(
+        prompt[0],
+        files.client().unwrap().header().bos_token_id.unwrap()
+    );
+    check_model(&dir, &prompt, 16);
+    // A prefill long enough that the fused gate|up reply (rows · 2·inner) outgrows both the
+    // q|k|v reply and the logits: the session's buffers must be sized by the family's widths.
+    let long = tok
+        .encode(
+            "The history of the Roman Empire is long . In 1998 , the band released their \
+             first album , and the species is found in the north . He was born in the city",
+            true,
+        )
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(long.len() * 2 * 352 > 8192, "{} tokens", long.len());
+    check_model(&dir, &long, 4);
+}
+
+/// The family's other variant: q/k/v biases and a tied head (Qwen2-style), plain RoPE.
+#[test]
+fn private_equals_reference_on_synthetic_qwen2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let opts = veil_tools::synth::LlamaSynthOptions {
+        preset: veil_tools::synth::LlamaPreset::TinyQwen2,
+        seed: 9,
+        tokenizer_from: Some(shared().join("golden/tiny-llama")),
+        progress: false,
+    };
+    veil_tools::synth::write_llama_checkpoint(&hf, &opts).unwrap();
+    let dir = tmp.path().join("q");
+    quantize_dir(&hf, &dir);
+    check_model(&dir, &[0, 464, 3290, 286, 262, 7993, 813, 373, 9], 6);
 }
 
 #[test]

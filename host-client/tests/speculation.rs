@@ -7,7 +7,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{connect, golden_model, reference, shared, start_server, Recording};
+use common::{
+    connect, golden_llama_model, golden_model, reference, shared, start_server, Recording,
+};
 use veil_client::files::ModelFiles;
 use veil_client::generate::{generate_reference, GenOptions, GenStats, PrivateGenerator};
 use veil_client::pool::PoolSource;
@@ -128,6 +130,19 @@ fn speculative_decoding_equals_plain_decoding_on_golden_tiny() {
     let text = std::fs::read_to_string(shared().join("data/wikitext-2/test.txt")).unwrap();
     let text: String = text.chars().skip(200).take(400).collect();
     let prompt = files.tokenizer().unwrap().encode(text, false).unwrap();
+    check(&dir, prompt.get_ids(), 40);
+}
+
+/// The LLaMA family: drafted rows are rotated at their own positions, and a rejected draft's
+/// positions are rotated afresh when refilled.
+#[test]
+fn speculative_decoding_equals_plain_decoding_on_golden_tiny_llama() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden_llama_model(tmp.path());
+    let files = ModelFiles::open(&dir, true).unwrap();
+    let text = std::fs::read_to_string(shared().join("data/wikitext-2/test.txt")).unwrap();
+    let text: String = text.chars().skip(200).take(400).collect();
+    let prompt = files.tokenizer().unwrap().encode(text, true).unwrap();
     check(&dir, prompt.get_ids(), 40);
 }
 

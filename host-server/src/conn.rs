@@ -537,6 +537,7 @@ mod tests {
         n_positions: 16,
         vocab_size: 100,
         n_inner: 64,
+        family: veil_core::model::Family::Gpt2,
     };
 
     /// Weights whose every lookup fails.

@@ -25,6 +25,7 @@ const SMALL: ModelConfig = ModelConfig {
     n_positions: 16,
     vocab_size: 100,
     n_inner: 64,
+    family: veil_core::model::Family::Gpt2,
 };
 
 /// Wide enough that one LM-head row takes a while, so requests queue behind a busy thread.
@@ -35,6 +36,7 @@ const WIDE: ModelConfig = ModelConfig {
     n_positions: 16,
     vocab_size: 8192,
     n_inner: 256,
+    family: veil_core::model::Family::Gpt2,
 };
 
 fn random_layer(rng: &mut Rng, cfg: &ModelConfig) -> LinearId {

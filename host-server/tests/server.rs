@@ -29,6 +29,7 @@ const CFG: ModelConfig = ModelConfig {
     n_positions: 16,
     vocab_size: 100,
     n_inner: 64,
+    family: veil_core::model::Family::Gpt2,
 };
 
 fn id(layer: u16, kind: LinearKind) -> LinearId {

@@ -9,7 +9,12 @@ use veil_core::model::{
     ClientWeights, Forward, KvCache, KvSizes, LinearWeights, LogitRows, Workspace, WorkspaceSizes,
 };
 
-use crate::float_ref::FloatModel;
+/// A float reference the integer pipeline is measured against: GPT-2's
+/// [`crate::float_ref::FloatModel`] or the LLaMA family's [`crate::llama::LlamaFloat`].
+pub trait FloatLogits: Sync {
+    /// Logits of every position of `tokens` (a fresh sequence), `tokens.len() · vocab`.
+    fn forward(&self, tokens: &[u32]) -> Vec<f32>;
+}
 
 /// Rows per integer forward step (bounds the logits buffer: rows × vocab).
 const INT_CHUNK_ROWS: usize = 64;
@@ -84,16 +89,31 @@ pub fn int_logits(
     Ok(out)
 }
 
-/// Runs both pipelines over `tokens`. `progress` gets (windows done, windows).
+/// Runs both pipelines over `tokens` in windows of `n_positions` inputs. `progress` gets
+/// (windows done, windows).
 pub fn evaluate(
-    float: &FloatModel,
+    float: &dyn FloatLogits,
     client: &ClientWeights<'_>,
     linear: &LinearWeights<'_>,
     tokens: &[u32],
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<EvalReport, veil_core::model::ForwardError> {
+    let n = client.config().n_positions as usize;
+    evaluate_windows(float, client, linear, tokens, n, progress)
+}
+
+/// [`evaluate`] with windows of `window` inputs (at most `n_positions`; the LLaMA golden
+/// protocol uses `n_positions - 1`, so that inputs and their last target fit the context).
+pub fn evaluate_windows(
+    float: &dyn FloatLogits,
+    client: &ClientWeights<'_>,
+    linear: &LinearWeights<'_>,
+    tokens: &[u32],
+    window: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<EvalReport, veil_core::model::ForwardError> {
     let cfg = *client.config();
-    let n = cfg.n_positions as usize;
+    let n = window.clamp(1, cfg.n_positions as usize);
     let vocab = cfg.vocab_size as usize;
     let inputs = tokens.len().saturating_sub(1);
     let windows: Vec<(usize, usize)> = (0..inputs)

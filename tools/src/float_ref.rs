@@ -92,6 +92,12 @@ enum Logits {
     Last,
 }
 
+impl crate::eval::FloatLogits for FloatModel {
+    fn forward(&self, tokens: &[u32]) -> Vec<f32> {
+        FloatModel::forward(self, tokens)
+    }
+}
+
 impl FloatModel {
     /// Builds the model from a loaded checkpoint (copies the weights).
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Self {
@@ -410,6 +416,28 @@ fn linear(x: &[f32], lin: &Linear) -> Vec<f32> {
     let a = MatView::row_major(x, x.len() / n_in, n_in);
     let b = MatView::row_major(&lin.weight.data, n_in, n_out);
     matmul(a, b, Some(&lin.bias.data))
+}
+
+/// `x · Wᵀ + b` for an `nn.Linear` weight `W` of `[out, in]` (the LLaMA family's layout); `x`
+/// is `[m, in]` row-major.
+pub(crate) fn linear_t(
+    x: &[f32],
+    w: &[f32],
+    n_in: usize,
+    n_out: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let a = MatView::row_major(x, x.len() / n_in, n_in);
+    // Wᵀ[i][j] = W[j][i]: row stride 1, column stride `in`.
+    let b = MatView {
+        data: w,
+        offset: 0,
+        rows: n_in,
+        cols: n_out,
+        rs: 1,
+        cs: n_in,
+    };
+    matmul(a, b, bias)
 }
 
 /// A read-only matrix view with arbitrary (non-negative) strides into a slice.

@@ -452,7 +452,7 @@ pub fn expected_shapes(config: &GptConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> HfError {
+pub(crate) fn io_error(path: &Path, source: std::io::Error) -> HfError {
     if source.kind() == std::io::ErrorKind::NotFound {
         HfError::MissingFile {
             path: path.to_path_buf(),
@@ -467,7 +467,10 @@ fn io_error(path: &Path, source: std::io::Error) -> HfError {
 
 /// Parses the safetensors header, telling truncation (the common failure: an interrupted copy)
 /// apart from other corruption so the message says what to do.
-fn parse_safetensors<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>, HfError> {
+pub(crate) fn parse_safetensors<'a>(
+    bytes: &'a [u8],
+    path: &Path,
+) -> Result<SafeTensors<'a>, HfError> {
     match SafeTensors::deserialize(bytes) {
         Ok(st) => Ok(st),
         Err(e) => {
@@ -518,7 +521,7 @@ fn required_len(bytes: &[u8]) -> Option<u64> {
     header_end.checked_add(data_end)
 }
 
-fn check_shape(
+pub(crate) fn check_shape(
     path: &Path,
     name: &str,
     found: &[usize],
@@ -580,7 +583,7 @@ impl TensorReader<'_, '_> {
 
 /// Little-endian bytes to f32, element by element: the mmap gives no alignment guarantee, so the
 /// bytes cannot be reinterpreted in place.
-fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+pub(crate) fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
     bytes
         .chunks_exact(N)
         .map(|c| {

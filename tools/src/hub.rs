@@ -10,6 +10,7 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::hf::{CONFIG_FILE, MODEL_FILE};
+use crate::llama::{GENERATION_CONFIG_FILE, INDEX_FILE, TOKENIZER_CONFIG_FILE};
 use crate::tokenizer::TOKENIZER_FILE;
 
 /// The files a model needs, in the order they are fetched.
@@ -131,6 +132,24 @@ fn download(repo_id: &str, options: &HubOptions) -> Result<ModelFiles, HubError>
             tokenizer,
         });
     }
+    // A sharded checkpoint (the larger LLaMA-family models) is complete with its index and
+    // every shard it names.
+    if let (Some(config), Some(index), Some(tokenizer)) = (
+        cached.get(CONFIG_FILE),
+        cached.get(INDEX_FILE),
+        cached.get(TOKENIZER_FILE),
+    ) {
+        if let Some(shards) = shard_names(&index) {
+            if shards.iter().all(|f| cached.get(f).is_some()) {
+                let model = index.with_file_name(MODEL_FILE);
+                return Ok(ModelFiles {
+                    config,
+                    model,
+                    tokenizer,
+                });
+            }
+        }
+    }
 
     let mut builder = ApiBuilder::from_env().with_progress(options.progress);
     if let Some(dir) = &options.cache_dir {
@@ -144,11 +163,58 @@ fn download(repo_id: &str, options: &HubOptions) -> Result<ModelFiles, HubError>
         .map_err(|e| fail(CONFIG_FILE, e.to_string()))?;
     let api_repo = api.repo(repo);
     let get = |file: &str| api_repo.get(file).map_err(|e| fail(file, e.to_string()));
+    let config = get(CONFIG_FILE)?;
+    let llama = crate::llama::model_type(&config)
+        .map(|t| crate::llama::is_llama_family(&t))
+        .unwrap_or(false);
+    if !llama {
+        return Ok(ModelFiles {
+            config,
+            model: get(MODEL_FILE)?,
+            tokenizer: get(TOKENIZER_FILE)?,
+        });
+    }
+    let tokenizer = get(TOKENIZER_FILE)?;
+    // Optional: BOS/EOS for generation, and the chat template. A repository without them is
+    // still usable (config.json has the ids), so a failure here is not an error.
+    for f in [GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE] {
+        let _ = api_repo.get(f);
+    }
+    let model = match api_repo.get(MODEL_FILE) {
+        Ok(m) => m,
+        Err(single) => {
+            let index = api_repo
+                .get(INDEX_FILE)
+                .map_err(|_| fail(MODEL_FILE, single.to_string()))?;
+            let shards = shard_names(&index)
+                .ok_or_else(|| fail(INDEX_FILE, "not a safetensors index".into()))?;
+            for f in &shards {
+                get(f)?;
+            }
+            // Not a file: the loader then reads the index beside the config.
+            index.with_file_name(MODEL_FILE)
+        }
+    };
     Ok(ModelFiles {
-        config: get(CONFIG_FILE)?,
-        model: get(MODEL_FILE)?,
-        tokenizer: get(TOKENIZER_FILE)?,
+        config,
+        model,
+        tokenizer,
     })
+}
+
+/// The shard file names a `model.safetensors.index.json` lists (`None` if it is not one).
+fn shard_names(index: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(index).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let mut names: Vec<String> = v
+        .get("weight_map")?
+        .as_object()?
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    Some(names)
 }
 
 #[cfg(test)]

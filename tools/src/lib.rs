@@ -6,6 +6,8 @@
 //! - [`tokenizer`]: the GPT-2 BPE tokenizer from `tokenizer.json`.
 //! - [`float_ref`]: the f32 reference forward pass every integer pipeline is measured against, with
 //!   activation statistics for calibration.
+//! - [`llama`]: the LLaMA family (Llama, Qwen2, SmolLM): checkpoints (single or sharded
+//!   safetensors), its f32 reference and its quantization.
 //! - [`synth`]: random checkpoints in the Hugging Face layout, for tests where no real model can be
 //!   downloaded.
 #![warn(missing_docs)]
@@ -14,6 +16,7 @@ pub mod eval;
 pub mod float_ref;
 pub mod hf;
 pub mod hub;
+pub mod llama;
 pub mod quantize;
 pub mod synth;
 pub mod tokenizer;

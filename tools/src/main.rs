@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use veil_tools::synth::{self, Preset, SynthOptions};
+use veil_tools::synth::{self, LlamaPreset, Preset, SynthOptions};
 
 /// Veil weight tools: prepare and check GPT-2 models for private inference.
 #[derive(Debug, Parser)]
@@ -24,7 +24,8 @@ enum Command {
     /// For tests and benchmarks on machines that cannot download real weights. The same preset and
     /// seed always give byte-identical files.
     Synth(SynthArgs),
-    /// Quantize a Hugging Face GPT-2 checkpoint into Veil's format (linear.veil for the server,
+    /// Quantize a Hugging Face GPT-2 or LLaMA-family (Llama, Qwen2, SmolLM) checkpoint into
+    /// Veil's format (linear.veil for the server,
     /// client.veil and tokenizer.json for the client, manifest.json).
     ///
     /// `--model` is a local directory (config.json, model.safetensors, tokenizer.json) or a hub id
@@ -67,6 +68,10 @@ impl QuantizeArgs {
                 ..Default::default()
             },
         )?;
+        let model_type = veil_tools::llama::model_type(&files.config)?;
+        if veil_tools::llama::is_llama_family(&model_type) {
+            return self.run_llama(&files);
+        }
         eprintln!("loading {}", files.model.display());
         let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
         let tok = veil_tools::tokenizer::Tokenizer::from_file(&files.tokenizer)?;
@@ -124,6 +129,53 @@ impl QuantizeArgs {
     }
 }
 
+impl QuantizeArgs {
+    /// The LLaMA family: no SmoothQuant (its norms have no beta to fold a shift into, and the
+    /// golden model needs none), BOS/EOS from the checkpoint's files.
+    fn run_llama(&self, files: &veil_tools::hub::ModelFiles) -> anyhow::Result<()> {
+        use veil_tools::llama::{quantize_llama, LlamaCheckpoint};
+        use veil_tools::quantize::{hex, write_model_dir_with, Provenance};
+        if self.calibrate.is_some() {
+            anyhow::bail!("--calibrate (SmoothQuant) is not supported for the LLaMA family yet");
+        }
+        eprintln!("loading {}", files.config.display());
+        let ckpt = LlamaCheckpoint::load_files(&files.config, Some(&files.model))?;
+        let pb = bar(ckpt.config.n_layer as u64 * 4 + 1, "quantizing");
+        let q = quantize_llama(&ckpt, &Default::default(), &mut |done, _| {
+            pb.set_position(done as u64)
+        })?;
+        pb.finish_and_clear();
+        let dir = files.config.parent().unwrap_or(std::path::Path::new("."));
+        let extra = [
+            veil_tools::llama::TOKENIZER_CONFIG_FILE,
+            veil_tools::llama::GENERATION_CONFIG_FILE,
+        ]
+        .map(|f| dir.join(f));
+        let prov = Provenance {
+            source: self.model.clone(),
+            smooth_alpha: None,
+            calibration: None,
+        };
+        write_model_dir_with(&self.out, &q, &files.tokenizer, &extra, &prov)?;
+        let c = &ckpt.config;
+        println!(
+            "wrote {} ({} {} layers, d={}, {}/{} heads, context {}; linear.veil {} bytes, \
+             client.veil {} bytes, fingerprint {})",
+            self.out.display(),
+            c.model_type,
+            c.n_layer,
+            c.d,
+            c.n_head,
+            c.n_kv_head,
+            q.config.n_positions,
+            q.linear.len(),
+            q.client.len(),
+            hex(&q.fingerprint)
+        );
+        Ok(())
+    }
+}
+
 #[derive(Debug, Args)]
 struct EvalArgs {
     /// Model directory written by `quantize`.
@@ -135,9 +187,13 @@ struct EvalArgs {
     /// Text file (CRLF is read as LF).
     #[arg(long)]
     text: PathBuf,
-    /// Use the first N tokens of the text.
+    /// Use the first N tokens of the text (tokenized without special tokens).
     #[arg(long, default_value_t = 16384)]
     tokens: usize,
+    /// Inputs per window (default: the model's context; the LLaMA golden protocol uses
+    /// context - 1).
+    #[arg(long)]
+    window: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -161,8 +217,18 @@ impl EvalArgs {
         };
         let files =
             veil_tools::hub::resolve_model(&source, &veil_tools::hub::HubOptions::default())?;
-        let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
-        let float = FloatModel::from_checkpoint(&ckpt);
+        let model_type = veil_tools::llama::model_type(&files.config)?;
+        let float: Box<dyn veil_tools::eval::FloatLogits> =
+            if veil_tools::llama::is_llama_family(&model_type) {
+                let ckpt = veil_tools::llama::LlamaCheckpoint::load_files(
+                    &files.config,
+                    Some(&files.model),
+                )?;
+                Box::new(veil_tools::llama::LlamaFloat::new(ckpt))
+            } else {
+                let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
+                Box::new(FloatModel::from_checkpoint(&ckpt))
+            };
         let tok =
             veil_tools::tokenizer::Tokenizer::from_file(&self.weights.join("tokenizer.json"))?;
         let text = std::fs::read_to_string(&self.text)
@@ -176,14 +242,20 @@ impl EvalArgs {
             ClientWeights::parse(&client_bytes).map_err(|e| anyhow::anyhow!("client.veil: {e}"))?;
         let linear =
             LinearWeights::parse(&linear_bytes).map_err(|e| anyhow::anyhow!("linear.veil: {e}"))?;
-        let windows = ids
-            .len()
-            .saturating_sub(1)
-            .div_ceil(ckpt.config.n_positions) as u64;
+        let window = self
+            .window
+            .unwrap_or(client.config().n_positions as usize)
+            .clamp(1, client.config().n_positions as usize);
+        let windows = ids.len().saturating_sub(1).div_ceil(window) as u64;
         let pb = bar(windows, "evaluating");
-        let report = veil_tools::eval::evaluate(&float, &client, &linear, ids, &|done, _| {
-            pb.set_position(done as u64)
-        })
+        let report = veil_tools::eval::evaluate_windows(
+            float.as_ref(),
+            &client,
+            &linear,
+            ids,
+            window,
+            &|done, _| pb.set_position(done as u64),
+        )
         .map_err(|e| anyhow::anyhow!("integer pipeline: {e}"))?;
         pb.finish_and_clear();
         if self.json {
@@ -214,11 +286,12 @@ fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
 
 #[derive(Debug, Args)]
 struct SynthArgs {
-    /// Model shape: tiny (2 layers, d=128), distilgpt2 (6, 768), gpt2 (12, 768), gpt2-medium
-    /// (24, 1024) or gpt2-xl (48, 1600: 6.2 GB of f32 to write); all use GPT-2's
-    /// 50257-token vocabulary.
-    #[arg(long, value_enum)]
-    preset: Preset,
+    /// Model shape. GPT-2: tiny (2 layers, d=128), distilgpt2 (6, 768), gpt2 (12, 768),
+    /// gpt2-medium (24, 1024) or gpt2-xl (48, 1600: 6.2 GB of f32 to write), all with GPT-2's
+    /// 50257-token vocabulary. LLaMA family: tiny-llama and tiny-qwen2 (the golden tiny-llama's
+    /// shape), smollm2-135m, qwen2.5-0.5b, llama-3.2-1b (about 5 GB of f32).
+    #[arg(long, value_parser = parse_preset)]
+    preset: AnyPreset,
     /// Output directory (created if missing; existing files of the same names are replaced).
     #[arg(long)]
     out: PathBuf,
@@ -235,10 +308,69 @@ struct SynthArgs {
     tokenizer_from: Option<PathBuf>,
 }
 
+/// A preset of either family.
+#[derive(Debug, Clone, Copy)]
+enum AnyPreset {
+    Gpt2(Preset),
+    Llama(LlamaPreset),
+}
+
+fn parse_preset(s: &str) -> Result<AnyPreset, String> {
+    use clap::ValueEnum;
+    if let Ok(p) = Preset::from_str(s, false) {
+        return Ok(AnyPreset::Gpt2(p));
+    }
+    LlamaPreset::from_str(s, false)
+        .map(AnyPreset::Llama)
+        .map_err(|_| {
+            let names: Vec<String> = Preset::value_variants()
+                .iter()
+                .filter_map(|p| p.to_possible_value())
+                .chain(
+                    LlamaPreset::value_variants()
+                        .iter()
+                        .filter_map(|p| p.to_possible_value()),
+                )
+                .map(|v| v.get_name().to_string())
+                .collect();
+            format!("unknown preset {s:?} (one of: {})", names.join(", "))
+        })
+}
+
 impl SynthArgs {
     fn run(self) -> anyhow::Result<()> {
+        let preset = match self.preset {
+            AnyPreset::Gpt2(p) => p,
+            AnyPreset::Llama(p) => {
+                if self.outliers {
+                    anyhow::bail!("--outliers is for the GPT-2 presets only");
+                }
+                let opts = synth::LlamaSynthOptions {
+                    preset: p,
+                    seed: self.seed,
+                    tokenizer_from: self.tokenizer_from,
+                    progress: true,
+                };
+                let bytes = synth::write_llama_checkpoint(&self.out, &opts)
+                    .with_context(|| format!("synthesising into {}", self.out.display()))?;
+                let c = p.config();
+                println!(
+                    "wrote {} ({} {} layers, d={}, {}/{} heads, {} positions, vocab {}; {bytes} \
+                     bytes of weights)",
+                    self.out.display(),
+                    c.model_type,
+                    c.n_layer,
+                    c.d,
+                    c.n_head,
+                    c.n_kv_head,
+                    c.max_positions,
+                    c.vocab_size,
+                );
+                return Ok(());
+            }
+        };
         let opts = SynthOptions {
-            preset: self.preset,
+            preset,
             seed: self.seed,
             outliers: self.outliers,
             tokenizer_from: self.tokenizer_from,

@@ -93,6 +93,7 @@ pub fn model_config(c: &GptConfig) -> Result<ModelConfig, QuantizeError> {
         n_positions: c.n_positions as u32,
         vocab_size: c.vocab_size as u32,
         n_inner: c.n_inner as u32,
+        family: veil_core::model::Family::Gpt2,
     };
     cfg.validate().map_err(QuantizeError::Config)?;
     Ok(cfg)
@@ -349,6 +350,8 @@ pub fn quantize(
         ln_eps_q32: (gc.layer_norm_epsilon * 4294967296.0).round() as u32,
         eos_token_id: opts.eos_token_id,
         linear_fingerprint: fingerprint,
+        rope: veil_core::rope::RopeConfig::NONE,
+        bos_token_id: None,
     };
     encode_client_header(&header, &mut h);
     client[..HEADER_LEN].copy_from_slice(&h);
@@ -385,6 +388,19 @@ pub fn write_model_dir(
     tokenizer: &Path,
     prov: &Provenance,
 ) -> Result<(), QuantizeError> {
+    write_model_dir_with(out, q, tokenizer, &[], prov)
+}
+
+/// [`write_model_dir`], also copying `extra` files that exist (a LLaMA-family model's
+/// `tokenizer_config.json` with its chat template, and `generation_config.json`) under their own
+/// names.
+pub fn write_model_dir_with(
+    out: &Path,
+    q: &QuantizedModel,
+    tokenizer: &Path,
+    extra: &[PathBuf],
+    prov: &Provenance,
+) -> Result<(), QuantizeError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| QuantizeError::Io { path, source }
@@ -402,10 +418,16 @@ pub fn write_model_dir(
     write(CLIENT_FILE, &q.client)?;
     let tok = fs::read(tokenizer).map_err(io(tokenizer))?;
     write("tokenizer.json", &tok)?;
+    for p in extra.iter().filter(|p| p.is_file()) {
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        write(name, &fs::read(p).map_err(io(p))?)?;
+    }
     let c = &q.config;
-    let manifest = serde_json::json!({
+    let mut manifest = serde_json::json!({
         "format": "veil-weights",
-        "format_version": veil_core::model::format::FORMAT_VERSION,
+        "format_version": veil_core::model::format::format_version(c),
         "config": {
             "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
             "n_positions": c.n_positions, "vocab_size": c.vocab_size, "n_inner": c.n_inner,
@@ -425,6 +447,18 @@ pub fn write_model_dir(
         "source": prov.source,
         "created_by": concat!("veil-tools ", env!("CARGO_PKG_VERSION")),
     });
+    // GPT-2 manifests keep their old fields only; the family's shape has more to say.
+    if let veil_core::model::Family::Llama {
+        n_kv_head,
+        qkv_bias,
+    } = c.family
+    {
+        manifest["config"]["family"] = "llama".into();
+        manifest["config"]["n_kv_head"] = n_kv_head.into();
+        manifest["config"]["qkv_bias"] = qkv_bias.into();
+        manifest["quantization"]["activations"] =
+            "int8 per row, dynamic (no SmoothQuant for the LLaMA family)".into();
+    }
     let text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     write(MANIFEST_FILE, text.as_bytes())
 }

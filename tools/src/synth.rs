@@ -1,5 +1,6 @@
-//! Random GPT-2 checkpoints in the Hugging Face layout, for tests and benchmarks where a real model
-//! cannot be downloaded.
+//! Random GPT-2 and LLaMA-family checkpoints in the Hugging Face layout, for tests and benchmarks
+//! where a real model cannot be downloaded ([`write_checkpoint`] for GPT-2,
+//! [`write_llama_checkpoint`] for the family's presets).
 //!
 //! The output directory looks like what `GPT2LMHeadModel.save_pretrained` writes: `config.json`,
 //! `generation_config.json` and an F32 `model.safetensors` with `transformer.`-prefixed names and no
@@ -418,4 +419,305 @@ fn config_json(c: &GptConfig) -> String {
     let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
     s.push('\n');
     s
+}
+
+/// LLaMA-family shapes to synthesise (`veil-tools synth --preset smollm2-135m` and the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlamaPreset {
+    /// The shape of `shared/golden/tiny-llama`: 2 layers, 128 wide, 4 query and 2 KV heads,
+    /// intermediate 352, vocabulary 8192, 256 positions, RoPE with llama3 scaling, untied head.
+    #[value(name = "tiny-llama")]
+    TinyLlama,
+    /// A Qwen2-style tiny model: as `tiny-llama` with q/k/v biases, plain RoPE, a tied head.
+    #[value(name = "tiny-qwen2")]
+    TinyQwen2,
+    /// SmolLM2-135M: 30 layers, 576 wide, 9/3 heads, intermediate 1536, vocabulary 49152,
+    /// `rope_theta` 100000, tied head.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    /// Qwen2.5-0.5B: 24 layers, 896 wide, 14/2 heads, intermediate 4864, vocabulary 151936,
+    /// `rope_theta` 1e6, q/k/v biases, tied head.
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25_05b,
+    /// Llama-3.2-1B: 16 layers, 2048 wide, 32/8 heads, intermediate 8192, vocabulary 128256,
+    /// `rope_theta` 500000 with llama3 scaling (factor 32), tied head (about 5 GB of f32).
+    #[value(name = "llama-3.2-1b")]
+    Llama32_1b,
+}
+
+impl LlamaPreset {
+    /// The `config.json` this preset writes (the hub models' values, from their `config.json`).
+    pub fn config_json(self) -> serde_json::Value {
+        use serde_json::json;
+        let llama3 = |factor: f64, orig: u32| {
+            json!({"factor": factor, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                   "original_max_position_embeddings": orig, "rope_type": "llama3"})
+        };
+        // (model_type, layers, hidden, heads, kv heads, inner, vocab, positions, theta, eps,
+        //  rope_scaling, tied, bos, eos)
+        let (mt, l, d, h, kv, inner, vocab, pos, theta, eps, scaling, tied, bos, eos) = match self {
+            LlamaPreset::TinyLlama => (
+                "llama",
+                2,
+                128,
+                4,
+                2,
+                352,
+                8192,
+                256,
+                500000.0,
+                1e-5,
+                llama3(8.0, 64),
+                false,
+                0,
+                4,
+            ),
+            LlamaPreset::TinyQwen2 => (
+                "qwen2",
+                2,
+                128,
+                4,
+                2,
+                352,
+                8192,
+                256,
+                1e6,
+                1e-6,
+                serde_json::Value::Null,
+                true,
+                0,
+                4,
+            ),
+            LlamaPreset::Smollm2_135m => (
+                "llama",
+                30,
+                576,
+                9,
+                3,
+                1536,
+                49152,
+                8192,
+                100000.0,
+                1e-5,
+                serde_json::Value::Null,
+                true,
+                1,
+                2,
+            ),
+            LlamaPreset::Qwen25_05b => (
+                "qwen2",
+                24,
+                896,
+                14,
+                2,
+                4864,
+                151936,
+                32768,
+                1e6,
+                1e-6,
+                serde_json::Value::Null,
+                true,
+                151643,
+                151645,
+            ),
+            LlamaPreset::Llama32_1b => (
+                "llama",
+                16,
+                2048,
+                32,
+                8,
+                8192,
+                128256,
+                131072,
+                500000.0,
+                1e-5,
+                llama3(32.0, 8192),
+                true,
+                128000,
+                128001,
+            ),
+        };
+        let arch = if mt == "qwen2" {
+            "Qwen2ForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        };
+        json!({
+            "architectures": [arch],
+            "attention_bias": false,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "head_dim": d / h,
+            "hidden_act": "silu",
+            "hidden_size": d,
+            "intermediate_size": inner,
+            "max_position_embeddings": pos,
+            "mlp_bias": false,
+            "model_type": mt,
+            "num_attention_heads": h,
+            "num_hidden_layers": l,
+            "num_key_value_heads": kv,
+            "rms_norm_eps": eps,
+            "rope_scaling": scaling,
+            "rope_theta": theta,
+            "tie_word_embeddings": tied,
+            "torch_dtype": "float32",
+            "transformers_version": "4.46.3",
+            "vocab_size": vocab,
+        })
+    }
+
+    /// The validated config of this preset.
+    pub fn config(self) -> crate::llama::LlamaConfig {
+        let text = self.config_json().to_string();
+        // The presets are written above and parse by construction (a test checks every one).
+        crate::llama::LlamaConfig::from_json(&text, Path::new("preset"))
+            .unwrap_or_else(|e| panic!("preset {self:?}: {e}"))
+    }
+}
+
+/// What [`write_llama_checkpoint`] writes.
+#[derive(Debug, Clone)]
+pub struct LlamaSynthOptions {
+    /// Model shape.
+    pub preset: LlamaPreset,
+    /// RNG seed; equal seeds give byte-identical files.
+    pub seed: u64,
+    /// Directory to copy tokenizer files from.
+    pub tokenizer_from: Option<PathBuf>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Writes a random LLaMA-family checkpoint into `out`, as `save_pretrained` lays it out:
+/// `config.json`, `generation_config.json` and an F32 `model.safetensors` with `model.`-prefixed
+/// names (and `lm_head.weight` only when the head is untied). Weights N(0, 0.02²), `o_proj` and
+/// `down_proj` N(0, (0.02/√(2·n_layer))²), norm gains 1 + N(0, 0.05²), biases N(0, 0.01²).
+/// Returns the size of `model.safetensors`.
+pub fn write_llama_checkpoint(out: &Path, opts: &LlamaSynthOptions) -> Result<u64, SynthError> {
+    let c = opts.preset.config();
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let (d, kvd) = (c.d, c.n_kv_head * c.head_dim());
+    let mut specs: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![c.vocab_size, d])];
+    for i in 0..c.n_layer {
+        let p = format!("model.layers.{i}");
+        let mut s = vec![
+            (format!("{p}.input_layernorm.weight"), vec![d]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![d, d]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kvd, d]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kvd, d]),
+        ];
+        if c.qkv_bias {
+            s.push((format!("{p}.self_attn.q_proj.bias"), vec![d]));
+            s.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd]));
+            s.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd]));
+        }
+        s.extend([
+            (format!("{p}.self_attn.o_proj.weight"), vec![d, d]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![c.inner, d]),
+            (format!("{p}.mlp.up_proj.weight"), vec![c.inner, d]),
+            (format!("{p}.mlp.down_proj.weight"), vec![d, c.inner]),
+        ]);
+        specs.extend(s);
+    }
+    specs.push(("model.norm.weight".into(), vec![d]));
+    if !c.tied {
+        specs.push(("lm_head.weight".into(), vec![c.vocab_size, d]));
+    }
+    let total: u64 = specs
+        .iter()
+        .map(|(_, s)| 4 * s.iter().product::<usize>() as u64)
+        .sum();
+    let progress = if opts.progress {
+        let pb = ProgressBar::new(total);
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+        {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(format!("writing {MODEL_FILE}"));
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let proj_std = 0.02 / (2.0 * c.n_layer as f32).sqrt();
+    let tensors: Vec<(String, LazyTensor)> = specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let init = if name.ends_with("norm.weight") {
+                Init::NearOne
+            } else if name.ends_with(".bias") {
+                Init::Normal(0.01)
+            } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                Init::Normal(proj_std)
+            } else {
+                Init::Normal(0.02)
+            };
+            let t = LazyTensor {
+                shape,
+                init,
+                seed: opts.seed,
+                stream: i as u64,
+                col_scale: None,
+                progress: progress.clone(),
+            };
+            (name, t)
+        })
+        .collect();
+    if let Some(src) = &opts.tokenizer_from {
+        if !src.join(TOKENIZER_FILES[0]).is_file() {
+            return Err(SynthError::MissingTokenizer { path: src.clone() });
+        }
+        for name in TOKENIZER_FILES {
+            let from = src.join(name);
+            if from.is_file() {
+                let to = out.join(name);
+                std::fs::copy(&from, &to).map_err(io_err(&to))?;
+            }
+        }
+    }
+    let cj = opts.preset.config_json();
+    write_text(
+        &out.join(CONFIG_FILE),
+        &format!(
+            "{}\n",
+            serde_json::to_string_pretty(&cj).unwrap_or_default()
+        ),
+    )?;
+    let gen = serde_json::json!({
+        "_from_model_config": true,
+        "bos_token_id": cj["bos_token_id"],
+        "eos_token_id": cj["eos_token_id"],
+        "transformers_version": "4.46.3",
+    });
+    write_text(
+        &out.join(crate::llama::GENERATION_CONFIG_FILE),
+        &format!(
+            "{}\n",
+            serde_json::to_string_pretty(&gen).unwrap_or_default()
+        ),
+    )?;
+    let provenance = serde_json::json!({
+        "preset": clap::ValueEnum::to_possible_value(&opts.preset)
+            .map(|v| v.get_name().to_owned()),
+        "seed": opts.seed,
+    });
+    write_text(&out.join(PROVENANCE_FILE), &format!("{provenance:#}\n"))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let model_path = out.join(MODEL_FILE);
+    let tmp_path = out.join(format!("{MODEL_FILE}.partial"));
+    safetensors::serialize_to_file(tensors, &Some(metadata), &tmp_path).map_err(|source| {
+        SynthError::Safetensors {
+            path: tmp_path.clone(),
+            source,
+        }
+    })?;
+    std::fs::rename(&tmp_path, &model_path).map_err(io_err(&model_path))?;
+    progress.finish_and_clear();
+    Ok(std::fs::metadata(&model_path)
+        .map_err(io_err(&model_path))?
+        .len())
 }

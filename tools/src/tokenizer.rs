@@ -73,6 +73,18 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the tokenizer's special tokens added by its post-processor, as
+    /// `transformers` encodes a prompt (the LLaMA family's BOS; nothing for GPT-2).
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| TokenizerError::Codec {
+                message: e.to_string(),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`; special tokens are kept so that decoding is the inverse of encoding.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner

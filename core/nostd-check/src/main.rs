@@ -32,7 +32,30 @@ pub extern "C" fn _start() -> ! {
     let scale = veil_core::quant::quantize_row(&row, &mut q);
     black_box((scale, q));
     rlwe();
+    rope();
     halt()
+}
+
+/// RoPE's frequencies and one position's cosines and sines, so the `libm` the core now depends on
+/// (pow, cos, sin, round) is linked and shown to need no C library.
+fn rope() {
+    use veil_core::rope::{Llama3Scaling, RopeConfig, RopeScaling};
+    let cfg = black_box(RopeConfig {
+        theta: 500000.0,
+        scaling: RopeScaling::Llama3(Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_positions: 64,
+        }),
+    });
+    let mut f = [0f64; 16];
+    cfg.inv_freq(32, &mut f);
+    let mut trig = [0i32; 32];
+    veil_core::rope::trig_row(black_box(17), &f, &mut trig);
+    let mut x = black_box([1i32 << 16; 32]);
+    veil_core::rope::rotate_head(&mut x, &trig);
+    black_box((trig, x));
 }
 
 /// The RLWE offline phase end to end, so its code (NTT tables, ChaCha expansion, the server's

@@ -6,7 +6,27 @@ use serde::{Deserialize, Serialize};
 /// stays exact while `(2^15 + n) · 2^15 < 2^31` (GPT-2 models have 1024).
 pub const MAX_POSITIONS: u32 = 1 << 14;
 
-/// The shape of a GPT-2-family model (the fields of Hugging Face's `config.json` that matter).
+/// Which architecture a model is: the same forward pass, with the parts that differ chosen here.
+///
+/// Only what changes the shapes of the offloaded layers or of the client's files lives here; the
+/// client-only constants of an architecture (RoPE) are in the client file's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Family {
+    /// GPT-2: LayerNorm, GELU MLP, learned position embeddings, biases on every linear layer,
+    /// LM head tied to the token embedding.
+    Gpt2,
+    /// The LLaMA family (Llama 2/3, Qwen2, SmolLM): RMSNorm, SwiGLU MLP (`SiLU(gate)·up`, with
+    /// gate and up fused into one offloaded layer), rotary position embeddings, grouped-query
+    /// attention, no biases except optional q/k/v ones (Qwen2), an LM head of its own.
+    Llama {
+        /// Key/value heads; divides `n_head` (query heads `h` use KV head `h / (n_head / n_kv_head)`).
+        n_kv_head: u32,
+        /// Whether the fused q|k|v projection has a bias (Qwen2).
+        qkv_bias: bool,
+    },
+}
+
+/// The shape of a model (the fields of Hugging Face's `config.json` that matter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// Transformer blocks.
@@ -19,8 +39,10 @@ pub struct ModelConfig {
     pub n_positions: u32,
     /// Vocabulary size.
     pub vocab_size: u32,
-    /// MLP hidden width (`4 · n_embd` for GPT-2).
+    /// MLP hidden width (`4 · n_embd` for GPT-2; `intermediate_size` for LLaMA).
     pub n_inner: u32,
+    /// The architecture.
+    pub family: Family,
 }
 
 /// Why a configuration cannot be used.
@@ -35,6 +57,8 @@ pub enum ConfigError {
     TooWide,
     /// A dimension is beyond what this implementation supports (sizes would overflow).
     TooLarge,
+    /// The KV heads do not divide the query heads, or the head width is odd (RoPE rotates pairs).
+    BadKvHeads,
 }
 
 impl core::fmt::Display for ConfigError {
@@ -44,6 +68,9 @@ impl core::fmt::Display for ConfigError {
             ConfigError::HeadsDoNotDivideWidth => "n_embd is not a multiple of n_head",
             ConfigError::TooWide => "a layer is too wide for exact 32-bit int8 sums",
             ConfigError::TooLarge => "a model dimension is too large",
+            ConfigError::BadKvHeads => {
+                "n_kv_head must divide n_head, and RoPE needs an even head width"
+            }
         })
     }
 }
@@ -66,6 +93,14 @@ impl ModelConfig {
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ConfigError::HeadsDoNotDivideWidth);
+        }
+        if let Family::Llama { n_kv_head, .. } = self.family {
+            if n_kv_head == 0
+                || !self.n_head.is_multiple_of(n_kv_head)
+                || !self.head_dim().is_multiple_of(2)
+            {
+                return Err(ConfigError::BadKvHeads);
+            }
         }
         if self.n_embd as usize > crate::kernels::MAX_IN_DIM
             || self.n_inner as usize > crate::kernels::MAX_IN_DIM
@@ -92,6 +127,24 @@ impl ModelConfig {
         (self.n_embd / self.n_head) as usize
     }
 
+    /// Whether this is a LLaMA-family model.
+    pub fn is_llama(&self) -> bool {
+        matches!(self.family, Family::Llama { .. })
+    }
+
+    /// Key/value heads (`n_head` for GPT-2).
+    pub fn n_kv_head(&self) -> usize {
+        match self.family {
+            Family::Gpt2 => self.n_head as usize,
+            Family::Llama { n_kv_head, .. } => n_kv_head as usize,
+        }
+    }
+
+    /// Width of one position's keys (or values): `n_kv_head · head_dim` (`d` for GPT-2).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head() * self.head_dim()
+    }
+
     /// Every offloaded linear layer, in the order of one forward pass.
     pub fn linears(&self) -> impl Iterator<Item = LinearId> + '_ {
         (0..self.n_layer as u16)
@@ -111,13 +164,15 @@ impl ModelConfig {
         4 * self.n_layer as usize + 1
     }
 
-    /// `(in, out)` of a linear layer.
+    /// `(in, out)` of a linear layer. LLaMA's fused q|k|v has `(n_head + 2·n_kv_head)·head_dim`
+    /// outputs (queries, then keys, then values) and its fused gate|up `2·inner` (gate first).
     pub fn linear_dims(&self, kind: LinearKind) -> (usize, usize) {
         let d = self.n_embd as usize;
         let inner = self.n_inner as usize;
         match kind {
-            LinearKind::Qkv => (d, 3 * d),
+            LinearKind::Qkv => (d, d + 2 * self.kv_dim()),
             LinearKind::AttnOut => (d, d),
+            LinearKind::MlpUp if self.is_llama() => (d, 2 * inner),
             LinearKind::MlpUp => (d, inner),
             LinearKind::MlpDown => (inner, d),
             LinearKind::LmHead => (d, self.vocab_size as usize),
@@ -154,15 +209,15 @@ impl ModelConfig {
 /// Which linear layer of a block (or the LM head).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LinearKind {
-    /// `attn.c_attn`: fused Q|K|V projection, `d → 3d`.
+    /// `attn.c_attn`: fused Q|K|V projection, `d → 3d` (LLaMA: `q_proj|k_proj|v_proj`).
     Qkv,
-    /// `attn.c_proj`: attention output projection, `d → d`.
+    /// `attn.c_proj`: attention output projection, `d → d` (LLaMA: `o_proj`).
     AttnOut,
-    /// `mlp.c_fc`: `d → inner`.
+    /// `mlp.c_fc`: `d → inner` (LLaMA: `gate_proj|up_proj`, `d → 2·inner`).
     MlpUp,
-    /// `mlp.c_proj`: `inner → d`.
+    /// `mlp.c_proj`: `inner → d` (LLaMA: `down_proj`).
     MlpDown,
-    /// The LM head, tied to the token embedding: `d → vocab`.
+    /// The LM head, `d → vocab` (GPT-2: tied to the token embedding).
     LmHead,
 }
 

@@ -15,12 +15,25 @@
 //! | bytes  | field |
 //! |--------|-------|
 //! | 0..8   | magic: `VEILLIN1` or `VEILCLI1` |
-//! | 8..12  | format version (1) |
+//! | 8..12  | format version: 1 (GPT-2 only) or 2 (any architecture) |
 //! | 12..36 | n_layer, n_embd, n_head, n_positions, vocab_size, n_inner |
-//! | 36..40 | client: LayerNorm epsilon in Q32 (units of a variance of Q16.16 values) |
+//! | 36..40 | client: LayerNorm (or RMSNorm) epsilon in Q32 (units of a variance of Q16.16 values) |
 //! | 40..44 | client: end-of-text token id |
 //! | 44..48 | client: fraction bits of the fixed-point domain (16) |
+//! | 48..52 | version 2: architecture (0 GPT-2, 1 LLaMA family) |
+//! | 52..56 | version 2: KV heads |
+//! | 56..60 | version 2: flags (bit 0: the fused q\|k\|v projection has a bias) |
+//! | 60..64 | version 2, client: RoPE scaling (0 none, 1 `llama3`) |
 //! | 64..96 | client: SHA-256 fingerprint of the matching `linear.veil` |
+//! | 96..104 | version 2, client: `rope_theta` (f64) |
+//! | 104..112 | version 2, client: `llama3` scaling `factor` (f64) |
+//! | 112..120 | version 2, client: `low_freq_factor`, `high_freq_factor` (f32 each) |
+//! | 120..124 | version 2, client: `original_max_position_embeddings` |
+//! | 124..128 | version 2, client: beginning-of-text token id (`u32::MAX`: none) |
+//!
+//! GPT-2 files are written as version 1, byte for byte as before version 2 existed (so their
+//! fingerprints do not change); version 1 always means GPT-2, and its bytes 48..64 and 96..128
+//! are zero.
 //!
 //! `linear.veil` sections, per block: `c_attn` `[3d][d]`, `attn.c_proj` `[d][d]`, `mlp.c_fc`
 //! `[inner][d]`, `mlp.c_proj` `[d][inner]`; then the LM head `[vocab][d]`. All int8, stored
@@ -31,14 +44,32 @@
 //! then for `c_attn` and `attn.c_proj`: bias `i32 [out]` (Q16.16), multiplier `i32 [out]`, shift
 //! `u8 [out]`; `ln_2` gamma and beta; the same three for `mlp.c_fc` and `mlp.c_proj`; finally `ln_f`
 //! gamma and beta and the LM head multiplier and shift (it has no bias).
+//!
+//! The LLaMA family uses the same layout with the sections it has no use for empty (length 0):
+//! `wpe` and its shifts (positions are rotary), every beta (RMSNorm), and every bias except
+//! q|k|v's when the flag says so. Its layers are `q_proj|k_proj|v_proj` fused
+//! (`[(n_head + 2·n_kv_head)·head_dim][d]`), `o_proj`, `gate_proj|up_proj` fused (`[2·inner][d]`),
+//! `down_proj`, and its own LM head.
 
-use super::config::{ConfigError, LinearId, LinearKind, ModelConfig};
+use super::config::{ConfigError, Family, LinearId, LinearKind, ModelConfig};
 use crate::nonlinear::LnParams;
 use crate::quant::ChannelScale;
+use crate::rope::{Llama3Scaling, RopeConfig, RopeScaling};
 use core::ops::Range;
 
-/// Format version written and accepted.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version, written for every architecture but GPT-2.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version GPT-2 files are written in (and the oldest accepted).
+pub const FORMAT_VERSION_GPT2: u32 = 1;
+
+/// The version a model of `cfg` is written in: GPT-2 keeps version 1, so its files and their
+/// fingerprints are the same as before the LLaMA family was added.
+pub fn format_version(cfg: &ModelConfig) -> u32 {
+    match cfg.family {
+        Family::Gpt2 => FORMAT_VERSION_GPT2,
+        Family::Llama { .. } => FORMAT_VERSION,
+    }
+}
 /// Header length of both files.
 pub const HEADER_LEN: usize = 128;
 /// Alignment of every section.
@@ -75,6 +106,10 @@ pub enum FormatError {
     UnsupportedFracBits(u32),
     /// The client and linear files describe different models.
     ConfigMismatch,
+    /// An architecture code (header bytes 48..52) this build does not know.
+    UnknownArchitecture(u32),
+    /// A RoPE scaling code (header bytes 60..64) this build does not know.
+    UnknownRopeScaling(u32),
 }
 
 impl core::fmt::Display for FormatError {
@@ -86,7 +121,8 @@ impl core::fmt::Display for FormatError {
             }
             FormatError::UnsupportedVersion(v) => write!(
                 f,
-                "format version {v} is not supported (this build reads {FORMAT_VERSION})"
+                "format version {v} is not supported (this build reads {FORMAT_VERSION_GPT2} and \
+                 {FORMAT_VERSION}); quantize the model again with this build's veil-tools"
             ),
             FormatError::Config(e) => write!(f, "bad model configuration: {e}"),
             FormatError::WrongLength { expected, actual } => {
@@ -97,6 +133,13 @@ impl core::fmt::Display for FormatError {
             }
             FormatError::ConfigMismatch => {
                 write!(f, "client.veil and linear.veil describe different models")
+            }
+            FormatError::UnknownArchitecture(a) => write!(
+                f,
+                "architecture code {a} is not known to this build (a newer veil-tools wrote it?)"
+            ),
+            FormatError::UnknownRopeScaling(r) => {
+                write!(f, "RoPE scaling code {r} is not known to this build")
             }
         }
     }
@@ -222,7 +265,14 @@ impl ClientLayout {
     pub fn new(cfg: &ModelConfig) -> Self {
         let d = cfg.d();
         let vocab = cfg.vocab_size as usize;
-        let npos = cfg.n_positions as usize;
+        // The LLaMA family has rotary positions (no table), RMSNorm (no beta) and biases only on
+        // q|k|v, and only when the checkpoint has them: those sections are empty.
+        let (llama, qkv_bias) = match cfg.family {
+            Family::Gpt2 => (false, true),
+            Family::Llama { qkv_bias, .. } => (true, qkv_bias),
+        };
+        let npos = if llama { 0 } else { cfg.n_positions as usize };
+        let beta = if llama { 0 } else { 4 * d };
         let mut c = Cursor(HEADER_LEN);
         let wte = c.take(vocab * d * 2);
         let wte_shift = c.take(vocab);
@@ -231,16 +281,17 @@ impl ClientLayout {
         let layers_start = align_up(c.0);
         let params = |c: &mut Cursor, kind: LinearKind| {
             let out = cfg.linear_dims(kind).1;
+            let has_bias = !llama || (kind == LinearKind::Qkv && qkv_bias);
             LinearParamsLayout {
-                bias: Some(c.take(4 * out)),
+                bias: has_bias.then(|| c.take(4 * out)),
                 mult: c.take(4 * out),
                 shift: c.take(out),
             }
         };
-        let ln1 = [c.take(4 * d), c.take(4 * d)];
+        let ln1 = [c.take(4 * d), c.take(beta)];
         let qkv = params(&mut c, LinearKind::Qkv);
         let attn_out = params(&mut c, LinearKind::AttnOut);
-        let ln2 = [c.take(4 * d), c.take(4 * d)];
+        let ln2 = [c.take(4 * d), c.take(beta)];
         let up = params(&mut c, LinearKind::MlpUp);
         let down = params(&mut c, LinearKind::MlpDown);
         let block0 = BlockLayout {
@@ -250,7 +301,7 @@ impl ClientLayout {
         };
         let layer_stride = align_up(c.0) - layers_start;
         c.0 = layers_start + layer_stride * cfg.n_layer as usize;
-        let ln_f = [c.take(4 * d), c.take(4 * d)];
+        let ln_f = [c.take(4 * d), c.take(beta)];
         let lm_head = LinearParamsLayout {
             bias: None,
             mult: c.take(4 * vocab),
@@ -299,16 +350,21 @@ impl ClientLayout {
 }
 
 /// Client-file header fields beyond the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClientHeader {
     /// Model shape.
     pub config: ModelConfig,
-    /// LayerNorm epsilon in Q32.
+    /// LayerNorm (or RMSNorm) epsilon in Q32.
     pub ln_eps_q32: u32,
     /// End-of-text token.
     pub eos_token_id: u32,
     /// SHA-256 of the matching `linear.veil`.
     pub linear_fingerprint: [u8; 32],
+    /// Rotary position parameters ([`RopeConfig::NONE`] for GPT-2).
+    pub rope: RopeConfig,
+    /// Beginning-of-text token, when the model has one (the tokenizer's post-processor adds it to
+    /// prompts; kept here so a host without the tokenizer's files knows it too).
+    pub bos_token_id: Option<u32>,
 }
 
 fn put_u32(buf: &mut [u8], at: usize, v: u32) {
@@ -320,6 +376,26 @@ fn get_u32(buf: &[u8], at: usize) -> u32 {
     b.copy_from_slice(&buf[at..at + 4]);
     u32::from_le_bytes(b)
 }
+
+fn put_f64(buf: &mut [u8], at: usize, v: f64) {
+    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get_f64(buf: &[u8], at: usize) -> f64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    f64::from_le_bytes(b)
+}
+
+fn get_f32(buf: &[u8], at: usize) -> f32 {
+    f32::from_bits(get_u32(buf, at))
+}
+
+const ARCH_GPT2: u32 = 0;
+const ARCH_LLAMA: u32 = 1;
+const FLAG_QKV_BIAS: u32 = 1;
+const ROPE_NONE: u32 = 0;
+const ROPE_LLAMA3: u32 = 1;
 
 fn put_config(buf: &mut [u8], cfg: &ModelConfig) {
     let vals = [
@@ -333,24 +409,43 @@ fn put_config(buf: &mut [u8], cfg: &ModelConfig) {
     for (i, v) in vals.into_iter().enumerate() {
         put_u32(buf, 12 + 4 * i, v);
     }
+    put_u32(buf, 8, format_version(cfg));
+    // Version 1 (GPT-2) leaves bytes 48..64 zero, as it always did.
+    if let Family::Llama {
+        n_kv_head,
+        qkv_bias,
+    } = cfg.family
+    {
+        put_u32(buf, 48, ARCH_LLAMA);
+        put_u32(buf, 52, n_kv_head);
+        put_u32(buf, 56, if qkv_bias { FLAG_QKV_BIAS } else { 0 });
+    }
 }
 
-fn get_config(buf: &[u8]) -> ModelConfig {
-    ModelConfig {
+fn get_config(buf: &[u8], version: u32) -> Result<ModelConfig, FormatError> {
+    let family = match (version, get_u32(buf, 48)) {
+        (FORMAT_VERSION_GPT2, _) | (_, ARCH_GPT2) => Family::Gpt2,
+        (_, ARCH_LLAMA) => Family::Llama {
+            n_kv_head: get_u32(buf, 52),
+            qkv_bias: get_u32(buf, 56) & FLAG_QKV_BIAS != 0,
+        },
+        (_, other) => return Err(FormatError::UnknownArchitecture(other)),
+    };
+    Ok(ModelConfig {
         n_layer: get_u32(buf, 12),
         n_embd: get_u32(buf, 16),
         n_head: get_u32(buf, 20),
         n_positions: get_u32(buf, 24),
         vocab_size: get_u32(buf, 28),
         n_inner: get_u32(buf, 32),
-    }
+        family,
+    })
 }
 
 /// Writes the header of `linear.veil` (tools).
 pub fn encode_linear_header(cfg: &ModelConfig, out: &mut [u8; HEADER_LEN]) {
     out.fill(0);
     out[0..8].copy_from_slice(&LINEAR_MAGIC);
-    put_u32(out, 8, FORMAT_VERSION);
     put_config(out, cfg);
 }
 
@@ -358,12 +453,43 @@ pub fn encode_linear_header(cfg: &ModelConfig, out: &mut [u8; HEADER_LEN]) {
 pub fn encode_client_header(h: &ClientHeader, out: &mut [u8; HEADER_LEN]) {
     out.fill(0);
     out[0..8].copy_from_slice(&CLIENT_MAGIC);
-    put_u32(out, 8, FORMAT_VERSION);
     put_config(out, &h.config);
     put_u32(out, 36, h.ln_eps_q32);
     put_u32(out, 40, h.eos_token_id);
     put_u32(out, 44, crate::fixed::FRAC_BITS);
     out[64..96].copy_from_slice(&h.linear_fingerprint);
+    if format_version(&h.config) == FORMAT_VERSION_GPT2 {
+        return;
+    }
+    put_f64(out, 96, h.rope.theta);
+    if let RopeScaling::Llama3(s) = h.rope.scaling {
+        put_u32(out, 60, ROPE_LLAMA3);
+        put_f64(out, 104, s.factor);
+        put_u32(out, 112, s.low_freq_factor.to_bits());
+        put_u32(out, 116, s.high_freq_factor.to_bits());
+        put_u32(out, 120, s.original_max_positions);
+    }
+    put_u32(out, 124, h.bos_token_id.unwrap_or(u32::MAX));
+}
+
+fn get_rope(bytes: &[u8], version: u32) -> Result<RopeConfig, FormatError> {
+    if version == FORMAT_VERSION_GPT2 {
+        return Ok(RopeConfig::NONE);
+    }
+    let scaling = match get_u32(bytes, 60) {
+        ROPE_NONE => RopeScaling::None,
+        ROPE_LLAMA3 => RopeScaling::Llama3(Llama3Scaling {
+            factor: get_f64(bytes, 104),
+            low_freq_factor: get_f32(bytes, 112),
+            high_freq_factor: get_f32(bytes, 116),
+            original_max_positions: get_u32(bytes, 120),
+        }),
+        other => return Err(FormatError::UnknownRopeScaling(other)),
+    };
+    Ok(RopeConfig {
+        theta: get_f64(bytes, 96),
+        scaling,
+    })
 }
 
 fn check_common(bytes: &[u8], magic: &[u8; 8]) -> Result<ModelConfig, FormatError> {
@@ -374,10 +500,10 @@ fn check_common(bytes: &[u8], magic: &[u8; 8]) -> Result<ModelConfig, FormatErro
         return Err(FormatError::BadMagic);
     }
     let version = get_u32(bytes, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_GPT2 {
         return Err(FormatError::UnsupportedVersion(version));
     }
-    let cfg = get_config(bytes);
+    let cfg = get_config(bytes, version)?;
     cfg.validate().map_err(FormatError::Config)?;
     Ok(cfg)
 }
@@ -420,6 +546,7 @@ impl<'a> I16s<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct LnView<'a> {
     gamma: I32s<'a>,
+    /// Empty for RMSNorm.
     beta: I32s<'a>,
 }
 
@@ -430,7 +557,11 @@ impl LnParams for LnView<'_> {
     }
     #[inline]
     fn beta(&self, i: usize) -> i32 {
-        self.beta.get(i)
+        if self.beta.is_empty() {
+            0
+        } else {
+            self.beta.get(i)
+        }
     }
 }
 
@@ -508,11 +639,15 @@ impl<'a> ClientWeights<'a> {
         }
         let mut linear_fingerprint = [0u8; 32];
         linear_fingerprint.copy_from_slice(&bytes[64..96]);
+        let version = get_u32(bytes, 8);
+        let bos = get_u32(bytes, 124);
         let header = ClientHeader {
             config,
             ln_eps_q32: get_u32(bytes, 36),
             eos_token_id: get_u32(bytes, 40),
             linear_fingerprint,
+            rope: get_rope(bytes, version)?,
+            bos_token_id: (version != FORMAT_VERSION_GPT2 && bos != u32::MAX).then_some(bos),
         };
         let layout = ClientLayout::new(&config);
         if bytes.len() != layout.total_len {
@@ -570,18 +705,25 @@ impl<'a> ClientWeights<'a> {
         }
     }
 
-    /// Writes `wte[token] + wpe[pos]` in Q16.16 into `out` (`d` values). The caller checks ranges.
+    /// Writes `wte[token] + wpe[pos]` in Q16.16 into `out` (`d` values; only `wte[token]` for
+    /// the LLaMA family, whose positions are rotary). The caller checks ranges.
     pub fn embed(&self, token: usize, pos: usize, out: &mut [i32]) {
         let d = self.config().d();
         let wte = I16s(
             &self.bytes[self.layout.wte.start + token * d * 2
                 ..self.layout.wte.start + (token + 1) * d * 2],
         );
+        let ts = self.bytes[self.layout.wte_shift.start + token];
+        if self.config().is_llama() {
+            for (i, o) in out.iter_mut().enumerate().take(d) {
+                *o = crate::quant::BlockI16::decode(wte.get(i), ts);
+            }
+            return;
+        }
         let wpe = I16s(
             &self.bytes
                 [self.layout.wpe.start + pos * d * 2..self.layout.wpe.start + (pos + 1) * d * 2],
         );
-        let ts = self.bytes[self.layout.wte_shift.start + token];
         let ps = self.bytes[self.layout.wpe_shift.start + pos];
         for (i, o) in out.iter_mut().enumerate().take(d) {
             let t = crate::quant::BlockI16::decode(wte.get(i), ts) as i64;
@@ -615,6 +757,7 @@ mod tests {
             n_positions: 4,
             vocab_size: 10,
             n_inner: 32,
+            family: Family::Gpt2,
         }
     }
 
@@ -653,6 +796,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// GPT-2 headers stay version 1 with bytes 48..64 and 96..128 zero (files and fingerprints
+    /// as before); a LLaMA-family header is version 2 and gives back every field it was given.
+    #[test]
+    fn test_headers_of_both_families_round_trip() {
+        let gpt2 = cfg();
+        let mut h = [0u8; HEADER_LEN];
+        let header = ClientHeader {
+            config: gpt2,
+            ln_eps_q32: 42950,
+            eos_token_id: 9,
+            linear_fingerprint: [7; 32],
+            rope: RopeConfig::NONE,
+            bos_token_id: None,
+        };
+        encode_client_header(&header, &mut h);
+        assert_eq!(get_u32(&h, 8), 1);
+        assert!(h[48..64].iter().chain(&h[96..128]).all(|&b| b == 0));
+        let llama = ModelConfig {
+            n_head: 4,
+            n_embd: 16,
+            family: Family::Llama {
+                n_kv_head: 2,
+                qkv_bias: true,
+            },
+            ..gpt2
+        };
+        let header = ClientHeader {
+            config: llama,
+            rope: RopeConfig {
+                theta: 500000.0,
+                scaling: RopeScaling::Llama3(Llama3Scaling {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_positions: 64,
+                }),
+            },
+            bos_token_id: Some(0),
+            ..header
+        };
+        let cl = ClientLayout::new(&llama);
+        assert!(cl.wpe.is_empty() && cl.ln_f[1].is_empty() && cl.lm_head.bias.is_none());
+        let b = cl.block(1);
+        assert!(b.linears[0].bias.is_some() && b.linears[1..].iter().all(|p| p.bias.is_none()));
+        let mut bytes = vec![0u8; cl.total_len];
+        encode_client_header(&header, &mut h);
+        bytes[..HEADER_LEN].copy_from_slice(&h);
+        let parsed = ClientWeights::parse(&bytes).unwrap();
+        assert_eq!(parsed.header(), &header);
+        assert_eq!(get_u32(&bytes, 8), 2);
+        let mut lin = vec![0u8; LinearLayout::new(&llama).total_len];
+        encode_linear_header(&llama, &mut h);
+        lin[..HEADER_LEN].copy_from_slice(&h);
+        let lw = LinearWeights::parse(&lin).unwrap();
+        assert_eq!(lw.config(), &llama);
+        check_pair(&parsed, &lw).unwrap();
+        bytes[48] = 7;
+        assert_eq!(
+            ClientWeights::parse(&bytes).unwrap_err(),
+            FormatError::UnknownArchitecture(7)
+        );
     }
 
     #[test]

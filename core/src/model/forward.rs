@@ -1,6 +1,6 @@
 //! The sans-IO forward pass.
 //!
-//! [`Forward`] runs GPT-2 in integers over caller-provided buffers and stops at every linear layer:
+//! [`Forward`] runs GPT-2 or a LLaMA-family model in integers over caller-provided buffers and stops at every linear layer:
 //! it exposes the int8 input rows ([`Forward::request`]) and waits for the exact int32 products
 //! `acc = x_q · W_q` ([`Forward::reply_mut`], then [`Forward::complete`]). Who computes them is
 //! the host's business: a local kernel (the plaintext reference), or a blind server plus unmasking
@@ -9,14 +9,21 @@
 //! One step feeds `rows` new tokens (a prefill chunk or one decode token) through every block:
 //! `ln_1 → c_attn → attention over the KV cache → attn.c_proj → residual → ln_2 → c_fc → GELU →
 //! mlp.c_proj → residual`, then `ln_f → LM head` for the last row (or every row, for evaluation).
+//!
+//! The LLaMA family runs the same schedule, the same five offloaded layers per pass, with its own
+//! non-linear parts chosen by [`super::config::Family`]: RMSNorm for both norms, rotary position
+//! embeddings applied to the queries and keys of the fused q|k|v reply (no position table),
+//! grouped-query attention (query head `h` reads KV head `h / (n_head / n_kv_head)`), and
+//! `SiLU(gate) · up` over the fused gate|up reply before `down_proj`.
 
 use super::config::{LinearId, LinearKind, ModelConfig};
 use super::format::{ClientWeights, LinearWeights};
 use super::kv::KvCache;
 use crate::fixed::{isqrt_u128, round_shift_i128, round_shift_i64, saturate_i32};
 use crate::kernels::{self, matmul_i8_i8};
-use crate::nonlinear::{gelu, layer_norm, softmax};
+use crate::nonlinear::{gelu, layer_norm, rms_norm, softmax, swiglu};
 use crate::quant::{quantize_row, rescale, ActScale, BlockI16};
+use crate::rope::{rotate_head, trig_row};
 
 /// Largest attention head width supported (stack buffers of this many `i16` and `i32` per head).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -126,6 +133,7 @@ struct Parts {
     scale: usize,
     scores: usize,
     probs: usize,
+    trig: usize,
     act_q: usize,
 }
 
@@ -133,7 +141,11 @@ impl Parts {
     fn new(cfg: &ModelConfig, rows: usize, logit_rows: LogitRows, capacity: usize) -> Self {
         let d = cfg.d();
         let inner = cfg.n_inner as usize;
-        let widest = (3 * d).max(inner);
+        // The widest reply of a block: fused q|k|v or the MLP's up (GPT-2: 3d or inner).
+        let widest = cfg
+            .linear_dims(LinearKind::Qkv)
+            .1
+            .max(cfg.linear_dims(LinearKind::MlpUp).1);
         let lm_rows = logit_rows.capacity(rows);
         Parts {
             resid: rows * d,
@@ -143,11 +155,24 @@ impl Parts {
             scale: rows,
             scores: capacity,
             probs: capacity,
+            // RoPE's cosines and sines of each row's position (none for GPT-2).
+            trig: if cfg.is_llama() {
+                rows * cfg.head_dim()
+            } else {
+                0
+            },
             act_q: rows * d.max(inner),
         }
     }
     fn total_i32(&self) -> usize {
-        self.resid + self.norm + self.hidden + self.reply + self.scale + self.scores + self.probs
+        self.resid
+            + self.norm
+            + self.hidden
+            + self.reply
+            + self.scale
+            + self.scores
+            + self.probs
+            + self.trig
     }
 }
 
@@ -161,6 +186,7 @@ pub struct Workspace<'a> {
     scale: &'a mut [i32],
     scores: &'a mut [i32],
     probs: &'a mut [i32],
+    trig: &'a mut [i32],
     act_q: &'a mut [i8],
     sizes: WorkspaceSizes,
 }
@@ -183,7 +209,8 @@ impl<'a> Workspace<'a> {
         let (reply, rest) = rest.split_at_mut(p.reply);
         let (scale, rest) = rest.split_at_mut(p.scale);
         let (scores, rest) = rest.split_at_mut(p.scores);
-        let (probs, _) = rest.split_at_mut(p.probs);
+        let (probs, rest) = rest.split_at_mut(p.probs);
+        let (trig, _) = rest.split_at_mut(p.trig);
         let (act_q, _) = i8s.split_at_mut(p.act_q);
         Ok(Workspace {
             resid,
@@ -193,6 +220,7 @@ impl<'a> Workspace<'a> {
             scale,
             scores,
             probs,
+            trig,
             act_q,
             sizes,
         })
@@ -243,6 +271,9 @@ pub struct Forward<'w, 'a> {
     lm_rows: usize,
     pos0: usize,
     inv_sqrt_dh_q31: i64,
+    /// RoPE's frequencies (the first `head_dim / 2`; unused by GPT-2), computed once from the
+    /// client file's header.
+    inv_freq: [f64; MAX_HEAD_DIM / 2],
 }
 
 impl<'w, 'a> Forward<'w, 'a> {
@@ -262,6 +293,10 @@ impl<'w, 'a> Forward<'w, 'a> {
         }
         // 1/sqrt(dh) in Q31, exact to one unit.
         let inv_sqrt_dh_q31 = isqrt_u128((1u128 << 62) / dh as u128) as i64;
+        let mut inv_freq = [0f64; MAX_HEAD_DIM / 2];
+        if cfg.is_llama() {
+            weights.header().rope.inv_freq(dh, &mut inv_freq);
+        }
         Ok(Forward {
             weights,
             ws,
@@ -272,6 +307,7 @@ impl<'w, 'a> Forward<'w, 'a> {
             lm_rows: 1,
             pos0: 0,
             inv_sqrt_dh_q31,
+            inv_freq,
         })
     }
 
@@ -388,6 +424,16 @@ impl<'w, 'a> Forward<'w, 'a> {
                 self.pos0 + r,
                 &mut self.ws.resid[r * d..(r + 1) * d],
             );
+        }
+        if self.cfg.is_llama() {
+            let dh = self.cfg.head_dim();
+            for r in 0..self.rows {
+                trig_row(
+                    self.pos0 + r,
+                    &self.inv_freq[..dh / 2],
+                    &mut self.ws.trig[r * dh..(r + 1) * dh],
+                );
+            }
         }
         self.prepare_ln_input(0, 1);
         self.stage = Stage::Linear(LinearId {
@@ -533,14 +579,24 @@ impl<'w, 'a> Forward<'w, 'a> {
         Ok(StepState::Pending)
     }
 
-    /// LayerNorm (`which` = 1 or 2 of block `layer`) of every row, quantized into the request buffer.
+    /// The architecture's norm (LayerNorm or RMSNorm) of one row.
+    fn norm(&self) -> fn(&[i32], &super::format::LnView<'w>, u64, &mut [i32]) {
+        if self.cfg.is_llama() {
+            rms_norm
+        } else {
+            layer_norm
+        }
+    }
+
+    /// The norm (`which` = 1 or 2 of block `layer`) of every row, quantized into the request buffer.
     fn prepare_ln_input(&mut self, layer: usize, which: u8) {
         let d = self.cfg.d();
         let ln = self.weights.block_ln(layer, which);
         let eps = self.weights.header().ln_eps_q32 as u64;
+        let norm = self.norm();
         for r in 0..self.rows {
             let row = r * d..(r + 1) * d;
-            layer_norm(
+            norm(
                 &self.ws.resid[row.clone()],
                 &ln,
                 eps,
@@ -555,9 +611,10 @@ impl<'w, 'a> Forward<'w, 'a> {
         let ln = self.weights.ln_f();
         let eps = self.weights.header().ln_eps_q32 as u64;
         let first = self.rows - self.lm_rows();
+        let norm = self.norm();
         for (k, r) in (first..self.rows).enumerate() {
             let out = k * d..(k + 1) * d;
-            layer_norm(
+            norm(
                 &self.ws.resid[r * d..(r + 1) * d],
                 &ln,
                 eps,
@@ -584,13 +641,23 @@ impl<'w, 'a> Forward<'w, 'a> {
     fn finish_qkv(&mut self, id: LinearId) {
         self.rescale_into_hidden(id);
         let d = self.cfg.d();
+        let kvd = self.cfg.kv_dim();
+        let w = d + 2 * kvd;
+        let dh = self.cfg.head_dim();
         for r in 0..self.rows {
-            let row = &self.ws.hidden[r * 3 * d..(r + 1) * 3 * d];
+            let row = &mut self.ws.hidden[r * w..(r + 1) * w];
+            if self.cfg.is_llama() {
+                // Queries and keys (not values) turn by their position's angles, after the bias.
+                let trig = &self.ws.trig[r * dh..(r + 1) * dh];
+                for head in row[..d + kvd].chunks_exact_mut(dh) {
+                    rotate_head(head, trig);
+                }
+            }
             self.kv.store(
                 id.layer as usize,
                 self.pos0 + r,
-                &row[d..2 * d],
-                &row[2 * d..3 * d],
+                &row[d..d + kvd],
+                &row[d + kvd..w],
             );
         }
     }
@@ -606,26 +673,33 @@ impl<'w, 'a> Forward<'w, 'a> {
     /// 2^31 for every `n ≤ 2^14` (the configuration's limit, [`super::config::MAX_POSITIONS`]);
     /// bringing a value to shift `S` costs at most half a step of `2^S`, the same bound as the
     /// cache's own encoding at that shift.
+    ///
+    /// Grouped-query attention (the LLaMA family) reads KV head `h / group` for query head `h`;
+    /// GPT-2 is the case `group = 1`.
     fn attention(&mut self, layer: usize) {
         let d = self.cfg.d();
         let n_head = self.cfg.n_head as usize;
         let dh = self.cfg.head_dim();
+        let group = n_head / self.cfg.n_kv_head();
+        let w = d + 2 * self.cfg.kv_dim();
+        let stride = self.kv.row_stride();
         for r in 0..self.rows {
             let pos = self.pos0 + r;
             let n = pos + 1; // causal: positions 0..=pos
             for h in 0..n_head {
-                let q = &self.ws.hidden[r * 3 * d + h * dh..r * 3 * d + (h + 1) * dh];
+                let kh = h / group;
+                let q = &self.ws.hidden[r * w + h * dh..r * w + (h + 1) * dh];
                 let mut q16 = [0i16; MAX_HEAD_DIM];
                 let qs = BlockI16::encode(q, &mut q16[..dh]) as u32;
-                let keys = self.kv.head_keys(layer, h, n);
+                let keys = self.kv.head_keys(layer, kh, n);
                 let mut dots = [0i64; 64];
                 for t0 in (0..n).step_by(dots.len()) {
                     let m = (n - t0).min(dots.len());
-                    kernels::dot_i16_rows(&q16[..dh], &keys[t0 * d..], d, &mut dots[..m]);
+                    kernels::dot_i16_rows(&q16[..dh], &keys[t0 * stride..], stride, &mut dots[..m]);
                     for (t, &s) in (t0..t0 + m).zip(&dots[..m]) {
                         // s · 2^(qs+ks) is q·k in Q32; the score is that / sqrt(dh) in Q16:
                         // s · inv · 2^(qs+ks) / 2^47 (qs, ks ≤ 17, so the shift stays positive).
-                        let ks = self.kv.key_shift(layer, t, h).min(17) as u32;
+                        let ks = self.kv.key_shift(layer, t, kh).min(17) as u32;
                         let wide = s as i128 * self.inv_sqrt_dh_q31 as i128;
                         self.ws.scores[t] =
                             crate::fixed::saturate_i32_wide(round_shift_i128(wide, 47 - qs - ks));
@@ -633,13 +707,13 @@ impl<'w, 'a> Forward<'w, 'a> {
                 }
                 softmax(&self.ws.scores[..n], &mut self.ws.probs[..n]);
                 let top = (0..n)
-                    .map(|t| self.kv.value_shift(layer, t, h).min(17))
+                    .map(|t| self.kv.value_shift(layer, t, kh).min(17))
                     .max()
                     .unwrap_or(0) as i32;
                 // The scores are spent: their buffer now holds each position's shift down to
                 // `top`, and the probabilities go Q16 → Q15, rounded (p ≤ 2^16, so p15 ≤ 2^15).
                 for t in 0..n {
-                    self.ws.scores[t] = top - self.kv.value_shift(layer, t, h).min(17) as i32;
+                    self.ws.scores[t] = top - self.kv.value_shift(layer, t, kh).min(17) as i32;
                     self.ws.probs[t] = (self.ws.probs[t] + 1) >> 1;
                 }
                 let mut acc = [0i32; MAX_HEAD_DIM];
@@ -647,8 +721,8 @@ impl<'w, 'a> Forward<'w, 'a> {
                     &mut acc[..dh],
                     &self.ws.probs[..n],
                     &self.ws.scores[..n],
-                    self.kv.head_values(layer, h, n),
-                    d,
+                    self.kv.head_values(layer, kh, n),
+                    stride,
                 );
                 let top = top as u32;
                 let o = &mut self.ws.norm[r * d + h * dh..r * d + (h + 1) * dh];
@@ -679,13 +753,23 @@ impl<'w, 'a> Forward<'w, 'a> {
     fn finish_mlp_up(&mut self, id: LinearId) {
         self.rescale_into_hidden(id);
         let inner = self.cfg.n_inner as usize;
+        let llama = self.cfg.is_llama();
         for r in 0..self.rows {
             let row = r * inner..(r + 1) * inner;
-            for (n, &h) in self.ws.norm[row.clone()]
-                .iter_mut()
-                .zip(&self.ws.hidden[row.clone()])
-            {
-                *n = gelu(h);
+            if llama {
+                // The reply row is gate (first `inner`) then up.
+                let h = &self.ws.hidden[2 * r * inner..2 * (r + 1) * inner];
+                let (gate, up) = h.split_at(inner);
+                for ((n, &g), &u) in self.ws.norm[row.clone()].iter_mut().zip(gate).zip(up) {
+                    *n = swiglu(g, u);
+                }
+            } else {
+                for (n, &h) in self.ws.norm[row.clone()]
+                    .iter_mut()
+                    .zip(&self.ws.hidden[row.clone()])
+                {
+                    *n = gelu(h);
+                }
             }
             self.ws.scale[r] = quantize_row(&self.ws.norm[row.clone()], &mut self.ws.act_q[row]).0;
         }
@@ -760,16 +844,61 @@ mod tests {
     /// cache and the batched path agree.
     #[test]
     fn test_prefill_equals_incremental_decode() {
-        let m = RandomModel::new(7);
+        check_prefill_equals_incremental_decode(&RandomModel::new(7));
+    }
+
+    /// The same for the LLaMA family (RoPE per position, grouped KV heads, SwiGLU): the rotation
+    /// of a row depends only on its position, not on the step that carried it.
+    #[test]
+    fn test_llama_prefill_equals_incremental_decode() {
+        check_prefill_equals_incremental_decode(&RandomModel::llama(7));
+    }
+
+    /// RoPE makes the LLaMA family's logits depend on order even where bag-of-token features
+    /// agree, and its request sequence is GPT-2's with the fused widths of the family.
+    #[test]
+    fn test_llama_requests_have_the_family_widths() {
+        let m = RandomModel::llama(3);
+        let lin = LinearWeights::parse(&m.linear).unwrap();
+        let (mut b, ws) = bufs(&m.cfg, 4, LogitRows::Last);
+        let mut f = forward(&m, &mut b, ws);
+        f.begin(&[1, 2, 3]).unwrap();
+        let mut dims = vec![];
+        while let Some(req) = f.request() {
+            dims.push((req.id.kind, req.in_dim, req.out_dim));
+            if f.complete_locally(&lin).unwrap() == StepState::Done {
+                break;
+            }
+        }
+        // d = 32, 4 query heads and 2 KV heads of 8: q|k|v = 32 + 2·16; gate|up = 2·48.
+        assert_eq!(
+            &dims[..4],
+            &[
+                (LinearKind::Qkv, 32, 64),
+                (LinearKind::AttnOut, 32, 32),
+                (LinearKind::MlpUp, 32, 96),
+                (LinearKind::MlpDown, 48, 32),
+            ]
+        );
+        assert_eq!(dims.len(), 9);
+        let ab = f.logits().unwrap().to_vec();
+        f.reset();
+        f.step_locally(&lin, &[2, 1, 3]).unwrap();
+        assert_ne!(f.logits().unwrap(), &ab[..], "positions must matter");
+        // The cache holds the 2 KV heads only.
+        assert_eq!(KvSizes::new(&m.cfg, 12).values, 2 * 12 * 16);
+    }
+
+    fn check_prefill_equals_incremental_decode(m: &RandomModel) {
         let lin = LinearWeights::parse(&m.linear).unwrap();
         let tokens = [3u32, 17, 5, 60, 2, 9, 33];
         let (mut b1, ws1) = bufs(&m.cfg, tokens.len(), LogitRows::All);
-        let mut all = forward(&m, &mut b1, ws1);
+        let mut all = forward(m, &mut b1, ws1);
         all.step_locally(&lin, &tokens).unwrap();
         let vocab = m.cfg.vocab_size as usize;
         let all_logits = all.logits().unwrap().to_vec();
         let (mut b2, ws2) = bufs(&m.cfg, 1, LogitRows::Last);
-        let mut one = forward(&m, &mut b2, ws2);
+        let mut one = forward(m, &mut b2, ws2);
         for (i, &t) in tokens.iter().enumerate() {
             one.step_locally(&lin, &[t]).unwrap();
             assert_eq!(
@@ -788,13 +917,22 @@ mod tests {
     /// cache that never saw the rejected ones gives (the speculation's rollback).
     #[test]
     fn test_scoring_step_and_rollback_equal_incremental_decode() {
-        let m = RandomModel::new(8);
+        check_scoring_and_rollback(&RandomModel::new(8));
+    }
+
+    /// The same for the LLaMA family: a rolled-back position is rotated afresh when refilled.
+    #[test]
+    fn test_llama_scoring_step_and_rollback_equal_incremental_decode() {
+        check_scoring_and_rollback(&RandomModel::llama(8));
+    }
+
+    fn check_scoring_and_rollback(m: &RandomModel) {
         let lin = LinearWeights::parse(&m.linear).unwrap();
         let vocab = m.cfg.vocab_size as usize;
         let (prefix, draft, other) = ([3u32, 17, 5], [60u32, 2, 9, 33], [41u32, 7]);
         // Reference: one token at a time, prefix then draft[..2] then `other`.
         let (mut b1, ws1) = bufs(&m.cfg, 1, LogitRows::Last);
-        let mut one = forward(&m, &mut b1, ws1);
+        let mut one = forward(m, &mut b1, ws1);
         let mut want = vec![];
         for &t in prefix.iter().chain(&draft) {
             one.step_locally(&lin, &[t]).unwrap();
@@ -808,7 +946,7 @@ mod tests {
         }
         // Speculative: the prefix, then the whole draft scored in one step.
         let (mut b2, ws2) = bufs(&m.cfg, 4, LogitRows::UpTo(4));
-        let mut f = forward(&m, &mut b2, ws2);
+        let mut f = forward(m, &mut b2, ws2);
         f.step_locally(&lin, &prefix).unwrap();
         assert_eq!(
             f.logits().unwrap(),

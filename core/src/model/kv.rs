@@ -1,5 +1,8 @@
 //! The client's KV cache: keys and values of every past position, 16-bit block floating point with
-//! one shift per (layer, position, head).
+//! one shift per (layer, position, KV head).
+//!
+//! With grouped-query attention (the LLaMA family) only the `n_kv_head` key/value heads are
+//! stored, so the cache is `n_head / n_kv_head` times smaller than the queries' width would need.
 //!
 //! i16 with a per-head shift keeps 15 significant bits of every head's vector (the attention
 //! scores' error stays far below the int8 activation error), at half the memory of i32.
@@ -11,9 +14,9 @@ use crate::quant::BlockI16;
 /// Buffer lengths a [`KvCache`] needs, for each of K and V.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvSizes {
-    /// `i16` values: `n_layer · capacity · d`.
+    /// `i16` values: `n_layer · capacity · kv_dim` (`kv_dim = n_kv_head · head_dim`, `d` for GPT-2).
     pub values: usize,
-    /// `u8` shifts: `n_layer · capacity · n_head`.
+    /// `u8` shifts: `n_layer · capacity · n_kv_head`.
     pub shifts: usize,
 }
 
@@ -21,8 +24,8 @@ impl KvSizes {
     /// Sizes for `capacity` positions (at most `n_positions`).
     pub fn new(cfg: &ModelConfig, capacity: usize) -> Self {
         KvSizes {
-            values: cfg.n_layer as usize * capacity * cfg.d(),
-            shifts: cfg.n_layer as usize * capacity * cfg.n_head as usize,
+            values: cfg.n_layer as usize * capacity * cfg.kv_dim(),
+            shifts: cfg.n_layer as usize * capacity * cfg.n_kv_head(),
         }
     }
 
@@ -40,7 +43,9 @@ pub struct KvCache<'a> {
     k_shift: &'a mut [u8],
     v_shift: &'a mut [u8],
     capacity: usize,
+    /// Width of one position's keys: `n_kv_head · head_dim`.
     d: usize,
+    /// KV heads.
     n_head: usize,
     len: usize,
 }
@@ -70,8 +75,8 @@ impl<'a> KvCache<'a> {
             k_shift,
             v_shift,
             capacity,
-            d: cfg.d(),
-            n_head: cfg.n_head as usize,
+            d: cfg.kv_dim(),
+            n_head: cfg.n_kv_head(),
             len: 0,
         })
     }
@@ -105,7 +110,7 @@ impl<'a> KvCache<'a> {
         (layer * self.capacity + pos) * self.d
     }
 
-    /// Stores the key and value rows (Q16.16, `d` each) of `pos` in `layer`.
+    /// Stores the key and value rows (Q16.16, `kv_dim` each) of `pos` in `layer`.
     pub(crate) fn store(&mut self, layer: usize, pos: usize, k_row: &[i32], v_row: &[i32]) {
         let dh = self.d / self.n_head;
         let base = self.base(layer, pos);
@@ -119,8 +124,15 @@ impl<'a> KvCache<'a> {
         }
     }
 
-    /// Keys of `head` in `layer` for positions `0..n`: position `t` at `[t · d..][..head_dim]`
-    /// (the stride is `d`, the rows of the other heads lie between).
+    /// Width of one position's row of keys (or values): the stride of [`KvCache::head_keys`].
+    #[inline]
+    pub(crate) fn row_stride(&self) -> usize {
+        self.d
+    }
+
+    /// Keys of KV head `head` in `layer` for positions `0..n`: position `t` at
+    /// `[t · kv_dim..][..head_dim]` (the stride is `kv_dim`, the rows of the other heads lie
+    /// between).
     #[inline]
     pub(crate) fn head_keys(&self, layer: usize, head: usize, n: usize) -> &[i16] {
         self.head_rows(self.k, layer, head, n)

@@ -1,4 +1,4 @@
-//! The GPT-2 model: configuration, on-disk weight format, KV cache, the sans-IO forward pass and
+//! The model (GPT-2 or the LLaMA family): configuration, on-disk weight format, KV cache, the sans-IO forward pass and
 //! sampling.
 
 mod config;
@@ -9,7 +9,7 @@ mod sample;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use config::{ConfigError, LinearId, LinearKind, ModelConfig};
+pub use config::{ConfigError, Family, LinearId, LinearKind, ModelConfig, MAX_POSITIONS};
 pub use format::{ClientWeights, FormatError, LinearWeights};
 pub use forward::{
     Forward, ForwardError, LinearRequest, LogitRows, StepState, Workspace, WorkspaceSizes,

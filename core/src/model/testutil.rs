@@ -36,7 +36,30 @@ impl RandomModel {
             n_positions: 12,
             vocab_size: 70,
             n_inner: 64,
+            family: super::Family::Gpt2,
         };
+        Self::with_config(seed, cfg)
+    }
+
+    /// A LLaMA-family model: 4 query heads sharing 2 KV heads of width 8, q|k|v biases (Qwen2),
+    /// RoPE with Llama 3 scaling.
+    pub fn llama(seed: u64) -> Self {
+        let cfg = ModelConfig {
+            n_layer: 2,
+            n_embd: 32,
+            n_head: 4,
+            n_positions: 12,
+            vocab_size: 70,
+            n_inner: 48,
+            family: super::Family::Llama {
+                n_kv_head: 2,
+                qkv_bias: true,
+            },
+        };
+        Self::with_config(seed, cfg)
+    }
+
+    pub fn with_config(seed: u64, cfg: ModelConfig) -> Self {
         let mut rng = Lcg(seed);
         let ll = LinearLayout::new(&cfg);
         let mut linear = vec![0u8; ll.total_len];
@@ -55,6 +78,20 @@ impl RandomModel {
             ln_eps_q32: 42950,
             eos_token_id: 0,
             linear_fingerprint: [0; 32],
+            rope: if cfg.is_llama() {
+                crate::rope::RopeConfig {
+                    theta: 10000.0,
+                    scaling: crate::rope::RopeScaling::Llama3(crate::rope::Llama3Scaling {
+                        factor: 8.0,
+                        low_freq_factor: 1.0,
+                        high_freq_factor: 4.0,
+                        original_max_positions: 4,
+                    }),
+                }
+            } else {
+                crate::rope::RopeConfig::NONE
+            },
+            bos_token_id: cfg.is_llama().then_some(1),
         };
         encode_client_header(&header, &mut h);
         client[..HEADER_LEN].copy_from_slice(&h);
@@ -73,7 +110,8 @@ impl RandomModel {
             (
                 cl.wpe.clone(),
                 cl.wpe_shift.clone(),
-                cfg.n_positions as usize,
+                // The LLaMA family has no position table.
+                cl.wpe_shift.len(),
             ),
         ] {
             for r in 0..rows {

@@ -179,6 +179,7 @@ mod tests {
             n_positions: 4,
             vocab_size: 10,
             n_inner: 12,
+            family: crate::model::Family::Gpt2,
         };
         let linear = LinearId {
             layer: 0,

@@ -30,9 +30,31 @@ pub fn shared() -> PathBuf {
     p
 }
 
-/// Quantizes a Hugging Face checkpoint directory into `out` (no calibration), as
-/// `veil-tools quantize` writes it: `linear.veil`, `client.veil`, manifest and tokenizer.
+/// Quantizes a Hugging Face checkpoint directory (GPT-2 or the LLaMA family, by its
+/// `model_type`) into `out` (no calibration), as `veil-tools quantize` writes it: `linear.veil`,
+/// `client.veil`, manifest and tokenizer.
 pub fn quantize_dir(model: &Path, out: &Path) {
+    let model_type = veil_tools::llama::model_type(&model.join("config.json")).unwrap();
+    if veil_tools::llama::is_llama_family(&model_type) {
+        let ckpt = veil_tools::llama::LlamaCheckpoint::load(model).unwrap();
+        let q =
+            veil_tools::llama::quantize_llama(&ckpt, &Default::default(), &mut |_, _| {}).unwrap();
+        let prov = veil_tools::quantize::Provenance {
+            source: model.display().to_string(),
+            smooth_alpha: None,
+            calibration: None,
+        };
+        let extra = ["tokenizer_config.json", "generation_config.json"].map(|f| model.join(f));
+        veil_tools::quantize::write_model_dir_with(
+            out,
+            &q,
+            &model.join("tokenizer.json"),
+            &extra,
+            &prov,
+        )
+        .unwrap();
+        return;
+    }
     let ckpt = veil_tools::hf::Checkpoint::load(model).unwrap();
     let q =
         veil_tools::quantize::quantize(&ckpt, None, &Default::default(), &mut |_, _| {}).unwrap();
@@ -79,6 +101,14 @@ pub fn add_test_chat_template(dir: &Path) {
         r#"{"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}", "eos_token": "<|endoftext|>", "bos_token": ""}"#,
     )
     .unwrap();
+}
+
+/// The golden tiny-llama checkpoint (the LLaMA family) quantized into `parent/tiny-llama`.
+#[allow(dead_code)]
+pub fn golden_llama_model(parent: &Path) -> PathBuf {
+    let out = parent.join("tiny-llama");
+    quantize_dir(&shared().join("golden/tiny-llama"), &out);
+    out
 }
 
 /// A `veil-server` serving in this process on 127.0.0.1 (an OS-chosen port), on a runtime of its

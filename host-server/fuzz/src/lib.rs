@@ -46,6 +46,7 @@ pub const CFG: ModelConfig = ModelConfig {
     n_positions: 16,
     vocab_size: 100,
     n_inner: 64,
+    family: veil_core::model::Family::Gpt2,
 };
 
 /// Most rows per request of the fuzzed server: few, so one input costs microseconds.

@@ -15,3 +15,16 @@ pub fn golden_dir() -> PathBuf {
     );
     dir
 }
+
+/// `shared/golden/tiny-llama`: the small Llama-3-style model (GQA 4/2, RoPE with llama3
+/// scaling, untied head). Panics with instructions if absent.
+pub fn golden_llama_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/tiny-llama");
+    assert!(
+        dir.join("model.safetensors").is_file() && dir.join("golden.json").is_file(),
+        "golden model not found at {}: the `shared` folder (with golden/tiny-llama) must sit next \
+         to the repository root",
+        dir.display()
+    );
+    dir
+}
