@@ -103,6 +103,7 @@ fn bench_masks(c: &mut Criterion) {
         n_positions: 1024,
         vocab_size: 50257,
         n_inner: 3072,
+        family: veil_core::model::Family::Gpt2,
     };
     let linear = cfg.linears().nth(3).expect("a layer");
     let keys: Vec<MaskKey> = (0..N)
