@@ -272,11 +272,13 @@ fn parse(body: &Bytes) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn tokenize(s: &Shared, text: &str) -> Result<Vec<u32>, ApiError> {
+/// The tokens of `text`; `add_special`: with the tokenizer's own special tokens (a plain prompt's
+/// BOS, as `veil-client --prompt` encodes it; a rendered chat carries its own).
+fn tokenize(s: &Shared, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
     let ids = s
         .config
         .tokenizer
-        .encode(text, false)
+        .encode(text, add_special)
         .map_err(|e| ApiError::bad(format!("tokenizing: {e}"), None))?
         .get_ids()
         .to_vec();
@@ -342,7 +344,7 @@ async fn chat_completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<R
     let rendered = template
         .render(&messages, true)
         .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-    let ids = tokenize(&s, &rendered)?;
+    let ids = tokenize(&s, &rendered, false)?;
     respond(s, ids, c, Kind::Chat).await
 }
 
@@ -360,7 +362,7 @@ async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Respon
         // The legacy endpoint's default.
         c.opts.max_new_tokens = 16;
     }
-    let ids = tokenize(&s, &prompt)?;
+    let ids = tokenize(&s, &prompt, true)?;
     respond(s, ids, c, Kind::Completion).await
 }
 

@@ -1,7 +1,8 @@
 //! `veil-client serve` driven by the real `openai` Python client (installed from PyPI if
-//! missing): a streamed chat completion returns exactly the text `veil-client chat` gives for the
-//! same messages and seed; the plain response equals it too; `/v1/completions` equals a plain
-//! generation; a bad request gets a 400 the client understands.
+//! missing), on the golden tiny-llama (its own chat template): a streamed chat completion returns
+//! exactly the text `veil-client chat` gives for the same messages and seed; the plain response
+//! equals it too; `/v1/completions` equals a plain generation; a bad request gets a 400 the client
+//! understands.
 
 mod common;
 
@@ -42,9 +43,8 @@ fn python_with_openai() -> String {
 fn a_streamed_chat_completion_through_serve_equals_veil_client_chat() {
     let python = python_with_openai();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = common::golden_model(tmp.path());
-    // GPT-2 ships no chat template: a small one of our own.
-    common::add_test_chat_template(&dir);
+    // An instruct-style model with its own chat template and tokenizer (Llama 3 style).
+    let dir = common::golden_llama_model(tmp.path());
     let server = common::start_server(&dir, veil_server::ServerConfig::default());
     let addr = server.addr.to_string();
     let w = dir.to_str().unwrap();
