@@ -25,12 +25,12 @@ use veil_core::model::format::{
     HEADER_LEN,
 };
 use veil_core::model::{Family, LinearId, LinearKind, ModelConfig, MAX_HEAD_DIM};
-use veil_core::quant::{quantize_weight_channel, BlockI16, ChannelScale};
+use veil_core::quant::BlockI16;
 use veil_core::rope::{Llama3Scaling, RopeConfig, RopeScaling};
 
 use crate::float_ref::linear_t;
 use crate::hf::{check_shape, convert, io_error, parse_safetensors, HfError, CONFIG_FILE};
-use crate::quantize::{QuantizeError, QuantizedModel};
+use crate::quantize::{put_linear_channels, QuantizeError, QuantizedModel};
 
 /// The index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -758,33 +758,19 @@ pub fn quantize_llama(
                       pieces: &[&[f32]],
                       bias: Option<&[f32]>| {
         let (in_dim, out_dim) = cfg.linear_dims(id.kind);
-        let m = &mut linear[ll.matrix(id)];
-        let p = cl.linear(id);
-        let mut q = vec![0i8; in_dim];
-        let mut mults = Vec::with_capacity(out_dim);
-        let mut shifts = Vec::with_capacity(out_dim);
+        debug_assert_eq!(
+            pieces.iter().map(|w| w.len()).sum::<usize>(),
+            in_dim * out_dim
+        );
         let rows = pieces.iter().flat_map(|w| w.chunks_exact(in_dim));
-        for (j, row) in rows.enumerate() {
-            let sw = quantize_weight_channel(row.iter().map(|&v| v as f64), &mut q);
-            for (dst, &v) in m[j * in_dim..(j + 1) * in_dim].iter_mut().zip(&q) {
-                *dst = v as u8;
-            }
-            let s = ChannelScale::from_weight_scale(sw);
-            mults.push(s.mult);
-            shifts.push(s.shift);
-        }
-        debug_assert_eq!(mults.len(), out_dim);
-        let put =
-            |client: &mut [u8], r: std::ops::Range<usize>, vals: &mut dyn Iterator<Item = i32>| {
-                for (ch, v) in client[r].chunks_exact_mut(4).zip(vals) {
-                    ch.copy_from_slice(&v.to_le_bytes());
-                }
-            };
-        if let (Some(b), Some(r)) = (bias, p.bias.clone()) {
-            put(client, r, &mut b.iter().map(|&v| from_f64(v as f64)));
-        }
-        put(client, p.mult.clone(), &mut mults.into_iter());
-        client[p.shift].copy_from_slice(&shifts);
+        put_linear_channels(
+            &mut linear[ll.matrix(id)],
+            client,
+            &cl.linear(id),
+            in_dim,
+            rows.map(|row| row.iter().map(|&v| v as f64)),
+            bias,
+        );
     };
     let put_gamma = |client: &mut [u8], r: &std::ops::Range<usize>, g: &[f32]| {
         for (ch, &v) in client[r.clone()].chunks_exact_mut(4).zip(g) {

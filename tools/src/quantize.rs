@@ -129,6 +129,38 @@ impl Writer<'_> {
     }
 }
 
+/// Quantizes one linear layer of either family: `channels` gives its `out_dim` weight channels
+/// (each `in_dim` values, one per input, in order), each quantized into its row of `matrix` (the
+/// layer's int8 `[out][in]` matrix in `linear.veil`); then writes its bias (if both the
+/// checkpoint and the layout have one) and its per-channel requantization factors into `client`
+/// at `params`.
+pub(crate) fn put_linear_channels<C: Iterator<Item = f64> + Clone>(
+    matrix: &mut [u8],
+    client: &mut [u8],
+    params: &veil_core::model::format::LinearParamsLayout,
+    in_dim: usize,
+    channels: impl Iterator<Item = C>,
+    bias: Option<&[f32]>,
+) {
+    let mut q = vec![0i8; in_dim];
+    let (mut mults, mut shifts) = (Vec::new(), Vec::new());
+    for (j, channel) in channels.enumerate() {
+        let sw = quantize_weight_channel(channel, &mut q);
+        for (dst, &v) in matrix[j * in_dim..(j + 1) * in_dim].iter_mut().zip(&q) {
+            *dst = v as u8;
+        }
+        let c = ChannelScale::from_weight_scale(sw);
+        mults.push(c.mult);
+        shifts.push(c.shift);
+    }
+    let mut wr = Writer { bytes: client };
+    if let (Some(b), Some(r)) = (bias, params.bias.clone()) {
+        wr.i32s(r, b.iter().map(|&v| from_f64(v as f64)));
+    }
+    wr.i32s(params.mult.clone(), mults.into_iter());
+    wr.bytes[params.shift.clone()].copy_from_slice(&shifts);
+}
+
 /// Quantizes a GPT-2 checkpoint; with `stats`, applies SmoothQuant with `opts.smooth_alpha`.
 /// `progress` is called with (linear layers done, total).
 pub fn quantize(
@@ -164,35 +196,25 @@ pub fn quantize(
                       bias: Option<&[f32]>,
                       s: &[f32]| {
         let (in_dim, out_dim) = cfg.linear_dims(id.kind);
-        let m = &mut linear[ll.matrix(id)];
-        let p = cl.linear(id);
-        let mut q = vec![0i8; in_dim];
-        let mut mults = Vec::with_capacity(out_dim);
-        let mut shifts = Vec::with_capacity(out_dim);
-        for j in 0..out_dim {
-            // Conv1D weight is [in][out]; the LM head (wte) is already [out][in].
-            let col = (0..in_dim).map(|i| {
+        // Conv1D weight is [in][out]; the LM head (wte) is already [out][in].
+        let channels = (0..out_dim).map(|j| {
+            (0..in_dim).map(move |i| {
                 let v = if id.kind == LinearKind::LmHead {
                     w[j * in_dim + i]
                 } else {
                     w[i * out_dim + j]
                 };
                 v as f64 * s[i] as f64
-            });
-            let sw = quantize_weight_channel(col, &mut q);
-            for (dst, &v) in m[j * in_dim..(j + 1) * in_dim].iter_mut().zip(&q) {
-                *dst = v as u8;
-            }
-            let c = ChannelScale::from_weight_scale(sw);
-            mults.push(c.mult);
-            shifts.push(c.shift);
-        }
-        let mut wr = Writer { bytes: client };
-        if let (Some(b), Some(r)) = (bias, p.bias.clone()) {
-            wr.i32s(r, b.iter().map(|&v| from_f64(v as f64)));
-        }
-        wr.i32s(p.mult.clone(), mults.into_iter());
-        wr.bytes[p.shift].copy_from_slice(&shifts);
+            })
+        });
+        put_linear_channels(
+            &mut linear[ll.matrix(id)],
+            client,
+            &cl.linear(id),
+            in_dim,
+            channels,
+            bias,
+        );
     };
     let put_ln =
         |client: &mut [u8], r: &[std::ops::Range<usize>; 2], g: &[f32], b: &[f32], s: &[f32]| {
