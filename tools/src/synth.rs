@@ -268,22 +268,7 @@ pub fn write_checkpoint(out: &Path, opts: &SynthOptions) -> Result<SynthReport, 
     };
 
     let specs = expected_shapes(&config);
-    let total: u64 = specs
-        .iter()
-        .map(|(_, s)| 4 * s.iter().product::<usize>() as u64)
-        .sum();
-    let progress = if opts.progress {
-        let pb = ProgressBar::new(total);
-        if let Ok(style) =
-            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-        {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        pb.set_message(format!("writing {MODEL_FILE}"));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let progress = write_progress(&specs, opts.progress);
 
     let proj_std = 0.02 / (2.0 * config.n_layer as f32).sqrt();
     let tensors: Vec<(String, LazyTensor)> = specs
@@ -626,22 +611,7 @@ pub fn write_llama_checkpoint(out: &Path, opts: &LlamaSynthOptions) -> Result<u6
     if !c.tied {
         specs.push(("lm_head.weight".into(), vec![c.vocab_size, d]));
     }
-    let total: u64 = specs
-        .iter()
-        .map(|(_, s)| 4 * s.iter().product::<usize>() as u64)
-        .sum();
-    let progress = if opts.progress {
-        let pb = ProgressBar::new(total);
-        if let Ok(style) =
-            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-        {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        pb.set_message(format!("writing {MODEL_FILE}"));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let progress = write_progress(&specs, opts.progress);
     let proj_std = 0.02 / (2.0 * c.n_layer as f32).sqrt();
     let tensors: Vec<(String, LazyTensor)> = specs
         .into_iter()
@@ -720,4 +690,23 @@ pub fn write_llama_checkpoint(out: &Path, opts: &LlamaSynthOptions) -> Result<u6
     Ok(std::fs::metadata(&model_path)
         .map_err(io_err(&model_path))?
         .len())
+}
+
+/// The progress bar of writing `specs`' F32 tensors (hidden unless `shown`), counting bytes.
+fn write_progress(specs: &[(String, Vec<usize>)], shown: bool) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let total: u64 = specs
+        .iter()
+        .map(|(_, s)| 4 * s.iter().product::<usize>() as u64)
+        .sum();
+    let pb = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(format!("writing {MODEL_FILE}"));
+    pb
 }
