@@ -273,13 +273,17 @@ impl LinearId {
 }
 
 impl core::fmt::Display for LinearId {
-    /// As in the checkpoint: `block 3 mlp.c_proj`, `the LM head`.
+    /// In words that fit both families, since an id does not know its model's: `block 3 MLP
+    /// down projection` (GPT-2's `mlp.c_proj`, LLaMA's `mlp.down_proj`), `block 0 q|k|v
+    /// projection` (`attn.c_attn`; `self_attn.{q,k,v}_proj`), `attention output projection`
+    /// (`attn.c_proj`; `self_attn.o_proj`), `MLP up projection` (`mlp.c_fc`;
+    /// `mlp.{gate,up}_proj`), `the LM head`.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let name = match self.kind {
-            LinearKind::Qkv => "attn.c_attn",
-            LinearKind::AttnOut => "attn.c_proj",
-            LinearKind::MlpUp => "mlp.c_fc",
-            LinearKind::MlpDown => "mlp.c_proj",
+            LinearKind::Qkv => "q|k|v projection",
+            LinearKind::AttnOut => "attention output projection",
+            LinearKind::MlpUp => "MLP up projection",
+            LinearKind::MlpDown => "MLP down projection",
             LinearKind::LmHead => return f.write_str("the LM head"),
         };
         write!(f, "block {} {name}", self.layer)
