@@ -337,24 +337,7 @@ pub fn write_checkpoint(out: &Path, opts: &SynthOptions) -> Result<SynthReport, 
         "seed": opts.seed,
         "outlier_channels": outlier_channels,
     });
-    let prov_path = out.join(PROVENANCE_FILE);
-    write_text(&prov_path, &format!("{provenance:#}\n"))?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    // Write under a temporary name and rename, so an interrupted run never leaves a file that
-    // looks complete.
-    let model_path = out.join(MODEL_FILE);
-    let tmp_path = out.join(format!("{MODEL_FILE}.partial"));
-    safetensors::serialize_to_file(tensors, &Some(metadata), &tmp_path).map_err(|source| {
-        SynthError::Safetensors {
-            path: tmp_path.clone(),
-            source,
-        }
-    })?;
-    std::fs::rename(&tmp_path, &model_path).map_err(io_err(&model_path))?;
-    progress.finish_and_clear();
-    let model_bytes = std::fs::metadata(&model_path)
-        .map_err(io_err(&model_path))?
-        .len();
+    let model_bytes = write_model(out, &provenance, tensors, &progress)?;
 
     Ok(SynthReport {
         config,
@@ -675,8 +658,21 @@ pub fn write_llama_checkpoint(out: &Path, opts: &LlamaSynthOptions) -> Result<u6
             .map(|v| v.get_name().to_owned()),
         "seed": opts.seed,
     });
+    write_model(out, &provenance, tensors, &progress)
+}
+
+/// Writes the provenance sidecar and `model.safetensors` (the tensors generated as they are
+/// written, counted by `progress`); returns the model file's size.
+fn write_model(
+    out: &Path,
+    provenance: &serde_json::Value,
+    tensors: Vec<(String, LazyTensor)>,
+    progress: &ProgressBar,
+) -> Result<u64, SynthError> {
     write_text(&out.join(PROVENANCE_FILE), &format!("{provenance:#}\n"))?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    // Write under a temporary name and rename, so an interrupted run never leaves a file that
+    // looks complete.
     let model_path = out.join(MODEL_FILE);
     let tmp_path = out.join(format!("{MODEL_FILE}.partial"));
     safetensors::serialize_to_file(tensors, &Some(metadata), &tmp_path).map_err(|source| {

@@ -5,34 +5,13 @@ mod common;
 
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use common::Entry;
+use safetensors::Dtype;
 use veil_tools::hf::{Checkpoint, HfError};
-
-/// One tensor of a checkpoint being rewritten.
-struct Entry {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
 
 /// The golden model's tensors, as stored.
 fn golden_entries() -> Vec<Entry> {
-    let bytes = std::fs::read(common::golden_dir().join("model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| Entry {
-            name,
-            dtype: v.dtype(),
-            shape: v.shape().to_vec(),
-            data: v.data().to_vec(),
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+    common::safetensors_entries(&common::golden_dir().join("model.safetensors"))
 }
 
 /// A checkpoint directory with the golden config and the given tensors.
@@ -42,16 +21,7 @@ fn write_dir(dir: &Path, entries: &[Entry]) {
         dir.join("config.json"),
     )
     .unwrap();
-    let views: Vec<(String, TensorView<'_>)> = entries
-        .iter()
-        .map(|e| {
-            (
-                e.name.clone(),
-                TensorView::new(e.dtype, e.shape.clone(), &e.data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
+    common::write_safetensors(&dir.join("model.safetensors"), entries);
 }
 
 fn load_err(dir: &Path) -> HfError {

@@ -6,46 +6,17 @@ mod common;
 
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use common::Entry;
+use safetensors::Dtype;
 use veil_tools::hf::HfError;
 use veil_tools::llama::{LlamaCheckpoint, LlamaConfig, INDEX_FILE};
 
-struct Entry {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
 fn golden_entries() -> Vec<Entry> {
-    let bytes = std::fs::read(common::golden_llama_dir().join("model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<Entry> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| Entry {
-            name,
-            dtype: v.dtype(),
-            shape: v.shape().to_vec(),
-            data: v.data().to_vec(),
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+    common::safetensors_entries(&common::golden_llama_dir().join("model.safetensors"))
 }
 
 fn write(path: &Path, entries: &[&Entry]) {
-    let views: Vec<(String, TensorView<'_>)> = entries
-        .iter()
-        .map(|e| {
-            (
-                e.name.clone(),
-                TensorView::new(e.dtype, e.shape.clone(), &e.data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &None, path).unwrap();
+    common::write_safetensors(path, entries)
 }
 
 fn copy_configs(dir: &Path) {

@@ -28,3 +28,44 @@ pub fn golden_llama_dir() -> PathBuf {
     );
     dir
 }
+
+/// One tensor of a checkpoint being rewritten by a test.
+pub struct Entry {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// The tensors of a safetensors file, as stored, sorted by name.
+pub fn safetensors_entries(path: &std::path::Path) -> Vec<Entry> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<Entry> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| Entry {
+            name,
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Writes `entries` as a safetensors file.
+pub fn write_safetensors<E: std::borrow::Borrow<Entry>>(path: &std::path::Path, entries: &[E]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = entries
+        .iter()
+        .map(|e| {
+            let e = e.borrow();
+            (
+                e.name.clone(),
+                safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &e.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
