@@ -9,33 +9,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{connect, generate_online, golden_model, reference, start_server};
+use common::{connect, generate_online, golden_model, reference, start_server, PROMPTS};
 use veil_client::files::ModelFiles;
 use veil_client::generate::GenOptions;
 use veil_core::model::SamplingParams;
 use veil_server::ServerConfig;
 
-const CLIENTS: usize = 16;
+const CLIENTS: usize = PROMPTS.len();
 const TOKENS: usize = 64;
-
-const PROMPTS: [&str; CLIENTS] = [
-    "Global climate change is primarily caused by",
-    "The quick brown fox",
-    "In the beginning",
-    "Once upon a time, there was a",
-    "The capital of France is",
-    "Machine learning models are",
-    "She opened the door and saw",
-    "The history of the Roman Empire",
-    "My favourite food is",
-    "Scientists have discovered a new",
-    "The stock market today",
-    "How to make a cup of tea:",
-    "The river flows",
-    "A small robot walked into",
-    "It was a dark and stormy night",
-    "Privacy matters because",
-];
 
 /// A `/proc/self/status` field in KiB.
 fn status_kib(field: &str) -> u64 {

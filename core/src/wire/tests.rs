@@ -1335,7 +1335,10 @@ fn test_client_timeouts_and_eof_say_what_was_pending() {
         })
     );
     assert!(e.is_transient());
-    assert!(std::format!("{e}").contains("block 1 MLP up projection"), "{e}");
+    assert!(
+        std::format!("{e}").contains("block 1 MLP up projection"),
+        "{e}"
+    );
     let mut c = new_client(FP, None);
     assert_eq!(c.handle_eof(), ClientError::Closed(Waiting::Handshake));
 }

@@ -272,3 +272,23 @@ impl<S: UnmaskSource> UnmaskSource for Recording<S> {
         self.inner.unmask_terms(linear, first_slot, rows, r, out)
     }
 }
+
+/// Sixteen different English prompts, one per client of the many-client tests (load, HAProxy).
+pub const PROMPTS: [&str; 16] = [
+    "Global climate change is primarily caused by",
+    "The quick brown fox",
+    "In the beginning",
+    "Once upon a time, there was a",
+    "The capital of France is",
+    "Machine learning models are",
+    "She opened the door and saw",
+    "The history of the Roman Empire",
+    "My favourite food is",
+    "Scientists have discovered a new",
+    "The stock market today",
+    "How to make a cup of tea:",
+    "The river flows",
+    "A small robot walked into",
+    "It was a dark and stormy night",
+    "Privacy matters because",
+];
