@@ -128,6 +128,25 @@ impl ChatTemplate {
                 ))
             },
         );
+        // transformers gives templates the local time as Python's `datetime.now().strftime`:
+        // Llama 3.x writes today's date into its system header with it (and a fixed 2024 date
+        // without it).
+        env.add_function(
+            "strftime_now",
+            |format: String| -> Result<String, minijinja::Error> {
+                use std::fmt::Write;
+                let mut out = String::new();
+                // chrono reports a directive it does not know as a formatting error (`to_string`
+                // would panic on it).
+                write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+                    minijinja::Error::new(
+                        minijinja::ErrorKind::InvalidOperation,
+                        format!("strftime_now: cannot format the date as {format:?}"),
+                    )
+                })?;
+                Ok(out)
+            },
+        );
         env.add_template("chat", &self.source)
             .map_err(|e| ChatError::Render(e.to_string()))?;
         Ok(env)

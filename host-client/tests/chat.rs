@@ -128,3 +128,41 @@ fn chat_keeps_the_cache_across_turns_and_equals_the_reference() {
         );
     }
 }
+
+#[test]
+fn templates_get_todays_date_as_transformers_gives_it() {
+    // Llama 3.x's template writes "Today Date: {{ strftime_now('%d %b %Y') }}" into its system
+    // header (falling back to a fixed 2024 date where the function is missing); transformers
+    // defines it as Python's `datetime.now().strftime`. The reference here is date(1).
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        r#"{"chat_template": "{% if strftime_now is defined %}{{ strftime_now('%d %b %Y') }}{% else %}26 Jul 2024{% endif %}|{{ messages[0]['content'] }}", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
+    let date = || {
+        let out = std::process::Command::new("date")
+            .arg("+%d %b %Y")
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let t = ChatTemplate::from_model_dir(tmp.path()).unwrap();
+    let before = date();
+    let got = t.render(&[Message::new("user", "hi")], true).unwrap();
+    let after = date();
+    assert!(
+        got == format!("{before}|hi") || got == format!("{after}|hi"),
+        "{got:?}, date(1) says {before:?}"
+    );
+    // A format chrono cannot render is an error naming it, not a panic.
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        r#"{"chat_template": "{{ strftime_now('%Q') }}", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
+    let t = ChatTemplate::from_model_dir(tmp.path()).unwrap();
+    let err = t.render(&[Message::new("user", "hi")], true).unwrap_err();
+    assert!(err.to_string().contains("%Q"), "{err}");
+}
