@@ -163,8 +163,13 @@ impl ChatTemplate {
         let t = env
             .get_template("chat")
             .map_err(|e| ChatError::Render(e.to_string()))?;
+        // The variables transformers' `apply_chat_template` passes (no tools, no documents):
+        // templates test `tools is none` as well as `tools is defined`.
         t.render(minijinja::context! {
             messages => messages,
+            tools => (),
+            documents => (),
+            continue_final_message => false,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,

@@ -166,3 +166,20 @@ fn templates_get_todays_date_as_transformers_gives_it() {
     let err = t.render(&[Message::new("user", "hi")], true).unwrap_err();
     assert!(err.to_string().contains("%Q"), "{err}");
 }
+
+#[test]
+fn templates_see_the_variables_transformers_passes() {
+    // transformers renders with `tools=None, documents=None, continue_final_message=False`:
+    // defined, and none; templates branch on either.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        r#"{"chat_template": "{{ tools is defined }} {{ tools is none }} {{ documents is none }} {{ continue_final_message }}", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
+    let t = ChatTemplate::from_model_dir(tmp.path()).unwrap();
+    assert_eq!(
+        t.render(&[Message::new("user", "hi")], true).unwrap(),
+        "True True True False" // printed as Python prints them
+    );
+}
