@@ -37,24 +37,42 @@ pub struct BlockActStats {
 impl ActStats {
     /// Empty statistics (all zeros) shaped for `config`.
     pub fn new(config: &GptConfig) -> Self {
-        let d = config.n_embd;
+        Self::with_shape(config.n_layer, config.n_embd, config.n_inner)
+    }
+
+    /// Empty statistics for `n_layer` blocks of width `d` and MLP width `inner`, either family
+    /// (the LLaMA family's `c_attn` is the input of q|k|v, `attn_proj` of `o_proj`, `c_fc` of
+    /// gate|up, `mlp_proj` of `down_proj`).
+    pub fn with_shape(n_layer: usize, d: usize, inner: usize) -> Self {
         ActStats {
-            blocks: (0..config.n_layer)
+            blocks: (0..n_layer)
                 .map(|_| BlockActStats {
                     c_attn: vec![0.0; d],
                     attn_proj: vec![0.0; d],
                     c_fc: vec![0.0; d],
-                    mlp_proj: vec![0.0; config.n_inner],
+                    mlp_proj: vec![0.0; inner],
                 })
                 .collect(),
             lm_head: vec![0.0; d],
             rows: 0,
         }
     }
+
+    /// Whether these statistics were shaped by [`with_shape`](Self::with_shape) with these sizes.
+    pub fn has_shape(&self, n_layer: usize, d: usize, inner: usize) -> bool {
+        self.blocks.len() == n_layer
+            && self.lm_head.len() == d
+            && self.blocks.iter().all(|b| {
+                b.c_attn.len() == d
+                    && b.attn_proj.len() == d
+                    && b.c_fc.len() == d
+                    && b.mlp_proj.len() == inner
+            })
+    }
 }
 
 /// Folds `x` (rows of `acc.len()` values) into the running per-channel max |x|.
-fn update_max_abs(acc: &mut [f32], x: &[f32]) {
+pub(crate) fn update_max_abs(acc: &mut [f32], x: &[f32]) {
     for row in x.chunks_exact(acc.len()) {
         for (a, &v) in acc.iter_mut().zip(row) {
             *a = a.max(v.abs());
@@ -143,16 +161,9 @@ impl FloatModel {
     /// # Panics
     /// As [`forward`](Self::forward); also if `stats` was made for another config.
     pub fn forward_with_stats(&self, tokens: &[u32], stats: &mut ActStats) -> Vec<f32> {
-        let fresh = ActStats::new(&self.ckpt.config);
+        let c = &self.ckpt.config;
         assert!(
-            stats.blocks.len() == fresh.blocks.len()
-                && stats.lm_head.len() == fresh.lm_head.len()
-                && stats.blocks.iter().zip(&fresh.blocks).all(|(a, b)| {
-                    a.c_attn.len() == b.c_attn.len()
-                        && a.attn_proj.len() == b.attn_proj.len()
-                        && a.c_fc.len() == b.c_fc.len()
-                        && a.mlp_proj.len() == b.mlp_proj.len()
-                }),
+            stats.has_shape(c.n_layer, c.n_embd, c.n_inner),
             "ActStats shaped for another config"
         );
         self.run(

@@ -28,9 +28,11 @@ use veil_core::model::{Family, LinearId, LinearKind, ModelConfig, MAX_HEAD_DIM};
 use veil_core::quant::BlockI16;
 use veil_core::rope::{Llama3Scaling, RopeConfig, RopeScaling};
 
-use crate::float_ref::linear_t;
+use crate::float_ref::{linear_t, update_max_abs, ActStats, BlockActStats};
 use crate::hf::{check_shape, convert, io_error, parse_safetensors, HfError, CONFIG_FILE};
-use crate::quantize::{put_linear_channels, QuantizeError, QuantizedModel};
+use crate::quantize::{
+    put_linear_channels, smooth_factors_from_max, QuantizeError, QuantizedModel,
+};
 
 /// The index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -559,14 +561,33 @@ impl LlamaFloat {
         &self.ckpt.config
     }
 
+    /// The checkpoint back.
+    pub fn into_checkpoint(self) -> LlamaCheckpoint {
+        self.ckpt
+    }
+
     /// Logits of every position, `tokens.len() · vocab`, row-major.
     pub fn forward(&self, tokens: &[u32]) -> Vec<f32> {
-        self.run(tokens, false)
+        self.run(tokens, false, None)
     }
 
     /// Logits of the last position.
     pub fn forward_last(&self, tokens: &[u32]) -> Vec<f32> {
-        self.run(tokens, true)
+        self.run(tokens, true, None)
+    }
+
+    /// Like [`forward`](Self::forward), also folding every linear layer's input into `stats`
+    /// (SmoothQuant calibration; shaped by [`LlamaCheckpoint::act_stats`]).
+    ///
+    /// # Panics
+    /// If `stats` was shaped for another model.
+    pub fn forward_with_stats(&self, tokens: &[u32], stats: &mut ActStats) -> Vec<f32> {
+        let c = &self.ckpt.config;
+        assert!(
+            stats.has_shape(c.n_layer, c.d, c.inner),
+            "ActStats shaped for another config"
+        );
+        self.run(tokens, false, Some(stats))
     }
 
     /// `n` greedy tokens after `prompt` (ties to the lowest id, as `torch.argmax`).
@@ -582,7 +603,7 @@ impl LlamaFloat {
         out
     }
 
-    fn run(&self, tokens: &[u32], last_only: bool) -> Vec<f32> {
+    fn run(&self, tokens: &[u32], last_only: bool, mut stats: Option<&mut ActStats>) -> Vec<f32> {
         let c = &self.ckpt.config;
         let (d, dh, nh, nkv) = (c.d, c.head_dim(), c.n_head, c.n_kv_head);
         let kvd = nkv * dh;
@@ -605,8 +626,15 @@ impl LlamaFloat {
         }
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (dh as f32).sqrt();
-        for b in &self.ckpt.blocks {
+        for (l, b) in self.ckpt.blocks.iter().enumerate() {
+            let mut block_stats = stats.as_deref_mut().map(|s| &mut s.blocks[l]);
+            let mut record = |pick: fn(&mut BlockActStats) -> &mut Vec<f32>, x: &[f32]| {
+                if let Some(bs) = block_stats.as_deref_mut() {
+                    update_max_abs(pick(bs), x);
+                }
+            };
             let x = rms_norm(&h, &b.input_norm, eps);
+            record(|s| &mut s.c_attn, &x);
             let mut q = linear_t(&x, &b.q, d, d, b.qkv_bias.as_deref().map(|v| &v[..d]));
             let mut k = linear_t(
                 &x,
@@ -661,9 +689,11 @@ impl LlamaFloat {
                     }
                 }
             }
+            record(|s| &mut s.attn_proj, &att);
             let o = linear_t(&att, &b.o, d, d, None);
             add_assign(&mut h, &o);
             let x = rms_norm(&h, &b.post_norm, eps);
+            record(|s| &mut s.c_fc, &x);
             let g = linear_t(&x, &b.gate, d, c.inner, None);
             let u = linear_t(&x, &b.up, d, c.inner, None);
             let m: Vec<f32> = g
@@ -671,11 +701,16 @@ impl LlamaFloat {
                 .zip(&u)
                 .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
+            record(|s| &mut s.mlp_proj, &m);
             let down = linear_t(&m, &b.down, c.inner, d, None);
             add_assign(&mut h, &down);
         }
         let rows = if last_only { &h[(t - 1) * d..] } else { &h[..] };
         let x = rms_norm(rows, &self.ckpt.norm, eps);
+        if let Some(s) = stats {
+            update_max_abs(&mut s.lm_head, &x);
+            s.rows += t;
+        }
         linear_t(&x, &self.ckpt.lm_head, d, c.vocab_size, None)
     }
 }
@@ -728,6 +763,124 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
     out
 }
 
+impl LlamaCheckpoint {
+    /// Empty calibration statistics shaped for this model.
+    pub fn act_stats(&self) -> ActStats {
+        let c = &self.config;
+        ActStats::with_shape(c.n_layer, c.d, c.inner)
+    }
+
+    /// The same model with SmoothQuant (Xiao et al., 2023) applied: per input channel of every
+    /// linear layer a factor `s` (from `stats`, as for GPT-2, see [`crate::quantize`]) multiplies
+    /// the layer's weights and divides what produces its input, so the float model computes the
+    /// same function (up to f32 rounding) while the activations the client quantizes per row
+    /// have their outlier channels tamed. Where each division goes, at no run-time cost:
+    /// - q|k|v and gate|up: into the preceding RMSNorm's weight (a scale folds into it exactly;
+    ///   RMSNorm has no shift to adjust);
+    /// - o_proj: into the rows of `v_proj` (and the v bias), since attention's output is a
+    ///   convex combination of values. With grouped-query attention the query heads of a group
+    ///   share one KV head, so an o_proj input channel (head `h`, dim `i`) takes the factor of v
+    ///   row (KV head `h / (n_head / n_kv_head)`, dim `i`), computed from the maxima over the
+    ///   group;
+    /// - down_proj: into the rows of `up_proj`, since `SiLU(g) · (u / s) = (SiLU(g) · u) / s`;
+    /// - the LM head: into the final norm's weight (the head is its own copy even when tied, so
+    ///   the token embedding does not change).
+    ///
+    /// Each layer's factors are computed after the folds into its weights, as for GPT-2.
+    /// `alpha = 0` leaves the model unchanged.
+    pub fn smoothed(&self, stats: &ActStats, alpha: f32) -> Result<LlamaCheckpoint, QuantizeError> {
+        let c = &self.config;
+        if !stats.has_shape(c.n_layer, c.d, c.inner) {
+            return Err(QuantizeError::StatsMismatch);
+        }
+        let mut out = self.clone();
+        if alpha <= 0.0 {
+            return Ok(out);
+        }
+        let (d, dh) = (c.d, c.head_dim());
+        let group = c.n_head / c.n_kv_head;
+        for (b, st) in out.blocks.iter_mut().zip(&stats.blocks) {
+            // o_proj, folded into v's rows: one factor per (KV head, dim).
+            let o_max = column_max(&[&b.o], d);
+            let kvd = c.n_kv_head * dh;
+            let (mut a_kv, mut w_kv) = (vec![0f32; kvd], vec![0f32; kvd]);
+            for ch in 0..d {
+                let r = (ch / dh / group) * dh + ch % dh;
+                a_kv[r] = a_kv[r].max(st.attn_proj[ch]);
+                w_kv[r] = w_kv[r].max(o_max[ch]);
+            }
+            let s_v = smooth_factors_from_max(&a_kv, &w_kv, alpha);
+            let s_o: Vec<f32> = (0..d)
+                .map(|ch| s_v[(ch / dh / group) * dh + ch % dh])
+                .collect();
+            scale_columns(&mut b.o, &s_o);
+            divide_rows(&mut b.v, &s_v);
+            if let Some(bias) = b.qkv_bias.as_mut() {
+                for (x, s) in bias[d + kvd..].iter_mut().zip(&s_v) {
+                    *x /= s;
+                }
+            }
+            // q|k|v, folded into the input norm.
+            let s_qkv =
+                smooth_factors_from_max(&st.c_attn, &column_max(&[&b.q, &b.k, &b.v], d), alpha);
+            for w in [&mut b.q, &mut b.k, &mut b.v] {
+                scale_columns(w, &s_qkv);
+            }
+            divide(&mut b.input_norm, &s_qkv);
+            // down_proj, folded into up's rows.
+            let s_down =
+                smooth_factors_from_max(&st.mlp_proj, &column_max(&[&b.down], c.inner), alpha);
+            scale_columns(&mut b.down, &s_down);
+            divide_rows(&mut b.up, &s_down);
+            // gate|up, folded into the post-attention norm.
+            let s_up = smooth_factors_from_max(&st.c_fc, &column_max(&[&b.gate, &b.up], d), alpha);
+            scale_columns(&mut b.gate, &s_up);
+            scale_columns(&mut b.up, &s_up);
+            divide(&mut b.post_norm, &s_up);
+        }
+        let s_head =
+            smooth_factors_from_max(&stats.lm_head, &column_max(&[&out.lm_head], d), alpha);
+        scale_columns(&mut out.lm_head, &s_head);
+        divide(&mut out.norm, &s_head);
+        Ok(out)
+    }
+}
+
+/// Max |w| of every input channel (column) over the rows of `[out, in]` matrices of `n_in`
+/// columns.
+fn column_max(ws: &[&[f32]], n_in: usize) -> Vec<f32> {
+    let mut m = vec![0f32; n_in];
+    for w in ws {
+        update_max_abs(&mut m, w);
+    }
+    m
+}
+
+/// `W[o][i] *= s[i]` for an `[out, in]` matrix with `s.len()` columns.
+fn scale_columns(w: &mut [f32], s: &[f32]) {
+    for row in w.chunks_exact_mut(s.len()) {
+        for (x, f) in row.iter_mut().zip(s) {
+            *x *= f;
+        }
+    }
+}
+
+/// `W[o][..] /= s[o]` for an `[out, in]` matrix of `s.len()` rows.
+fn divide_rows(w: &mut [f32], s: &[f32]) {
+    let n_in = w.len() / s.len();
+    for (row, f) in w.chunks_exact_mut(n_in).zip(s) {
+        for x in row {
+            *x /= f;
+        }
+    }
+}
+
+fn divide(v: &mut [f32], s: &[f32]) {
+    for (x, f) in v.iter_mut().zip(s) {
+        *x /= f;
+    }
+}
+
 /// What [`quantize_llama`] takes besides the checkpoint.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LlamaQuantizeOptions {
@@ -735,7 +888,8 @@ pub struct LlamaQuantizeOptions {
     pub eos_token_id: Option<u32>,
 }
 
-/// Quantizes a LLaMA-family checkpoint: int8 per output channel, no activation smoothing.
+/// Quantizes a LLaMA-family checkpoint: int8 per output channel (for SmoothQuant, pass it
+/// through [`LlamaCheckpoint::smoothed`] first).
 pub fn quantize_llama(
     ckpt: &LlamaCheckpoint,
     opts: &LlamaQuantizeOptions,

@@ -74,25 +74,13 @@ impl QuantizeArgs {
         }
         eprintln!("loading {}", files.model.display());
         let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
-        let tok = veil_tools::tokenizer::Tokenizer::from_file(&files.tokenizer)?;
-        let stats = match &self.calibrate {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?
-                    .replace("\r\n", "\n");
-                let ids = tok.encode(&text)?;
-                let ids = &ids[..ids.len().min(self.calibration_tokens)];
+        let stats = match self.calibration_ids(&files.tokenizer)? {
+            Some(ids) => {
                 let float = FloatModel::from_checkpoint(&ckpt);
                 let mut stats = ActStats::new(&ckpt.config);
-                let bar = bar(
-                    ids.len().div_ceil(ckpt.config.n_positions) as u64,
-                    "calibrating",
-                );
-                for w in ids.chunks(ckpt.config.n_positions) {
+                calibrate(&ids, ckpt.config.n_positions, None, |w| {
                     float.forward_with_stats(w, &mut stats);
-                    bar.inc(1);
-                }
-                bar.finish_and_clear();
+                });
                 Some((stats, ids.len()))
             }
             None => None,
@@ -130,16 +118,47 @@ impl QuantizeArgs {
 }
 
 impl QuantizeArgs {
-    /// The LLaMA family: no SmoothQuant (its norms have no beta to fold a shift into, and the
-    /// golden model needs none), BOS/EOS from the checkpoint's files.
-    fn run_llama(&self, files: &veil_tools::hub::ModelFiles) -> anyhow::Result<()> {
-        use veil_tools::llama::{quantize_llama, LlamaCheckpoint};
-        use veil_tools::quantize::{hex, write_model_dir_with, Provenance};
-        if self.calibrate.is_some() {
-            anyhow::bail!("--calibrate (SmoothQuant) is not supported for the LLaMA family yet");
+    /// The first `--calibration-tokens` ids of the `--calibrate` text (no special tokens), if
+    /// calibrating.
+    fn calibration_ids(&self, tokenizer: &std::path::Path) -> anyhow::Result<Option<Vec<u32>>> {
+        let Some(path) = &self.calibrate else {
+            return Ok(None);
+        };
+        let tok = veil_tools::tokenizer::Tokenizer::from_file(tokenizer)?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .replace("\r\n", "\n");
+        let mut ids = tok.encode(&text)?;
+        ids.truncate(self.calibration_tokens);
+        if ids.is_empty() {
+            anyhow::bail!("the calibration text {} has no tokens", path.display());
         }
+        Ok(Some(ids))
+    }
+
+    /// The LLaMA family: BOS/EOS from the checkpoint's files; SmoothQuant folded into the float
+    /// weights before quantizing ([`veil_tools::llama::LlamaCheckpoint::smoothed`]).
+    fn run_llama(&self, files: &veil_tools::hub::ModelFiles) -> anyhow::Result<()> {
+        use veil_tools::llama::{quantize_llama, LlamaCheckpoint, LlamaFloat};
+        use veil_tools::quantize::{hex, write_model_dir_with, Provenance};
         eprintln!("loading {}", files.config.display());
-        let ckpt = LlamaCheckpoint::load_files(&files.config, Some(&files.model))?;
+        let mut ckpt = LlamaCheckpoint::load_files(&files.config, Some(&files.model))?;
+        let calibration = self.calibration_ids(&files.tokenizer)?;
+        if let Some(ids) = &calibration {
+            let mut stats = ckpt.act_stats();
+            let c = &ckpt.config;
+            // Windows as the model sees prompts: after BOS where it has one. Long contexts are
+            // cut to 1024 positions: the statistics are per channel, not per position.
+            let window = c.max_positions.min(1024);
+            let bos = c.bos_token_id;
+            let float = LlamaFloat::new(ckpt);
+            calibrate(ids, window, bos, |w| {
+                float.forward_with_stats(w, &mut stats);
+            });
+            ckpt = float
+                .into_checkpoint()
+                .smoothed(&stats, self.smooth_alpha)?;
+        }
         let pb = bar(ckpt.config.n_layer as u64 * 4 + 1, "quantizing");
         let q = quantize_llama(&ckpt, &Default::default(), &mut |done, _| {
             pb.set_position(done as u64)
@@ -153,8 +172,11 @@ impl QuantizeArgs {
         .map(|f| dir.join(f));
         let prov = Provenance {
             source: self.model.clone(),
-            smooth_alpha: None,
-            calibration: None,
+            smooth_alpha: calibration.as_ref().map(|_| self.smooth_alpha),
+            calibration: calibration
+                .as_ref()
+                .zip(self.calibrate.as_ref())
+                .map(|(ids, p)| (p.display().to_string(), ids.len())),
         };
         write_model_dir_with(&self.out, &q, &files.tokenizer, &extra, &prov)?;
         let c = &ckpt.config;
@@ -272,6 +294,22 @@ impl EvalArgs {
         }
         Ok(())
     }
+}
+
+/// Runs `forward` over `ids` in windows of at most `window` positions (each after `bos` when
+/// given), with a progress bar: SmoothQuant's calibration pass.
+fn calibrate(ids: &[u32], window: usize, bos: Option<u32>, mut forward: impl FnMut(&[u32])) {
+    let per = window - usize::from(bos.is_some());
+    let bar = bar(ids.len().div_ceil(per) as u64, "calibrating");
+    let mut w = Vec::with_capacity(window);
+    for chunk in ids.chunks(per) {
+        w.clear();
+        w.extend(bos);
+        w.extend_from_slice(chunk);
+        forward(&w);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
 }
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {

@@ -102,13 +102,20 @@ pub fn model_config(c: &GptConfig) -> Result<ModelConfig, QuantizeError> {
 /// SmoothQuant factors for one linear layer: `s_i = max|x_i|^α / max_j|W_ij|^(1-α)`, clamped
 /// to a sane range so dead channels do not blow up.
 fn smooth_factors(act_max: &[f32], w: &[f32], out: usize, alpha: f32) -> Vec<f32> {
+    let w_max: Vec<f32> = w
+        .chunks_exact(out)
+        .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    smooth_factors_from_max(act_max, &w_max, alpha)
+}
+
+/// SmoothQuant's factors from each input channel's max |activation| and max |weight|:
+/// `s = a^α / w^(1-α)`, clamped to `[1e-2, 1e3]`; 1 where either is zero.
+pub(crate) fn smooth_factors_from_max(act_max: &[f32], w_max: &[f32], alpha: f32) -> Vec<f32> {
     act_max
         .iter()
-        .enumerate()
-        .map(|(i, &a)| {
-            let wmax = w[i * out..(i + 1) * out]
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs()));
+        .zip(w_max)
+        .map(|(&a, &wmax)| {
             if a <= 0.0 || wmax <= 0.0 {
                 return 1.0;
             }
@@ -478,8 +485,6 @@ pub fn write_model_dir_with(
         manifest["config"]["family"] = "llama".into();
         manifest["config"]["n_kv_head"] = n_kv_head.into();
         manifest["config"]["qkv_bias"] = qkv_bias.into();
-        manifest["quantization"]["activations"] =
-            "int8 per row, dynamic (no SmoothQuant for the LLaMA family)".into();
     }
     let text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     write(MANIFEST_FILE, text.as_bytes())
