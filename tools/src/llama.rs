@@ -803,16 +803,15 @@ impl LlamaCheckpoint {
             // o_proj, folded into v's rows: one factor per (KV head, dim).
             let o_max = column_max(&[&b.o], d);
             let kvd = c.n_kv_head * dh;
+            // The v row that o_proj's input channel `ch` (head `ch / dh`) reads.
+            let v_row = |ch: usize| (ch / dh / group) * dh + ch % dh;
             let (mut a_kv, mut w_kv) = (vec![0f32; kvd], vec![0f32; kvd]);
-            for ch in 0..d {
-                let r = (ch / dh / group) * dh + ch % dh;
-                a_kv[r] = a_kv[r].max(st.attn_proj[ch]);
-                w_kv[r] = w_kv[r].max(o_max[ch]);
+            for (ch, (&a, &w)) in st.attn_proj.iter().zip(&o_max).enumerate() {
+                a_kv[v_row(ch)] = a_kv[v_row(ch)].max(a);
+                w_kv[v_row(ch)] = w_kv[v_row(ch)].max(w);
             }
             let s_v = smooth_factors_from_max(&a_kv, &w_kv, alpha);
-            let s_o: Vec<f32> = (0..d)
-                .map(|ch| s_v[(ch / dh / group) * dh + ch % dh])
-                .collect();
+            let s_o: Vec<f32> = (0..d).map(|ch| s_v[v_row(ch)]).collect();
             scale_columns(&mut b.o, &s_o);
             divide_rows(&mut b.v, &s_v);
             if let Some(bias) = b.qkv_bias.as_mut() {
