@@ -35,7 +35,9 @@ pub enum HubError {
         "could not download `{file}` of `{repo}` from the Hugging Face Hub: {message}\n\
          If this machine is offline or cannot reach the hub, download the model elsewhere \
          (the files {CONFIG_FILE}, {MODEL_FILE} and {TOKENIZER_FILE} of `{repo}`), copy them \
-         into one directory and pass `--model <local dir>`."
+         into one directory and pass `--model <local dir>`. If the repository is gated (status \
+         401 or 403, as meta-llama's are), accept its licence on its page at huggingface.co and \
+         give an access token in HF_TOKEN (or log in with `huggingface-cli login`)."
     )]
     Download {
         /// The hub id.
@@ -79,6 +81,9 @@ pub struct HubOptions {
     pub endpoint: Option<String>,
     /// Show download progress bars.
     pub progress: bool,
+    /// Access token for gated repositories (meta-llama's); `None` = `$HF_TOKEN`, else the token
+    /// file `huggingface-cli login` writes (`$HF_HOME/token`), as the Python client does.
+    pub token: Option<String>,
 }
 
 /// Resolves `spec`: an existing directory is used as-is; something that looks like a path but is
@@ -157,6 +162,16 @@ fn download(repo_id: &str, options: &HubOptions) -> Result<ModelFiles, HubError>
     }
     if let Some(endpoint) = &options.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
+    }
+    // hf-hub reads only the token file; the Python client also honours `HF_TOKEN`, which is how
+    // most people give one. Without either, hf-hub's own (the file's, if any) stays.
+    let token = options
+        .token
+        .clone()
+        .or_else(|| std::env::var("HF_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    if token.is_some() {
+        builder = builder.with_token(token);
     }
     let api = builder
         .build()
