@@ -45,7 +45,7 @@ pub struct BenchArgs {
     /// relative costs on that CPU, not a measurement of one).
     #[arg(long, value_name = "CMD")]
     pub client_runner: Option<String>,
-    /// Prompt length in tokens (exactly).
+    /// Prompt length in tokens (exactly; BOS included where the model adds one).
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: usize,
     /// Tokens to generate (fewer if the model emits end of text; the same in every mode).
@@ -499,21 +499,24 @@ fn decode_summary(modes: &Map<String, Value>) -> Value {
     )
 }
 
-/// Finds a prompt text that the tokenizer encodes to exactly `n` tokens: the paragraph (repeated)
+/// Finds a prompt text that the tokenizer encodes to exactly `n` tokens (BOS included where the
+/// model's tokenizer adds one, as the client encodes prompts): the paragraph (repeated)
 /// cut after `n` tokens, decoded; if that text re-encodes differently (a cut inside a word can
 /// merge differently), nearby cuts are tried until one re-encodes to exactly `n` tokens, stably.
 fn build_prompt(tokenizer: &Path, text: &str, n: usize) -> anyhow::Result<String> {
     let tok = tokenizers::Tokenizer::from_file(tokenizer)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", tokenizer.display()))?;
+    // Counted as the client encodes a prompt: with the tokenizer's special tokens (the LLaMA
+    // family's BOS), which decoding then leaves out of the text.
     let encode = |s: &str| -> anyhow::Result<Vec<u32>> {
         Ok(tok
-            .encode(s, false)
+            .encode(s, true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
             .get_ids()
             .to_vec())
     };
     let decode = |ids: &[u32]| -> anyhow::Result<String> {
-        tok.decode(ids, false)
+        tok.decode(ids, true)
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))
     };
     let slack = 16;

@@ -23,7 +23,11 @@ use common::{quantize_dir, shared};
 /// Runs `veil-client bench` on golden tiny (8 prompt + 8 new tokens) with `extra` arguments and
 /// returns its JSON object, checked against the `--out` copy and for what every run must show.
 fn bench_golden_tiny(extra: &[&str]) -> serde_json::Value {
-    let tiny = shared().join("golden/tiny");
+    bench_two_block_model(&shared().join("golden/tiny"), extra)
+}
+
+/// [`bench_golden_tiny`] for any two-block checkpoint directory `tiny` (quantized first).
+fn bench_two_block_model(tiny: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let client = PathBuf::from(env!("CARGO_BIN_EXE_veil-client"));
     let server = client
         .parent()
@@ -37,7 +41,7 @@ fn bench_golden_tiny(extra: &[&str]) -> serde_json::Value {
     );
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    quantize_dir(&tiny, &model);
+    quantize_dir(tiny, &model);
     let out_file = tmp.path().join("bench.json");
     let out = Command::new(&client)
         .arg("bench")
@@ -136,6 +140,24 @@ fn bench_golden_tiny_all_modes_agree() {
     assert_eq!(
         v["output_terms_per_slot"],
         2 * (384 + 128 + 512 + 128) + 50257
+    );
+}
+
+#[test]
+fn bench_works_for_the_llama_family() {
+    // Golden tiny-llama: 2 blocks, d = 128, 4 query and 2 KV heads of 32, inner 352, its own
+    // 8192-token vocabulary and LM head.
+    let v = bench_two_block_model(
+        &shared().join("golden/tiny-llama"),
+        &["--no-server-precompute"],
+    );
+    assert_eq!(v["model"]["family"], "llama", "{v:#}");
+    assert_eq!(v["model"]["n_kv_head"], 2, "{v:#}");
+    assert_eq!(v["input_terms_per_slot"], 2 * (128 + 128 + 128 + 352) + 128);
+    // q|k|v is 128 + 2 · 64 wide, gate|up 2 · 352.
+    assert_eq!(
+        v["output_terms_per_slot"],
+        2 * (256 + 128 + 704 + 128) + 8192
     );
 }
 
