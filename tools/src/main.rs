@@ -75,10 +75,10 @@ impl QuantizeArgs {
         eprintln!("loading {}", files.model.display());
         let ckpt = Checkpoint::load_files(&files.config, &files.model)?;
         let stats = match self.calibration_ids(&files.tokenizer)? {
-            Some(ids) => {
+            Some((ids, prefix)) => {
                 let float = FloatModel::from_checkpoint(&ckpt);
                 let mut stats = ActStats::new(&ckpt.config);
-                calibrate(&ids, ckpt.config.n_positions, None, |w| {
+                calibrate(&ids, ckpt.config.n_positions, &prefix, |w| {
                     float.forward_with_stats(w, &mut stats);
                 });
                 Some((stats, ids.len()))
@@ -118,9 +118,13 @@ impl QuantizeArgs {
 }
 
 impl QuantizeArgs {
-    /// The first `--calibration-tokens` ids of the `--calibrate` text (no special tokens), if
-    /// calibrating.
-    fn calibration_ids(&self, tokenizer: &std::path::Path) -> anyhow::Result<Option<Vec<u32>>> {
+    /// The first `--calibration-tokens` ids of the `--calibrate` text (no special tokens), and
+    /// what the tokenizer puts before every prompt (the LLaMA family's BOS; nothing for GPT-2
+    /// or Qwen2), if calibrating.
+    fn calibration_ids(
+        &self,
+        tokenizer: &std::path::Path,
+    ) -> anyhow::Result<Option<(Vec<u32>, Vec<u32>)>> {
         let Some(path) = &self.calibrate else {
             return Ok(None);
         };
@@ -133,7 +137,7 @@ impl QuantizeArgs {
         if ids.is_empty() {
             anyhow::bail!("the calibration text {} has no tokens", path.display());
         }
-        Ok(Some(ids))
+        Ok(Some((ids, tok.encode_with_special_tokens("")?)))
     }
 
     /// The LLaMA family: BOS/EOS from the checkpoint's files; SmoothQuant folded into the float
@@ -144,15 +148,13 @@ impl QuantizeArgs {
         eprintln!("loading {}", files.config.display());
         let mut ckpt = LlamaCheckpoint::load_files(&files.config, Some(&files.model))?;
         let calibration = self.calibration_ids(&files.tokenizer)?;
-        if let Some(ids) = &calibration {
+        if let Some((ids, prefix)) = &calibration {
             let mut stats = ckpt.act_stats();
-            let c = &ckpt.config;
-            // Windows as the model sees prompts: after BOS where it has one. Long contexts are
-            // cut to 1024 positions: the statistics are per channel, not per position.
-            let window = c.max_positions.min(1024);
-            let bos = c.bos_token_id;
+            // Long contexts are cut to 1024 positions: the statistics are per channel, not per
+            // position.
+            let window = ckpt.config.max_positions.min(1024);
             let float = LlamaFloat::new(ckpt);
-            calibrate(ids, window, bos, |w| {
+            calibrate(ids, window, prefix, |w| {
                 float.forward_with_stats(w, &mut stats);
             });
             ckpt = float
@@ -176,7 +178,7 @@ impl QuantizeArgs {
             calibration: calibration
                 .as_ref()
                 .zip(self.calibrate.as_ref())
-                .map(|(ids, p)| (p.display().to_string(), ids.len())),
+                .map(|((ids, _), p)| (p.display().to_string(), ids.len())),
         };
         write_model_dir_with(&self.out, &q, &files.tokenizer, &extra, &prov)?;
         let c = &ckpt.config;
@@ -296,15 +298,15 @@ impl EvalArgs {
     }
 }
 
-/// Runs `forward` over `ids` in windows of at most `window` positions (each after `bos` when
-/// given), with a progress bar: SmoothQuant's calibration pass.
-fn calibrate(ids: &[u32], window: usize, bos: Option<u32>, mut forward: impl FnMut(&[u32])) {
-    let per = window - usize::from(bos.is_some());
+/// Runs `forward` over `ids` in windows of at most `window` positions, each starting with
+/// `prefix` as the model's prompts do, with a progress bar: SmoothQuant's calibration pass.
+fn calibrate(ids: &[u32], window: usize, prefix: &[u32], mut forward: impl FnMut(&[u32])) {
+    let per = window.saturating_sub(prefix.len()).max(1);
     let bar = bar(ids.len().div_ceil(per) as u64, "calibrating");
     let mut w = Vec::with_capacity(window);
     for chunk in ids.chunks(per) {
         w.clear();
-        w.extend(bos);
+        w.extend_from_slice(prefix);
         w.extend_from_slice(chunk);
         forward(&w);
         bar.inc(1);
