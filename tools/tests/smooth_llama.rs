@@ -1,5 +1,6 @@
 //! SmoothQuant for the LLaMA family: the folds leave the float model's function unchanged (golden
-//! tiny-llama, GQA 4/2; a Qwen2-shaped synth with q/k/v biases), and a model calibrated on
+//! tiny-llama, GQA 4/2; a Qwen2-shaped synth with q/k/v biases; with calibrated statistics and
+//! with random ones), and a model calibrated on
 //! WikiText-2 valid still meets issue 12's integer acceptance (top-1 equal to float on every
 //! golden case, test perplexity within 1 % of float), through `veil-tools quantize --calibrate`.
 
@@ -44,15 +45,49 @@ fn max_rel_change(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The smoothed model computes the same logits as the original (up to f32 rounding), while its
-/// weights did change (so the check is not vacuous).
-fn assert_smoothing_preserves_the_function(ckpt: LlamaCheckpoint, what: &str) {
+/// Statistics calibrated on the first 1024 tokens of WikiText-2 valid.
+fn calibrated_stats(ckpt: LlamaCheckpoint) -> (LlamaCheckpoint, ActStats) {
     let tok = Tokenizer::from_dir(&common::golden_llama_dir()).unwrap();
     let ids = tok.encode(&wikitext("valid")).unwrap();
     let float = LlamaFloat::new(ckpt);
     let stats = calibrate(&float, &ids[..1024]);
-    let ckpt = float.into_checkpoint();
-    let smooth = ckpt.smoothed(&stats, 0.5).unwrap();
+    (float.into_checkpoint(), stats)
+}
+
+/// Statistics no text would give: every channel's max |activation| drawn log-uniformly from
+/// `[1e-2, 1e2]` (a fixed splitmix64 stream), so the factors scatter over orders of magnitude
+/// and differ between the query heads of a GQA group.
+fn random_stats(ckpt: &LlamaCheckpoint, seed: u64) -> ActStats {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+        10f64.powf(4.0 * u - 2.0) as f32
+    };
+    let mut stats = ckpt.act_stats();
+    for b in &mut stats.blocks {
+        for v in [
+            &mut b.c_attn,
+            &mut b.attn_proj,
+            &mut b.c_fc,
+            &mut b.mlp_proj,
+        ] {
+            v.iter_mut().for_each(|x| *x = next());
+        }
+    }
+    stats.lm_head.iter_mut().for_each(|x| *x = next());
+    stats
+}
+
+/// The model smoothed with `stats` computes the same logits as the original (up to f32
+/// rounding), while its weights did change (so the check is not vacuous).
+fn assert_smoothing_preserves_the_function(ckpt: LlamaCheckpoint, stats: &ActStats, what: &str) {
+    let tok = Tokenizer::from_dir(&common::golden_llama_dir()).unwrap();
+    let smooth = ckpt.smoothed(stats, 0.5).unwrap();
     // Every place a factor folds into moved, by more than rounding.
     let (b, s) = (&ckpt.blocks[0], &smooth.blocks[0]);
     for (name, x, y) in [
@@ -93,7 +128,10 @@ fn smoothing_the_golden_model_keeps_its_function() {
     let ckpt = LlamaCheckpoint::load(&common::golden_llama_dir()).unwrap();
     // GQA 4/2: o_proj's factors are shared by the two query heads of each KV head.
     assert_eq!((ckpt.config.n_head, ckpt.config.n_kv_head), (4, 2));
-    assert_smoothing_preserves_the_function(ckpt, "tiny-llama");
+    let random = random_stats(&ckpt, 12);
+    let (ckpt, calibrated) = calibrated_stats(ckpt);
+    assert_smoothing_preserves_the_function(ckpt.clone(), &calibrated, "tiny-llama");
+    assert_smoothing_preserves_the_function(ckpt, &random, "tiny-llama, random statistics");
 }
 
 #[test]
@@ -108,7 +146,10 @@ fn smoothing_a_qwen2_shape_keeps_its_function_and_folds_into_the_v_bias() {
     write_llama_checkpoint(tmp.path(), &opts).unwrap();
     let ckpt = LlamaCheckpoint::load(tmp.path()).unwrap();
     assert!(ckpt.config.qkv_bias);
-    assert_smoothing_preserves_the_function(ckpt, "tiny-qwen2");
+    let random = random_stats(&ckpt, 13);
+    let (ckpt, calibrated) = calibrated_stats(ckpt);
+    assert_smoothing_preserves_the_function(ckpt.clone(), &calibrated, "tiny-qwen2");
+    assert_smoothing_preserves_the_function(ckpt, &random, "tiny-qwen2, random statistics");
 }
 
 #[test]
