@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use crate::hf::{Activation, Checkpoint, GptConfig, LayerNorm, Linear};
 
 /// Per-input-channel maximum |activation| seen at the input of every linear layer (SmoothQuant
-/// calibration). Accumulates over any number of [`FloatModel::forward_with_stats`] calls.
+/// calibration). Accumulates over any number of [`FloatModel::forward_with_stats`] (or, for the
+/// LLaMA family, [`crate::llama::LlamaFloat::forward_with_stats`]) calls.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActStats {
     /// One entry per block, in order.

@@ -11,6 +11,8 @@
 //! [`LlamaFloat`] is the f32 reference (norms and RoPE angles in f64) the integer pipeline is
 //! measured against, and [`quantize_llama`] writes the two weight files: fused q|k|v, o_proj, fused
 //! gate|up, down_proj and the LM head as int8 per output channel, everything else for the client.
+//! SmoothQuant happens before, on the float weights: [`LlamaFloat::forward_with_stats`] collects
+//! the activation maxima and [`LlamaCheckpoint::smoothed`] folds the factors in.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;

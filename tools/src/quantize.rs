@@ -9,6 +9,9 @@
 //! - `attn.c_proj`: into the value columns (and bias) of `c_attn`, since attention output is a
 //!   convex combination of values;
 //! - `mlp.c_proj` follows GELU, which does not commute with scaling, so it is left alone.
+//!
+//! The LLaMA family folds the same factors (one formula, `smooth_factors_from_max`) into its
+//! float checkpoint before quantizing: see [`crate::llama::LlamaCheckpoint::smoothed`].
 
 use std::fs;
 use std::io::Write;
